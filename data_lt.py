@@ -1,0 +1,462 @@
+"""Long-tailed data sets and fast loaders for GBG.
+
+Data sets (build_data's `dataset` argument):
+  cifar10-lt, cifar100-lt  torchvision's CIFAR-10/100 python files under `root` (downloaded when
+                           absent and allowed), cut to an exponential long tail (lt_counts): the
+                           LDAM-DRW / BCL protocol, IF 100 keeps 12,406 / 10,847 training images.
+                           The balanced 10,000-image test set is the test split.
+  folder-lt                an ImageFolder tree root/train/<class>/* and root/test/<class>/*, class
+                           folders sorted by name = labels, training part cut like CIFAR. Images of
+                           at most 64 px (e.g. the CIFAR-10 JPEG copy) are decoded once into one
+                           uint8 tensor; larger ones are read from disk with ImageNet transforms.
+  imagenet-lt              1000 classes, split files ImageNet_LT_{train,val,test}.txt in `root`
+                           (Liu et al. 2019, OLTR release). val is the model-selection split.
+  inat2018                 8142 classes, split files iNaturalist18_{train,val}.txt in `root` (as
+                           distributed with the Decoupling / BCL code bases). val is reported as
+                           the test split, as in the literature; there is no separate val.
+  synthetic-lt             10 classes of 3x32x32 textured colour images made in memory from the
+                           seed (offline smoke tests and CI); `root` is ignored.
+
+Split-file format: one image per line, `relative/path label`, the path relative to the data root
+(--data-root), the label an integer in [0, num_classes). Blank lines are skipped.
+
+Two kinds of data set come out of build_data:
+  "tensor"  the whole split is one uint8 tensor [N,3,H,W] (TensorImages). Move it to the GPU once;
+            make_loader then indexes batches there and augments them with gpu_augment, so no
+            worker processes or per-image Python work are involved.
+  "files"   ImageList over image files with torchvision transforms, loaded by a DataLoader.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+MANY, FEW = 100, 20  # Many: > 100 train images, Medium: 20..100, Few: < 20 (OLTR/BCL convention)
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SMALL_IMAGE = 64      # folder-lt images up to this many pixels a side are held as one tensor
+CHECK_ALL_UP_TO = 2000  # split files longer than this get a sampled existence check
+PAD = 4               # CIFAR random-crop padding
+
+
+class LTError(Exception):
+    """A user-facing error: one line naming the problem and the fix (train.py prints it, exit 2)."""
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+# ----------------------------------------------------------------------------- long-tail profile
+
+def lt_counts(n_max, num_classes, imb_factor):
+    """Exponential profile n_k = int(n_max * IF^(-k/(K-1))), k in label order (Cui/Cao et al.)."""
+    if imb_factor < 1:
+        raise LTError(f"imbalance factor {imb_factor} is below 1; pass n_max/n_min, e.g. 100 (not 0.01)")
+    if num_classes == 1:
+        return [int(n_max)]
+    return [int(n_max * imb_factor ** (-k / (num_classes - 1))) for k in range(num_classes)]
+
+
+def lt_indices(targets, imb_factor, seed=0):
+    """Indices of a long-tailed subset of a (balanced) labelled set, in class order.
+
+    The draw reproduces the LDAM-DRW / BCL convention: np.random.seed(seed), then per class in
+    label order np.random.shuffle(that class's indices) and keep the first n_k. A private
+    RandomState seeded the same way gives the identical stream without touching global state.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    counts = np.bincount(targets)
+    n_keep = lt_counts(counts.max(), len(counts), imb_factor)
+    rng = np.random.RandomState(seed)
+    kept = []
+    for k, n_k in enumerate(n_keep):
+        idx = np.where(targets == k)[0]
+        if len(idx) == 0:
+            continue
+        rng.shuffle(idx)
+        kept.append(idx[:n_k])
+    return np.concatenate(kept)
+
+
+def shot_masks(class_counts):
+    """Many (> 100 train images), Medium (20..100) and Few (< 20) class masks."""
+    counts = np.asarray(class_counts)
+    many, few = counts > MANY, counts < FEW
+    return dict(many=many, medium=~many & ~few, few=few)
+
+
+# ----------------------------------------------------------------------------- tensor data sets
+
+def normalize(images, mean, std):
+    """uint8 [..., 3, H, W] -> float, (x/255 - mean)/std."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+class TensorImages(Dataset):
+    """A whole split held as one uint8 tensor; items are normalised but never augmented."""
+
+    def __init__(self, images, targets, mean, std):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise LTError(f"TensorImages wants uint8 images [N,3,H,W], got {images.dtype} {list(images.shape)}")
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.long, device=images.device)
+        if len(self.targets) != len(images):
+            raise LTError(f"TensorImages got {len(images)} images but {len(self.targets)} targets")
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return normalize(self.images[i], self.mean, self.std), int(self.targets[i])
+
+    def to(self, device):
+        return TensorImages(self.images.to(device), self.targets.to(device), self.mean, self.std)
+
+
+def augment_draws(n, device, generator=None, pad=PAD):
+    """Per-sample random-crop offsets (dy, dx in [0, 2*pad]) and horizontal-flip bits."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    flip = torch.randint(0, 2, (n,), device=device, generator=generator).bool()
+    return dy, dx, flip
+
+
+def crop_flip(images, dy, dx, flip, pad=PAD):
+    """Zero-pad by `pad`, take each sample's HxW window at (dy, dx), mirror where flip: batched."""
+    B, C, H, W = images.shape
+    dev = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = dy[:, None] + torch.arange(H, device=dev)                  # [B, H]
+    cols = dx[:, None] + torch.arange(W, device=dev)                  # [B, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirroring the window = flipping the crop
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    c = torch.arange(C, device=dev)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def gpu_augment(images_uint8, mean, std, *, train, generator=None, draws=None):
+    """CIFAR augmentation (4-px zero-pad random crop + flip) and normalisation on the images' device.
+    `draws`: the (dy, dx, flip) of each image, when the caller fixes them (see make_loader's seed)."""
+    x = images_uint8
+    if train:
+        x = crop_flip(x, *(draws if draws is not None else augment_draws(len(x), x.device, generator)))
+    return normalize(x, mean, std)
+
+
+# ----------------------------------------------------------------------------- file data sets
+
+def imagenet_transforms(train):
+    crop = [v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()] if train else [v2.Resize(256), v2.CenterCrop(224)]
+    return v2.Compose(crop + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                              v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def read_split(root, list_file, num_classes):
+    """Parse a `relative/path label` split file into [(path, label, line_no)], validating it."""
+    path = os.path.join(root, list_file)
+    if not os.path.isfile(path):
+        raise LTError(f"split file {path} not found; put it in the data root (--data-root {root})")
+    samples = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            text = line.strip()
+            if not text:
+                continue
+            parts = text.rsplit(None, 1)  # rsplit keeps paths with spaces intact
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise LTError(f"{path} line {line_no}: expected 'relative/path label', got {text[:80]!r}; "
+                              f"fix the split file")
+            label = int(parts[1])
+            if not 0 <= label < num_classes:
+                raise LTError(f"{path} line {line_no}: label {label} outside [0, {num_classes - 1}]; "
+                              f"fix the split file or the data set name")
+            samples.append((parts[0], label, line_no))
+    if not samples:
+        raise LTError(f"split file {path} lists no images; regenerate it")
+    # Stat-ing every file of a 437k-line list is slow on network disks: sample big lists.
+    check = range(len(samples))
+    if len(samples) > CHECK_ALL_UP_TO:
+        check = [0] + sorted(np.random.RandomState(0).choice(len(samples), 1000, replace=False).tolist())
+    for i in check:
+        rel, _, line_no = samples[i]
+        if not os.path.isfile(os.path.join(root, rel)):
+            raise LTError(f"{path} line {line_no}: image {os.path.join(root, rel)} does not exist; "
+                          f"check --data-root ({root}) and that the images are unpacked there")
+    return samples
+
+
+class ImageList(Dataset):
+    """Images listed in a split file (paths relative to root), opened with PIL as RGB."""
+
+    def __init__(self, root, list_file, num_classes, transform=None, *, samples=None):
+        # samples: [(relative path, label, ...)] given directly instead of a list file (folder-lt)
+        if samples is None:
+            samples = read_split(root, list_file, num_classes)
+        self.root, self.list_file, self.transform = root, list_file, transform
+        self.paths = [s[0] for s in samples]
+        self.targets = [int(s[1]) for s in samples]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = os.path.join(self.root, self.paths[i])
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except FileNotFoundError:
+            listed = f" (listed in {self.list_file})" if self.list_file else ""
+            raise LTError(f"image {path}{listed} does not exist; check --data-root ({self.root}) "
+                          f"and that the images are unpacked there") from None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+# ----------------------------------------------------------------------------- build_data
+
+@dataclass
+class LTData:
+    train: Dataset          # training split (train transforms for "files"; raw uint8 for "tensor")
+    train_eval: Dataset     # the SAME training samples with test transforms (for class gradients)
+    val: Dataset | None     # model-selection split where one exists (ImageNet-LT val), else None
+    test: Dataset           # the balanced test split
+    num_classes: int
+    class_counts: np.ndarray  # training count per class, int64[K]
+    kind: str               # "tensor" (CIFAR-sized, held as one uint8 tensor) or "files"
+    mean: tuple
+    std: tuple
+
+
+def _tensor_data(train_x, train_y, test_x, test_y, num_classes):
+    train = TensorImages(train_x, train_y, CIFAR_MEAN, CIFAR_STD)
+    counts = np.bincount(train.targets.numpy(), minlength=num_classes).astype(np.int64)
+    # TensorImages never augments (gpu_augment does, in make_loader), so one object serves both.
+    return LTData(train=train, train_eval=train, val=None, test=TensorImages(test_x, test_y, CIFAR_MEAN, CIFAR_STD),
+                  num_classes=num_classes, class_counts=counts, kind="tensor", mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def _files_data(root, train_samples, val, test_samples, num_classes, test_list=None):
+    train = ImageList(root, None, num_classes, imagenet_transforms(True), samples=train_samples)
+    train_eval = ImageList(root, None, num_classes, imagenet_transforms(False), samples=train_samples)
+    test = ImageList(root, test_list, num_classes, imagenet_transforms(False), samples=test_samples)
+    counts = np.bincount(train.targets, minlength=num_classes).astype(np.int64)
+    return LTData(train=train, train_eval=train_eval, val=val, test=test, num_classes=num_classes,
+                  class_counts=counts, kind="files", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _require_root(root):
+    if not os.path.isdir(root):
+        raise LTError(f"data root {root} does not exist; pass --data-root pointing at the data set folder")
+
+
+def _cifar(name, root, imb_factor, seed):
+    make = torchvision.datasets.CIFAR10 if name == "cifar10-lt" else torchvision.datasets.CIFAR100
+    try:
+        train, test = make(root, train=True, download=True), make(root, train=False, download=True)
+    except Exception as e:  # no network, proxy, corrupt archive: all end the same way for the user
+        raise LTError(f"{name}: CIFAR python files not found under {root} and download failed "
+                      f"({type(e).__name__}: {_one_line(e)[:200]}); place the CIFAR python files there "
+                      f"or allow downloads") from e
+    keep = lt_indices(train.targets, imb_factor, seed)
+    to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
+    return _tensor_data(to_tensor(train.data[keep]), np.asarray(train.targets)[keep],
+                        to_tensor(test.data), test.targets, len(train.classes))
+
+
+def _list_folder(split_dir, classes):
+    paths, labels = [], []
+    for k, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(split_dir, c))
+                       if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+        if not files:
+            raise LTError(f"class folder {os.path.join(split_dir, c)} holds no images; add images or remove the folder")
+        paths += [os.path.join(os.path.basename(split_dir), c, f) for f in files]
+        labels += [k] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _decode(root, paths):
+    """Decode equally sized small images into one uint8 tensor [N,3,H,W]."""
+    out = None
+    for i, rel in enumerate(paths):
+        path = os.path.join(root, rel)
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise LTError(f"cannot decode image {path} ({_one_line(e)[:120]}); replace or remove it") from e
+        if out is None:
+            out = np.empty((len(paths),) + a.shape, dtype=np.uint8)
+        if a.shape != out.shape[1:]:
+            raise LTError(f"image {path} is {a.shape[1]}x{a.shape[0]} but {os.path.join(root, paths[0])} is "
+                          f"{out.shape[2]}x{out.shape[1]}; small folder-lt images are stacked into one tensor, "
+                          f"so resize them to one size")
+        out[i] = a
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _folder_lt(root, imb_factor, seed):
+    _require_root(root)
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise LTError(f"folder-lt root {root} has no {split}/ folder; expected {root}/train/<class>/ "
+                          f"and {root}/test/<class>/ image folders")
+    list_classes = lambda d: sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
+    classes = list_classes(os.path.join(root, "train"))
+    if not classes:
+        raise LTError(f"folder-lt: {os.path.join(root, 'train')} has no class folders; add one folder per class")
+    test_classes = list_classes(os.path.join(root, "test"))
+    if test_classes != classes:
+        odd = sorted(set(classes) ^ set(test_classes))[:3]
+        raise LTError(f"folder-lt: class folders of {root}/train and {root}/test differ (e.g. {odd}); "
+                      f"use the same class folder names in both")
+    train_paths, train_y = _list_folder(os.path.join(root, "train"), classes)
+    test_paths, test_y = _list_folder(os.path.join(root, "test"), classes)
+    keep = lt_indices(train_y, imb_factor, seed)
+    train_paths, train_y = [train_paths[i] for i in keep], train_y[keep]
+    first = os.path.join(root, train_paths[0])
+    try:
+        with Image.open(first) as im:
+            small = max(im.size) <= SMALL_IMAGE  # reads the header only
+    except Exception as e:
+        raise LTError(f"cannot read image {first} ({_one_line(e)[:120]}); replace or remove it") from e
+    if small:
+        return _tensor_data(_decode(root, train_paths), train_y, _decode(root, test_paths), test_y, len(classes))
+    return _files_data(root, list(zip(train_paths, train_y)), None, list(zip(test_paths, test_y)), len(classes))
+
+
+def _split_files(root, train_file, val_file, test_file, num_classes):
+    _require_root(root)
+    train = read_split(root, train_file, num_classes)
+    test = read_split(root, test_file, num_classes)
+    val = None
+    if val_file is not None:
+        val = ImageList(root, val_file, num_classes, imagenet_transforms(False))
+    return _files_data(root, train, val, test, num_classes, test_list=test_file)
+
+
+def synthetic_images(labels, rng, size=32):
+    """Textured colour images: class k = colour pair k % 5 on a grating of orientation k // 2.
+
+    Each colour and each orientation is shared by two classes, so neither alone identifies the
+    class; per-sample phase (a random shift), frequency, angle, colour and contrast jitter plus
+    pixel noise and a random occluding blob keep the task from being trivial.
+    """
+    palette = np.array([[[0.85, 0.25, 0.20], [0.20, 0.30, 0.80]],   # red / blue
+                        [[0.20, 0.70, 0.30], [0.80, 0.75, 0.20]],   # green / yellow
+                        [[0.60, 0.25, 0.70], [0.25, 0.70, 0.75]],   # purple / teal
+                        [[0.90, 0.55, 0.15], [0.35, 0.35, 0.35]],   # orange / grey
+                        [[0.95, 0.90, 0.85], [0.45, 0.25, 0.15]]])  # cream / brown
+    n = len(labels)
+    colour, orient = labels % 5, labels // 2
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    theta = orient * math.pi / 5 + rng.uniform(-0.15, 0.15, n)
+    freq = rng.uniform(2.5, 4.0, n)
+    phase = rng.uniform(0, 2 * math.pi, n)
+    proj = np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy
+    wave = 0.5 + 0.5 * rng.uniform(0.4, 1.0, n)[:, None, None] * np.sin(
+        2 * math.pi * freq[:, None, None] * proj + phase[:, None, None])                  # [n,H,W]
+    c0 = palette[colour, 0] + rng.normal(0, 0.08, (n, 3))
+    c1 = palette[colour, 1] + rng.normal(0, 0.08, (n, 3))
+    img = wave[:, None] * c0[:, :, None, None] + (1 - wave[:, None]) * c1[:, :, None, None]  # [n,3,H,W]
+    # An occluding blob of random colour hides part of the texture.
+    cy, cx = rng.uniform(0, 1, (2, n))
+    r = rng.uniform(0.1, 0.3, n)
+    blob = ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) < r[:, None, None] ** 2
+    img = np.where(blob[:, None], rng.uniform(0, 1, (n, 3))[:, :, None, None], img)
+    img = img + rng.normal(0, 0.12, img.shape)
+    return torch.from_numpy(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8))
+
+
+def _synthetic(imb_factor, seed, num_classes=10, n_max=200, n_test=50):
+    rng = np.random.RandomState(seed)
+    train_y = np.repeat(np.arange(num_classes), lt_counts(n_max, num_classes, imb_factor))
+    test_y = np.repeat(np.arange(num_classes), n_test)
+    return _tensor_data(synthetic_images(train_y, rng), train_y, synthetic_images(test_y, rng), test_y, num_classes)
+
+
+DATASETS = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt")
+
+
+def build_data(dataset, root, *, imb_factor=100, seed=0):
+    """The training / evaluation splits of one long-tailed data set (see the module docstring)."""
+    if dataset not in DATASETS:
+        raise LTError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    lt_counts(1, 2, imb_factor)  # validates imb_factor before any slow work
+    if dataset in ("cifar10-lt", "cifar100-lt"):
+        return _cifar(dataset, root, imb_factor, seed)
+    if dataset == "folder-lt":
+        return _folder_lt(root, imb_factor, seed)
+    if dataset == "synthetic-lt":
+        return _synthetic(imb_factor, seed)
+    if dataset == "imagenet-lt":
+        return _split_files(root, "ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt", 1000)
+    return _split_files(root, "iNaturalist18_train.txt", None, "iNaturalist18_val.txt", 8142)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+class Loader:
+    """Re-iterable batches: each iter() is one epoch; len() is the number of batches."""
+
+    def __init__(self, epoch, length):
+        self.epoch, self.length = epoch, length
+
+    def __iter__(self):
+        return self.epoch()
+
+    def __len__(self):
+        return self.length()
+
+
+def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=None, seed=None):
+    """(x float, y long) batches on `device` for the index lists that batch_sampler yields.
+
+    TensorImages: batches are gathered and augmented on the device (moved there once if needed).
+    With `seed`, each SAMPLE's crop and flip are drawn up front from that seed, so they do not
+    depend on which batch or process the sample lands in: resumed and multi-process runs then
+    see exactly the images of an uninterrupted single-process run.
+    Anything else: a DataLoader with worker processes, copied to the device without blocking.
+    """
+    device = torch.device(device)
+    if isinstance(ds, TensorImages):
+        if ds.images.device != device:
+            ds = ds.to(device)
+        if generator is not None and generator.device.type != device.type:
+            raise LTError(f"make_loader: generator is on {generator.device} but the batches are made on {device}; "
+                          f"pass torch.Generator(device={str(device)!r})")
+
+        def epoch():
+            table = None
+            if train and seed is not None:
+                table = [t.to(device) for t in augment_draws(len(ds), "cpu", torch.Generator().manual_seed(seed))]
+            for idx in batch_sampler:
+                idx = torch.as_tensor(idx, dtype=torch.long, device=device)
+                draws = None if table is None else [t[idx] for t in table]
+                yield (gpu_augment(ds.images[idx], ds.mean, ds.std, train=train, generator=generator, draws=draws),
+                       ds.targets[idx])
+        return Loader(epoch, lambda: len(batch_sampler))
+
+    cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+    loader = DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                        generator=cpu_generator)
+
+    def epoch():
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return Loader(epoch, lambda: len(loader))
