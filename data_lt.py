@@ -25,6 +25,10 @@ Two kinds of data set come out of build_data:
             make_loader then indexes batches there and augments them with gpu_augment, so no
             worker processes or per-image Python work are involved.
   "files"   ImageList over image files with torchvision transforms, loaded by a DataLoader.
+
+BCL (--loss bcl) trains on three views per sample (bcl_views): make_loader(..., views=...) then
+yields ([x_cls, x_con1, x_con2], y), each sample's views made on the CPU by SeededViews and seeded
+by (epoch seed, sample index) alone, for either kind.
 """
 import math
 import os
@@ -212,15 +216,19 @@ class ImageList(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def load(self, i):
+        """Image i as an RGB PIL image, untransformed."""
         path = os.path.join(self.root, self.paths[i])
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                return im.convert("RGB")
         except FileNotFoundError:
             listed = f" (listed in {self.list_file})" if self.list_file else ""
             raise LTError(f"image {path}{listed} does not exist; check --data-root ({self.root}) "
                           f"and that the images are unpacked there") from None
+
+    def __getitem__(self, i):
+        img = self.load(i)
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[i]
@@ -408,6 +416,85 @@ def build_data(dataset, root, *, imb_factor=100, seed=0):
     return _split_files(root, "iNaturalist18_train.txt", None, "iNaturalist18_val.txt", 8142)
 
 
+# ----------------------------------------------------------------------------- BCL views
+# Balanced Contrastive Learning (Zhu et al. 2022) trains on three views of every sample: one for
+# the classifier and two for the contrastive loss. The recipes follow BCL's: AutoAugment (CIFAR
+# policy) + Cutout for the classification view of CIFAR-sized images, RandAugment n2 m10 after
+# colour jitter for ImageNet-LT / iNat (torchvision's RandAugment has no magnitude noise, unlike
+# timm's "mstd0.5" that BCL uses), and SimCLR-style crop, jitter and grayscale for the
+# contrastive views.
+
+CUTOUT = 16  # side of the Cutout square on 32-px images (DeVries & Taylor 2017)
+
+
+def cutout(x, length=CUTOUT):
+    """Zero one length x length square (clipped at the border) of a normalised [C,H,W] image, i.e.
+    paint it with the mean colour. Its centre comes from torch's global RNG, like v2's draws."""
+    H, W = x.shape[-2:]
+    cy, cx = torch.randint(0, H, ()).item(), torch.randint(0, W, ()).item()
+    x = x.clone()
+    x[..., max(cy - length // 2, 0):cy + length // 2, max(cx - length // 2, 0):cx + length // 2] = 0
+    return x
+
+
+def bcl_views(kind, mean, std, size):
+    """[classification view, contrastive view, contrastive view]: torchvision v2 pipelines that
+    return normalised float32 [3,h,w] tensors of h x w = `size` (an int or (h, w)).
+
+    kind "tensor": uint8 [3,H,W] tensors, CIFAR-sized (pass size=(H, W)); "files": PIL images
+    (ImageNet-LT, iNat; size 224). Every draw comes from torch's global RNG (see SeededViews).
+    """
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    jitter = v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
+    if kind == "tensor":
+        cls = v2.Compose([v2.RandomCrop(size, padding=PAD), v2.RandomHorizontalFlip(),
+                          v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), *to_float, cutout])
+        sim = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), jitter, v2.RandomGrayscale(0.2),
+                          *to_float])
+    elif kind == "files":
+        cls = v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0)), v2.RandomHorizontalFlip(),
+                          v2.ColorJitter(0.4, 0.4, 0.4, 0.0), v2.RandAugment(num_ops=2, magnitude=10),
+                          v2.ToImage(), *to_float])
+        sim = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), jitter, v2.RandomGrayscale(0.2),
+                          v2.ToImage(), *to_float])
+    else:
+        raise LTError(f"bcl_views: unknown data kind {kind!r}; expected 'tensor' or 'files'")
+    return [cls, sim, sim]
+
+
+def sample_seed(seed, index):
+    """A 63-bit seed for one sample of one epoch: SeedSequence mixes (seed, index), so nearby
+    indices get unrelated streams."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededViews(Dataset):
+    """Sample i -> ([view(image i) for view in views], label).
+
+    With a seed, torch's global RNG is set to sample_seed(seed, i) for the draws of sample i (and
+    put back afterwards), so a sample's views depend on (seed, i) alone: not on its batch, its
+    worker, its process or what ran before. Resumed and multi-process runs then see exactly the
+    views of an uninterrupted single-process run. Without a seed, the draws are unseeded.
+    """
+
+    def __init__(self, ds, views, seed=None):
+        if not isinstance(ds, (TensorImages, ImageList)):
+            raise LTError(f"SeededViews takes TensorImages or ImageList, got {type(ds).__name__}")
+        self.ds, self.views, self.seed = ds, list(views), seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img = self.ds.images[i] if isinstance(self.ds, TensorImages) else self.ds.load(i)
+        label = int(self.ds.targets[i])
+        if self.seed is None:
+            return [view(img) for view in self.views], label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, i))
+            return [view(img) for view in self.views], label
+
+
 # ----------------------------------------------------------------------------- loaders
 
 class Loader:
@@ -423,7 +510,7 @@ class Loader:
         return self.length()
 
 
-def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=None, seed=None):
+def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=None, seed=None, views=None):
     """(x float, y long) batches on `device` for the index lists that batch_sampler yields.
 
     TensorImages: batches are gathered and augmented on the device (moved there once if needed).
@@ -431,8 +518,19 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
     depend on which batch or process the sample lands in: resumed and multi-process runs then
     see exactly the images of an uninterrupted single-process run.
     Anything else: a DataLoader with worker processes, copied to the device without blocking.
+    views (training only; e.g. bcl_views): batches are ([x_view1, x_view2, ...], y), each view
+    made per sample on the CPU (DataLoader workers) by SeededViews, seeded by (seed, index).
     """
     device = torch.device(device)
+    if views is not None and train:
+        base = ds.to("cpu") if isinstance(ds, TensorImages) else ds
+        view_loader = DataLoader(SeededViews(base, views, seed), batch_sampler=batch_sampler, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda")
+
+        def view_epoch():
+            for xs, y in view_loader:
+                yield [x.to(device, non_blocking=True) for x in xs], y.to(device, non_blocking=True)
+        return Loader(view_epoch, lambda: len(view_loader))
     if isinstance(ds, TensorImages):
         if ds.images.device != device:
             ds = ds.to(device)

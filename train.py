@@ -2,6 +2,7 @@
 several processes under torch.distributed (torchrun, or slurm/submit.py through submitit).
 
     python train.py                                   # CIFAR-10-LT IF 100, ResNet-32, CE+GBG+MOO, GAC
+    python train.py --loss bcl                        # BCL+GBG+MOO (the paper's best numbers; see BCL)
     python train.py --dataset synthetic-lt --epochs 2 --output-dir /tmp/demo   # a one-minute CPU demo
 
 Stage 1 (at --group-epoch): class gradients of the current model -> affinity -> NCut groups.
@@ -11,6 +12,7 @@ atomically every epoch; a run started again with the same --output-dir resumes f
 results.json.
 """
 import argparse
+import atexit
 import datetime
 import json
 import math
@@ -58,7 +60,11 @@ def get_args_parser():
     m.add_argument("--schedule", default=None, choices=["step", "cosine"],
                    help="step: x0.1 at 80%% and x0.01 at 90%% of the epochs (160/180 of 200)")
     m.add_argument("--warmup-epochs", type=float, default=None)
-    m.add_argument("--loss", default="ce", choices=["ce"])
+    m.add_argument("--loss", default="ce", choices=["ce", "bcl"],
+                   help="bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), three views")
+    m.add_argument("--la-weight", type=float, default=None, help="BCL: weight of the logit-adjusted CE (see BCL_PRESETS)")
+    m.add_argument("--bcl-weight", type=float, default=None, help="BCL: weight of the contrastive loss")
+    m.add_argument("--bcl-temp", type=float, default=None, help="BCL: temperature of the contrastive loss")
     g = p.add_argument_group("GBG")
     g.add_argument("--num-groups", type=int, default=4)
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
@@ -72,7 +78,11 @@ def get_args_parser():
                    help="none: average the group losses (the paper's 'GBG' ablation)")
     g.add_argument("--moo-grad", default="params", choices=["params", "features"],
                    help="features: MGDA-UB, the Gram of the gradients w.r.t. the shared features")
-    g.add_argument("--normalize", default="none", choices=["none", "l2", "loss", "loss+"])
+    # l2 by default: with raw gradients (none) the min-norm point leans on the group with the
+    # smallest gradient; a one-class group can zero its loss by predicting its class everywhere,
+    # and the run collapses onto it (seen on synthetic-lt and CIFAR-10-LT; see README).
+    g.add_argument("--normalize", default="l2", choices=["none", "l2", "loss", "loss+"],
+                   help="divide each group gradient by its norm (l2), loss, or both (loss+) before MGDA")
     g.add_argument("--group-loss", default="class", choices=["class", "sample"],
                    help="class: a group's loss is the mean of its classes' mean losses (the paper)")
     g.add_argument("--sampler", default="gac", choices=["random", "gac"])
@@ -216,10 +226,14 @@ def init_distributed(args):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and args.world_size > 1:
-        args.device = f"cuda:{args.local_rank}"
-        torch.cuda.set_device(args.local_rank)
+        # one GPU per process; a launcher that binds GPUs to tasks leaves each process just one
+        gpu = args.local_rank if torch.cuda.device_count() > 1 else 0
+        args.device = f"cuda:{gpu}"
+        torch.cuda.set_device(gpu)
     if args.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        # without this, gloo's threads can outlive the interpreter and abort the process at exit
+        atexit.register(dist.destroy_process_group)
     args.distributed = args.world_size > 1
 
 
@@ -261,6 +275,120 @@ def write_json(path, obj, mode="w"):
 
 
 # ------------------------------------------------------------------------------------------
+# ---- BCL: balanced contrastive learning (Zhu et al. 2022), the base method of the paper's best
+# numbers (--loss bcl). Classification branch: a cosine classifier (scale 30) trained with
+# logit-adjusted CE (Menon et al. 2021, tau = 1: logits + log class prior) on one view.
+# Contrastive branch: an MLP head on the backbone features of two more views, plus the class
+# prototypes (the classifier weights through a second MLP head), which join every batch.
+# Loss: la_weight * LA + bcl_weight * BCL. All three views go through the backbone as one batch,
+# as in BCL's release, so BatchNorm sees them together.
+# Under GBG the group losses are the LA losses of each group; MGDA combines them into d, and the
+# BCL gradient is added to la_weight * d (as in the authors' release: BCL is not an objective
+# of MGDA). Grouping uses plain CE of the model's (cosine) logits, not the adjusted ones.
+# Distributed: the gradients are summed over processes like every other; the contrastive loss
+# itself is per process (each anchor contrasts with its own process's views and the prototypes;
+# the processes' losses are averaged), as with BCL's DDP training. The heads' BatchNorm1d
+# statistics are per process too (the heads are not used at test time).
+# ------------------------------------------------------------------------------------------
+# la_weight / bcl_weight / bcl_temp. ImageNet-LT and iNat: 1.0 / 0.35 / 0.07, the defaults of
+# BCL's release (the GBG release uses the same on ImageNet-LT). CIFAR: 2.0 / 1.6 / 0.1, the GBG
+# release's values, since the paper's BCL (84.07) and BCL+GBG+MOO (85.05) rows are the authors'
+# runs with them; BCL's own CIFAR weights (2.0 / 0.6 as we read its paper) are
+# --la-weight 2 --bcl-weight 0.6.
+BCL_PRESETS = {
+    "cifar": dict(la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1),
+    "imagenet-lt": dict(la_weight=1.0, bcl_weight=0.35, bcl_temp=0.07),
+    "inat2018": dict(la_weight=1.0, bcl_weight=0.35, bcl_temp=0.07),
+}
+BCL_HEADS = ("head.", "head_fc.")  # parameter names of the contrastive branch: no part of MGDA's Gram
+
+
+def fill_bcl_defaults(args):
+    for k, v in BCL_PRESETS.get(args.dataset, BCL_PRESETS["cifar"]).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+class CosineClassifier(nn.Module):
+    """logits = scale * cos(z, w_k). weight is [K, D] like nn.Linear's: the prototype head reads
+    its rows as the K classes."""
+
+    def __init__(self, in_features, out_features, scale=30.0):
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_normal_(self.weight)  # only the directions matter
+
+    def forward(self, z):
+        return self.scale * F.normalize(z, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+def mlp_head(dim_in, hidden, dim_out):
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def make_bcl_model(model, class_counts):
+    """Net -> BCL's two-branch model: cosine classifier, contrastive head `head` and prototype head
+    `head_fc` (ResNet-32: 64 -> 512 -> 128; ResNet-50 / ResNeXt-50: 2048 -> 2048 -> 1024, as BCL),
+    and the log class prior of the logit adjustment (a buffer outside the state dict)."""
+    D, K = model.fc.in_features, model.fc.out_features
+    hidden, out = (D, 1024) if D >= 2048 else (512, 128)
+    model.fc = CosineClassifier(D, K)
+    model.head, model.head_fc = mlp_head(D, hidden, out), mlp_head(D, hidden, out)
+    counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float32).clamp(min=1)  # no log 0
+    model.register_buffer("log_prior", torch.log(counts / counts.sum()), persistent=False)
+    return model
+
+
+def bcl_loss(features, targets, prototypes, temperature):
+    """Balanced contrastive loss, averaged over the anchors.
+
+    features [N, d]: unit-norm embeddings of all contrastive views (N = views x batch), targets [N];
+    prototypes [K, d]: unit-norm class prototypes. Anchor i of class y has the candidates
+    A = (features without i) + prototypes, and with s = cosine / temperature
+        L_i = -1/|A_y| sum_{p in A_y} log( exp(s_ip) / sum_c 1/|A_c| sum_{k in A_c} exp(s_ik) )
+    where A_c holds the candidates of class c. Class-averaging: each class's share of the
+    denominator is a mean over its candidates, not a sum. Class-complement: every class has its
+    prototype in A, so every A_c is non-empty and every anchor has a positive.
+    """
+    N, K = len(features), len(prototypes)
+    labels = torch.cat([targets, torch.arange(K, device=targets.device)])
+    s = features @ torch.cat([features, prototypes]).T / temperature       # [N, N + K]
+    same = targets[:, None] == labels[None, :]
+    not_self = torch.ones_like(same)
+    not_self[:, :N].fill_diagonal_(False)
+    # |A_c| of each candidate's class, as seen from each anchor: its own class has one fewer
+    size = torch.bincount(labels, minlength=K)[labels][None, :] - same.long()
+    log_den = torch.logsumexp(torch.where(not_self, s - size.to(s.dtype).log(), float("-inf")), dim=1)
+    pos = same & not_self
+    return -(torch.where(pos, s, 0.0).sum(1) / pos.sum(1) - log_den).mean()
+
+
+def bcl_contrast(model, z_views, targets, temperature):
+    """BCL loss of the backbone features z_views [V*B, D] of V contrastive views (stacked view
+    by view) of the samples with labels targets [B]."""
+    emb = F.normalize(model.head(z_views.float()), dim=1)
+    prototypes = F.normalize(model.head_fc(model.fc.weight), dim=1)
+    return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
+
+
+def bcl_train_views(data):
+    size = tuple(data.train.images.shape[-2:]) if data.kind == "tensor" else 224
+    return data_lt.bcl_views(data.kind, data.mean, data.std, size)
+
+
+def add_contrast_grad(contrast, params, la_weight):
+    """p.grad <- la_weight * p.grad + d(contrast)/dp, the new part summed over the processes
+    (mgda_backward all-reduces only the direction it adds; p.grad holds that direction)."""
+    grads = torch.autograd.grad(contrast, params, allow_unused=True)
+    flat = all_reduce_(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                  for p, g in zip(params, grads)]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone() if p.grad is None else p.grad.mul_(la_weight).add_(g.view_as(p))
+
+
+# ------------------------------------------------------------------------------------------
 # Learning rate: linear warm-up, then step (x0.1 at 80 %, x0.01 at 90 % of the epochs: 160/180
 # of 200, the CIFAR recipe) or cosine decay. A function of the epoch alone, so resume is exact.
 # ------------------------------------------------------------------------------------------
@@ -286,18 +414,23 @@ def make_groups(model, data, args, device):
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     P = sum(p.numel() for p in backbone)
     sketch = args.sketch_dim or (None if K * P * 4 <= 2e9 else 16384)
-    # Every process takes its share of the classes; the rows are summed, so each process
-    # holds the whole K x D matrix (D = P or the sketch size, never both).
+    # Every process takes its share of the classes and the rows are summed on rank 0 (D = P or
+    # the sketch size, never both). Rank 0 alone builds the affinity (O(K^2 D)) and solves the
+    # NCut, then broadcasts the groups, so no process can disagree.
     mine = range(args.rank, K, args.world_size)
     t0 = time.time()
     grads = gbg.class_gradients(model, data.train_eval, K, params=backbone, classes=mine,
                                 sketch_dim=sketch, max_per_class=args.grad_max_per_class,
                                 device=device, seed=args.seed,
                                 num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
-    grads = all_reduce_(grads.to(device)).cpu()
-    A = gbg.affinity(grads)
-    groups = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed)).to(device)
-    if args.distributed:  # rank 0's eigen-solve decides, so no process can disagree
+    grads = grads.to(device)
+    if args.distributed:
+        dist.reduce(grads, dst=0)
+    A, groups = None, torch.zeros(K, dtype=torch.long, device=device)
+    if is_main(args):
+        A = gbg.affinity(grads.cpu())
+        groups = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed), dtype=torch.long, device=device)
+    if args.distributed:
         dist.broadcast(groups, 0)
     log(args, f"grouping: class gradients over {P:,} backbone parameters"
               f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s")
@@ -332,44 +465,63 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
     use_moo = class_to_group is not None and args.moo == "mgda"
+    bcl, bcl_sum = args.loss == "bcl", torch.zeros(1, dtype=torch.float64)
+    # MGDA's Gram is over what the group losses reach: not the BCL heads (zero blocks there)
+    moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
     sums = torch.zeros(3, dtype=torch.float64)  # loss, samples, steps
     alpha_sum, alpha_n, cos_min = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1)), 1.0
     t0, n_seen = time.time(), 0
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
+        if bcl:  # [classification view, contrastive view, contrastive view]: one batch (see BCL)
+            x = torch.cat(x)
         if args.amp and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             z = model.forward_features(x)
-            logits = model.fc(z)
+            z_cls = z[:len(y)]
+            logits = model.fc(z_cls)
         logits = logits.float()
+        adjusted, contrast = logits, None
+        if bcl:  # the contrastive loss is per process; /world_size, as the gradients are summed
+            adjusted = logits + model.log_prior
+            contrast = args.bcl_weight * bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size
+            bcl_sum += contrast.item()
         # Class counts of the global batch: every loss is normalised by them, so that the sum
         # over processes of the local losses is the loss of the global batch.
         counts = all_reduce_(torch.bincount(y, minlength=K))
         optimizer.zero_grad(set_to_none=True)
-        if class_to_group is None:  # plain CE
-            loss = F.cross_entropy(logits, y, reduction="sum") / counts.sum()
+        if class_to_group is None:  # plain CE (BCL: la_weight * LA + bcl_weight * BCL)
+            loss = F.cross_entropy(adjusted, y, reduction="sum") / counts.sum()
+            if bcl:
+                loss = args.la_weight * loss + contrast
             loss.backward()
             all_reduce_grads(params)
             total = loss.detach()
         else:
-            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
+            losses, present = gbg.group_losses(adjusted, y, class_to_group, G, mode=args.group_loss,
                                                class_counts=counts)
             idx = present.nonzero().flatten().tolist()
             if use_moo:
-                alpha, gram = gbg.mgda_backward([losses[i] for i in idx], params, normalize=args.normalize,
-                                                features=z if args.moo_grad == "features" else None,
-                                                return_gram=True)
+                alpha, gram = gbg.mgda_backward([losses[i] for i in idx], moo_params, normalize=args.normalize,
+                                                features=z_cls if args.moo_grad == "features" else None,
+                                                return_gram=True, retain_graph=bcl)
+                if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
+                    add_contrast_grad(contrast, params, args.la_weight)
                 diag = gbg.step_diagnostic(gram, alpha, [losses[i] for i in idx])
                 alpha_sum[idx] += alpha.detach().double().cpu()
                 alpha_n[idx] += 1
                 cos_min = min(cos_min, min(diag["cos"]))
             else:  # the paper's "average strategy": equal weights on the groups present
-                losses[idx].mean().backward()
+                average = losses[idx].mean()
+                (args.la_weight * average + contrast if bcl else average).backward()
                 all_reduce_grads(params)
-            total = F.cross_entropy(logits.detach(), y, reduction="sum") / counts.sum()
-        sums += torch.tensor([all_reduce_(total.clone()).item(), counts.sum().item(), 1.0], dtype=torch.float64)
+            total = F.cross_entropy(adjusted.detach(), y, reduction="sum") / counts.sum()
+            if bcl:
+                total = args.la_weight * total + contrast.detach()
+        total = all_reduce_(total.clone())  # the global batch's loss, on every process
+        sums += torch.tensor([total.item(), counts.sum().item(), 1.0], dtype=torch.float64)
         if not math.isfinite(sums[0]):
             raise data_lt.LTError(f"loss is {sums[0]} at epoch {epoch} step {step}: lower --lr (now {args.lr}) or "
                                   f"drop --amp; the last good checkpoint in {args.output_dir} is kept")
@@ -385,6 +537,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     if use_moo:
         stats["alpha_mean"] = (alpha_sum / alpha_n.clamp(min=1)).tolist()
         stats["cos_d_g_min"] = cos_min
+    if bcl:  # the unweighted contrastive loss, averaged over steps and processes
+        stats["train_bcl_loss"] = all_reduce_(bcl_sum.to(device)).item() / (sums[2].item() * args.bcl_weight)
     return stats
 
 
@@ -433,6 +587,8 @@ def main(args):
     # ---------------------------------------------------------------- setup
     init_distributed(args)
     fill_defaults(args)
+    if args.loss == "bcl":
+        fill_bcl_defaults(args)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -461,6 +617,9 @@ def main(args):
 
     # ---------------------------------------------------------------- model
     model = build_model(args.arch, K)
+    if args.loss == "bcl":
+        model = make_bcl_model(model, data.class_counts)
+        log(args, f"bcl: {args.la_weight} * logit-adjusted CE + {args.bcl_weight} * BCL (temperature {args.bcl_temp})")
     if args.sync_bn and args.distributed:
         model = convert_sync_bn(model, device)
     model.to(device)
@@ -485,6 +644,8 @@ def main(args):
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
             lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
             (out / "log.txt").write_text("".join(lines))
+    elif is_main(args) and (out / "log.txt").exists():  # killed before its first checkpoint
+        (out / "log.txt").unlink()
     if args.grouping == "none" and args.moo == "mgda":
         groups = np.arange(K)  # every class its own objective (the paper's "MOO" ablation)
 
@@ -505,7 +666,8 @@ def main(args):
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
         loader = data_lt.make_loader(data.train, sampler, train=True, device=device, num_workers=args.workers,
-                                     seed=args.seed * 100003 + epoch)
+                                     seed=args.seed * 100003 + epoch,
+                                     views=bcl_train_views(data) if args.loss == "bcl" else None)
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device, args).items()})

@@ -16,8 +16,10 @@ then calls Trainer.checkpoint() on rank 0, which re-submits the same Trainer, an
 job under the same id. The requeued job finds checkpoint.pth in the same folder and resumes.
 """
 import argparse
+import contextlib
 import copy
 import getpass
+import io
 import math
 import os
 import shlex
@@ -141,7 +143,10 @@ def check_request(args):
                           f"{args.timeout:g}-minute limit; raise --timeout or lower --signal-delay-s")
     probe = copy.copy(args)
     probe.world_size = world
-    train.fill_defaults(probe)  # the batch must split evenly over the processes
+    try:
+        train.fill_defaults(probe)  # the batch must split evenly over the processes
+    except data_lt.LTError as e:
+        raise SubmitError(str(e)) from None
     if args.cluster == "debug" and world > 1:
         raise SubmitError(f"--cluster debug runs one task in this process, not {world}; use --cluster local")
     if args.cluster == "local":
@@ -163,7 +168,10 @@ def slurm_parameters(args):
                   gpus_per_node=gpus or None, cpus_per_task=args.cpus_per_task,
                   mem=submitit.slurm.slurm._convert_mem(args.mem_gb or max(40 * gpus, 16)),
                   time=max(1, math.ceil(args.timeout)), signal_delay_s=args.signal_delay_s,
-                  partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint)
+                  partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                  # requeueable even where the cluster's default says no (JobRequeue=0): submitit's
+                  # requeue on USR2 and SLURM's own after a preemption or node failure need it
+                  additional_parameters=dict(requeue=True))
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -217,14 +225,20 @@ def main(args):
               file=sys.stderr)
         return
     check_request(args)
+    if args.cluster == "slurm" and submitit.SlurmExecutor.affinity() < 0:
+        raise SubmitError("no srun here: submit from a SLURM login node, or use --cluster local or --dry-run")
     parent = Path(args.job_dir.split("%j")[0])
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SubmitError(f"cannot create the job folder {parent} ({e.strerror}); pass a writable --job-dir")
-    if args.cluster == "slurm" and submitit.SlurmExecutor.affinity() < 0:
-        raise SubmitError("no srun here: submit from a SLURM login node, or use --cluster local or --dry-run")
-    job = make_executor(args).submit(Trainer(args))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's complaint; we name it once
+            job = make_executor(args).submit(Trainer(args))
+    except submitit.core.utils.FailedJobError as e:
+        reason = " ".join(str(e).split())[:300]
+        raise SubmitError(f"sbatch refused the job: {reason}; check --partition, --timeout, --account and "
+                          f"--qos against the cluster's limits (sinfo, sacctmgr show qos)") from None
     folder = args.job_dir.replace("%j", str(job.job_id))
     print(f"job {job.job_id}: logs, checkpoints and results in {folder}", flush=True)
     if args.cluster == "slurm":

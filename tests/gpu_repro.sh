@@ -18,7 +18,8 @@ TARBALL=${TARBALL:-.data/cifar10-jpg.tar.gz}
 DATA=${DATA:-.data/cifar10}
 OUTDIR=${OUTDIR:-${OUT:-results/gpu_repro}}
 TIME_LIMIT=${TIME_LIMIT:-500}
-RUNS=${RUNS:-"ce gbg"}
+RUNS=${RUNS:-"ce gbg"}    # any of: ce gbg random count features
+EXTRA=${EXTRA:-}          # more train.py flags for every run, e.g. "--arch resnet8"
 AMP=""
 [ "$DEVICE" = cuda ] && AMP="--amp"
 
@@ -26,9 +27,6 @@ if [ ! -d "$DATA/train" ]; then
   [ -f "$TARBALL" ] || { echo "gpu_repro.sh: no data: $TARBALL is missing; copy ../shared/data/cifar10-jpg.tar.gz there (see README)" >&2; exit 2; }
   mkdir -p "$DATA" && tar xzf "$TARBALL" -C "$DATA"
 fi
-python - <<'PY' > /dev/null 2>&1 || true
-import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
-PY
 
 run() {  # run NAME FLAGS...: one training run, its wall time in wall.json
   local name=$1; shift
@@ -37,7 +35,7 @@ run() {  # run NAME FLAGS...: one training run, its wall time in wall.json
   local t0=$(date +%s.%N) rc=0
   timeout "$TIME_LIMIT" python train.py --dataset folder-lt --data-root "$DATA" --imb-factor 100 \
       --epochs "$EPOCHS" --batch-size 256 --device "$DEVICE" $AMP --workers 0 --print-freq 1000 \
-      --output-dir "$dir" "$@" > "$dir/stdout.txt" 2>&1 || rc=$?
+      --output-dir "$dir" $EXTRA "$@" > "$dir/stdout.txt" 2>&1 || rc=$?
   local t1=$(date +%s.%N)
   python -c "import json,sys; json.dump({'run': sys.argv[1], 'wall_s': float(sys.argv[3]) - float(sys.argv[2]), 'exit_code': int(sys.argv[4]), 'flags': sys.argv[5:]}, open(sys.argv[1] + '/wall.json', 'w'))" \
       "$dir" "$t0" "$t1" "$rc" "$@"

@@ -1,0 +1,434 @@
+"""Speed and memory benchmark of gbg.py (issue 2, item 6). Not a test (pytest does not collect
+bench_*): it prints ratios measured within ONE run and asserts nothing about time.
+
+    python tests/bench_gbg.py                   # the full run (~10 min on a 2-core CPU)
+    python tests/bench_gbg.py --quick           # smaller sizes: a smoke run of every part
+    python tests/bench_gbg.py --only b,c --device cuda
+
+(a) gbg.class_gradients vs one CE training epoch over the same samples (ResNet-32, a
+    CIFAR-100-LT-sized set of random images), and vs the authors' scheme (one backward per class
+    present in each mixed batch, every class gradient copied to the CPU), written out below.
+(b) an exact G = 4 MGDA step and a features-mode (MGDA-UB) step vs a plain CE step.
+(c) gbg.min_norm_weights for G = 2 ... 1000.
+(d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
+    CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
+Ends with a markdown table (what, measured, target) for the README. The targets are the issue's
+and GPU-oriented; on a CPU the ratios are what to read.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# numpy's BLAS (the LU solves inside min_norm_weights) ignores torch.set_num_threads; on shared
+# cores its spinning threads made a 1000 x 1000 solve 4-8x slower and erratic, so it gets one
+# thread too unless the caller set one. Must happen before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data_lt  # noqa: E402
+import gbg  # noqa: E402
+import train  # noqa: E402
+
+GB = 1e9  # decimal gigabytes throughout, as the issue's "765 GB"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(seconds, wall seconds, result) of fn(). On the CPU the seconds are this process's CPU
+    time: a neighbour's job on a shared core stretches wall time (seen here: one step 2.5 s to
+    5.5 s) far more than CPU time, and with one thread nothing of ours spins. On CUDA both are
+    wall time, with the queue drained before and after."""
+    sync(device)
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn()
+    sync(device)
+    wall = time.perf_counter() - w0
+    return (wall if device.type == "cuda" else time.process_time() - c0), wall, out
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Seeded N(0, 1) images with given labels. lazy=True draws image i from seed i when asked, so
+    the set costs no memory (used for the memory measurement)."""
+
+    def __init__(self, targets, size=32, seed=0, lazy=False):
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.size, self.seed = size, seed
+        self.images = None if lazy else torch.randn(len(self.targets), 3, size, size,
+                                                   generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        if self.images is not None:
+            return self.images[i], int(self.targets[i])
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        return torch.randn(3, self.size, self.size, generator=gen), int(self.targets[i])
+
+
+def lt_dataset(num_classes, n_max, seed=0):
+    counts = data_lt.lt_counts(n_max, num_classes, 100)  # n_k = int(n_max * 0.01 ** (k / (K-1)))
+    return RandomImages(np.repeat(np.arange(num_classes), counts), seed=seed), counts
+
+
+# --- (a) class gradients vs a CE epoch vs the authors' scheme --------------------------------
+
+def ce_epoch(model, loader, optimizer, device):
+    model.train()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def authors_class_gradients(model, loader, num_classes, params, device, max_batches):
+    """REFERENCE SCHEME (the authors' way, timed here only; gbg.py does not use it): run the usual
+    mixed batches; in each, one backward PER CLASS present (retaining the graph), each class's
+    gradient flattened, copied to the CPU and accumulated there. Every backward walks the whole
+    batch's graph, so a batch costs (number of classes in it) backwards instead of one.
+
+    Stops after max_batches batches (a full epoch is ~40x a CE epoch) and returns the time of the
+    forwards and of the per-class backwards, and how many (batch, class) pairs those covered."""
+    model.eval()  # as gbg.class_gradients, so the two compute the same thing
+    sums = torch.zeros(num_classes, sum(p.numel() for p in params))  # on the CPU
+    t_fwd = t_bwd = 0.0
+    pairs = 0
+    for b, (x, y) in enumerate(loader):
+        if b == max_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        dt, _, per_sample = timed(lambda: F.cross_entropy(model(x), y, reduction="none"), device)
+        t_fwd += dt
+        present = y.unique().tolist()
+
+        def per_class_backwards():
+            for j, k in enumerate(present):
+                grads = torch.autograd.grad(per_sample[y == k].sum(), params,
+                                            retain_graph=j < len(present) - 1)
+                sums[k] += torch.cat([g.reshape(-1) for g in grads]).cpu()
+
+        t_bwd += timed(per_class_backwards, device)[0]
+        pairs += len(present)
+    return t_fwd, t_bwd, pairs
+
+
+def bench_class_gradients(args, device):
+    K, n_max, arch = (20, 100, "resnet8") if args.quick else (100, 500, "resnet32")
+    ds, counts = lt_dataset(K, n_max)
+    bs = 256
+    torch.manual_seed(0)
+    model = train.build_model(arch, K).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # one fixed shuffled order, shared by the CE epoch and the reference scheme
+    order = np.random.default_rng(0).permutation(len(ds))
+    batches = [order[i:i + bs].tolist() for i in range(0, len(ds), bs)]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches)
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    P = sum(p.numel() for p in backbone)
+    print(f"(a) {arch}, K={K}, {len(ds):,} random 3x32x32 images (n_k = int({n_max} * 0.01^(k/{K - 1}))), "
+          f"batch {bs}, {len(batches)} mixed batches; class gradients over the {P:,} backbone "
+          f"parameters, exact rows (what train.py picks at this size)")
+
+    x0, y0 = next(iter(loader))  # one untimed step: allocator and kernel warm-up
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x0.to(device)), y0.to(device)).backward()
+
+    t_ce, w_ce, _ = timed(lambda: ce_epoch(model, loader, optimizer, device), device)
+    print(f"    CE training epoch                : {t_ce:8.1f} s  (wall {w_ce:.1f} s)")
+    t_cg, w_cg, grads = timed(lambda: gbg.class_gradients(model, ds, K, batch_size=bs, device=device), device)
+    n_cg = sum(math.ceil(n / bs) for n in counts)
+    print(f"    gbg.class_gradients              : {t_cg:8.1f} s  (wall {w_cg:.1f} s, {n_cg} one-class "
+          f"batches) = {t_cg / t_ce:.2f}x the CE epoch (target <= 1.5x; wall ratio {w_cg / w_ce:.2f}x)")
+
+    t_fwd, t_bwd, pairs = authors_class_gradients(model, loader, K, backbone, device, args.ref_batches)
+    all_pairs = sum(len(set(ds.targets[b].tolist())) for b in batches)
+    done = min(args.ref_batches, len(batches))
+    t_ref = t_fwd / done * len(batches) + t_bwd / pairs * all_pairs
+    print(f"    authors' scheme, timed on {done} of {len(batches)} batches ({pairs} of {all_pairs} "
+          f"(batch, class) backwards):")
+    print(f"      forward {t_fwd / done:.2f} s/batch, {t_bwd / pairs:.3f} s per class backward + "
+          f"CPU copy -> whole epoch ESTIMATED {t_ref:.0f} s = {t_ref / t_ce:.1f}x the CE epoch "
+          f"= {t_ref / t_cg:.1f}x gbg.class_gradients")
+    assert torch.isfinite(grads).all()
+    return {"cg_vs_ce": t_cg / t_ce, "ref_vs_ce": t_ref / t_ce, "ref_vs_cg": t_ref / t_cg,
+            "setup": f"{arch}, K={K}, {len(ds):,} images"}
+
+
+# --- (b) one training step: exact MGDA, features MGDA, plain CE -----------------------------
+
+def bench_steps(args, device):
+    K, G = 100, 4
+    arch, bs, warmup, reps = ("resnet8", 64, 1, 2) if args.quick else ("resnet32", 256, 2, 5)
+    torch.manual_seed(0)
+    model = train.build_model(arch, K).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ds, _ = lt_dataset(K, 500)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:bs]
+    x, y = ds.images[idx].to(device), ds.targets[idx].to(device)
+    # random groups of 25 classes each: every group is present in a batch of this size
+    class_to_group = torch.as_tensor(gbg.random_groups(K, G, seed=0)).to(device)
+    assert bool(gbg.group_losses(model(x), y, class_to_group, G)[1].all()), "a group is missing"
+
+    def ce():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def mgda(features):
+        optimizer.zero_grad(set_to_none=True)
+        z = model.forward_features(x)
+        losses, present = gbg.group_losses(model.fc(z), y, class_to_group, G)
+        gbg.mgda_backward([losses[i] for i in present.nonzero().flatten().tolist()], params,
+                          features=z if features else None, normalize="l2")  # train.py's default
+        optimizer.step()
+
+    steps = {"CE": ce, "exact": lambda: mgda(False), "features": lambda: mgda(True)}
+    times = {name: [] for name in steps}
+    walls = {name: [] for name in steps}
+    for r in range(warmup + reps):  # interleaved, so a burst of load hits every kind alike
+        for name, fn in steps.items():
+            dt, wall, _ = timed(fn, device)
+            if r >= warmup:
+                times[name].append(dt)
+                walls[name].append(wall)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    wmed = {name: statistics.median(t) for name, t in walls.items()}
+    print(f"(b) {arch}, K={K}, G={G} random groups, batch {bs}, SGD; median of {reps} steps after "
+          f"{warmup} warm-up (interleaved)")
+    for name, label, target in [("CE", "CE step      ", ""),
+                                ("exact", "exact MGDA   ", f" (target <= 3.3x; 1 forward + {G} backwards is ~3x)"),
+                                ("features", "features MGDA", " (target <= 1.15x)")]:
+        ratio = "" if name == "CE" else f" = {med[name] / med['CE']:.2f}x CE (wall {wmed[name] / wmed['CE']:.2f}x)"
+        print(f"    {label} : {med[name] * 1e3:8.1f} ms{ratio}{target}; runs "
+              f"{' '.join(f'{t:.2f}' for t in times[name])} s, wall {' '.join(f'{t:.2f}' for t in walls[name])} s")
+    return {"exact_vs_ce": med["exact"] / med["CE"], "features_vs_ce": med["features"] / med["CE"],
+            "setup": f"{arch}, batch {bs}"}
+
+
+# --- (c) the min-norm solver ----------------------------------------------------------------
+
+def random_gram(G, kind, rng):
+    """Gram of G random gradients of dim max(2G, 512). iid: independent N(0, I) rows, so the
+    optimum uses every row (the solver's worst case). shared: a common direction plus noise
+    (pairwise cosine ~0.5) with norms spread over one decade, as raw group gradients tend to be,
+    so the optimum leans on the smaller ones."""
+    D = max(2 * G, 512)
+    g = rng.standard_normal((G, D))
+    if kind == "shared":
+        g = g / np.sqrt(D) + rng.standard_normal(D) / np.sqrt(D)
+        g *= 10.0 ** rng.uniform(-0.5, 0.5, size=(G, 1))
+    return torch.as_tensor(g @ g.T)
+
+
+def bench_min_norm(args):
+    Gs = [2, 4, 8, 16, 32, 100] if args.quick else [2, 4, 8, 16, 32, 100, 300, 1000]
+    print("(c) gbg.min_norm_weights on the Gram of G random gradients of dim max(2G, 512); median "
+          "time; KKT gap = (a'Ma - min_i (Ma)_i) / a'Ma, 0 at the optimum")
+    print(f"    {'G':>5} {'iid':>10} {'gap':>8}   {'shared':>10} {'gap':>8} {'support':>8}")
+    rng = np.random.default_rng(0)
+    out = {}
+    for G in Gs:
+        row = []
+        for kind in ("iid", "shared"):
+            M = random_gram(G, kind, rng)
+            ts = []
+            while len(ts) < 3 or (sum(ts) < 1.0 and len(ts) < 50):
+                dt, _, a = timed(lambda: gbg.min_norm_weights(M), torch.device("cpu"))
+                ts.append(dt)
+            Ma = M @ a
+            obj = float(a @ Ma)
+            row += [statistics.median(ts), max(obj - float(Ma.min()), 0.0) / obj, int((a > 0).sum())]
+        out[G] = row
+        print(f"    {G:>5} {row[0] * 1e3:8.2f}ms {row[1]:8.1e}   {row[3] * 1e3:8.2f}ms {row[4]:8.1e} "
+              f"{row[5]:>8}")
+    return out
+
+
+# --- (d) peak memory of class_gradients at iNaturalist scale --------------------------------
+
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def start_peak_rss():
+    """Baseline for peak_rss(). Not ru_maxrss: Linux carries the parent's RSS at fork across exec
+    into a child's ru_maxrss, so it would report the parent's size. VmHWM belongs to this process's
+    own address space, and writing 5 to clear_refs (Linux >= 4.0) restarts it from the current
+    RSS, so earlier transients (building the model) do not count either. Falls back to
+    ru_maxrss (an upper bound) where /proc is missing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS"), "VmHWM"
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+
+
+def peak_rss(how):
+    if how == "VmHWM":
+        return _status_bytes("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(cfg):
+    """Runs in a fresh process: build the model, take the baseline, run class_gradients on the
+    first `classes` classes (the [K, m] output is allocated in full either way), report peaks."""
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    K = cfg["K"]
+    model = train.build_model("resnet50", K).to(device)
+    ds = RandomImages(torch.arange(K), size=cfg["size"], lazy=True)  # 1 sample per class
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_gpu = torch.cuda.memory_allocated(device)
+    base, how = start_peak_rss()
+    t0 = time.perf_counter()
+    rows = gbg.class_gradients(model, ds, K, sketch_dim=cfg["sketch"], classes=range(cfg["classes"]),
+                               device=device)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    res = {"rss_growth": peak_rss(how) - base, "how": how, "seconds": seconds,
+           "P": sum(p.numel() for p in model.backbone.parameters()), "shape": list(rows.shape),
+           "finite": bool(torch.isfinite(rows).all())}
+    if device.type == "cuda":
+        res["gpu_growth"] = torch.cuda.max_memory_allocated(device) - base_gpu
+    print(json.dumps(res))
+
+
+def bench_memory(args, device):
+    K, sketch = 8142, 16384
+    runs = [(32, 2)] if args.quick else [(32, 16), (224, 4)]
+    print(f"(d) class_gradients at iNaturalist scale: K={K}, torchvision resnet50 (fc = Identity) + "
+          f"Linear(2048, {K}), 1 sample per class, CountSketch m={sketch}; each run in a fresh "
+          f"subprocess, peak RSS (VmHWM, restarted after building the model) minus the RSS then")
+    print("    SMALL INPUTS and a SUBSET of the classes, so it runs in a minute on a CPU: the peak is "
+          "the one-batch working set plus the [K, m] output, which is allocated whole from the start, "
+          "so it does not grow with the number of classes computed")
+    out = {}
+    for size, n in runs:
+        cfg = {"K": K, "sketch": sketch, "size": size, "classes": n, "device": str(device),
+               "threads": torch.get_num_threads()}
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(cfg)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"    {size}x{size}: the subprocess failed:\n{proc.stderr[-2000:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        dense = K * r["P"] * 4
+        mem = r.get("gpu_growth", r["rss_growth"])
+        where = (f"GPU peak {r['gpu_growth'] / GB:.2f} GB (host RSS +{r['rss_growth'] / GB:.2f} GB, "
+                 f"which holds the [K, m] output)") if "gpu_growth" in r else f"peak RSS +{r['rss_growth'] / GB:.2f} GB"
+        note = "" if r["how"] == "VmHWM" else " (ru_maxrss: an upper bound)"
+        print(f"    3x{size}x{size} inputs, {n} classes in {r['seconds']:.1f} s: {where}{note}; "
+              f"output {r['shape'][0]} x {r['shape'][1]} float32 = {K * sketch * 4 / GB:.2f} GB; "
+              f"dense K x P = {K} x {r['P']:,} float32 = {dense / GB:.0f} GB "
+              f"({dense / max(mem, r['rss_growth']):.0f}x more)")
+        out[size] = (r, dense)
+    return out
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+def hardware(device):
+    lines = [f"torch {torch.__version__}, python {platform.python_version()}, device {device}"]
+    if device.type == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    lines.append(f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, numpy BLAS "
+                 f"threads {os.environ['OPENBLAS_NUM_THREADS']}, load average {load} (1/5/15 min)")
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("--only", default="a,b,c,d", help="comma-separated parts to run, e.g. b,c")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 (default) because the cores are shared, and a second "
+                        "thread waiting on a busy core makes every op as slow as its straggler")
+    p.add_argument("--ref-batches", type=int, default=1,
+                   help="batches the authors' scheme is timed on (then extrapolated to the epoch)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child is not None:
+        return memory_child(json.loads(args.memory_child))
+    parts = {s.strip() for s in args.only.split(",") if s.strip()}
+    if not parts <= set("abcd"):
+        p.error(f"--only takes a comma-separated subset of a,b,c,d; got {args.only!r}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU; pass --device cpu")
+    torch.set_num_threads(args.threads)
+    print("\n".join(hardware(device)))
+    print(f"mode: {'QUICK (smaller sizes; numbers not for the README)' if args.quick else 'full'}; clock: "
+          f"{'wall time, CUDA synchronised' if device.type == 'cuda' else 'process CPU time (wall where said)'}\n")
+
+    t_start = time.perf_counter()
+    res = {}
+    if "a" in parts:
+        res["a"] = bench_class_gradients(args, device)
+        print()
+    if "b" in parts:
+        res["b"] = bench_steps(args, device)
+        print()
+    if "c" in parts:
+        res["c"] = bench_min_norm(args)
+        print()
+    if "d" in parts:
+        res["d"] = bench_memory(args, device)
+        print()
+
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s), CPU time"
+    print(f"total {time.perf_counter() - t_start:.0f} s\n")
+    print(f"| what ({hw}{', QUICK' if args.quick else ''}) | measured | target |")
+    print("|---|---|---|")
+    if "a" in res:
+        a = res["a"]
+        print(f"| class_gradients / one CE epoch ({a['setup']}) | {a['cg_vs_ce']:.2f}x | <= 1.5x |")
+        print(f"| authors' per-class-backward scheme / one CE epoch (estimated) | {a['ref_vs_ce']:.1f}x "
+              f"({a['ref_vs_cg']:.0f}x class_gradients) | - |")
+    if "b" in res:
+        b = res["b"]
+        print(f"| exact G=4 MGDA step / CE step ({b['setup']}) | {b['exact_vs_ce']:.2f}x | <= 3.3x (floor ~3x) |")
+        print(f"| features-mode MGDA step / CE step ({b['setup']}) | {b['features_vs_ce']:.2f}x | <= 1.15x |")
+    if "c" in res:
+        c = res["c"]
+        shown = [G for G in (4, 100, 1000) if G in c]
+        print(f"| min_norm_weights, G = {' / '.join(map(str, shown))} (iid / shared gradients) | "
+              + " ; ".join(f"{c[G][0] * 1e3:.2g} / {c[G][3] * 1e3:.2g} ms" for G in shown) + " | - |")
+    if "d" in res:
+        for size, (r, dense) in res["d"].items():
+            mem = r.get("gpu_growth", r["rss_growth"])
+            print(f"| class_gradients peak memory, iNat scale (K=8142, P={r['P'] / 1e6:.1f}M, sketch 16384, "
+                  f"3x{size}x{size} inputs) | {mem / GB:.2f} GB (dense: {dense / GB:.0f} GB) | < 4 GB |")
+
+
+if __name__ == "__main__":
+    main()
