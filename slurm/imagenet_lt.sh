@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The paper's ImageNet-LT runs (Li et al., AAAI 2024, Tables 2, 4, 5): CE + GBG with 4 groups,
-# MGDA and the GAC sampler, global batch 256, ResNet-50 and ResNeXt-50. The rest of the recipe
-# is train.py's imagenet-lt preset (90 epochs, lr 0.1 cosine, 5 warm-up epochs, wd 5e-4).
+# The paper's ImageNet-LT runs (Li et al., AAAI 2024, Tables 2, 4, 5: 57.6 / 58.7 top-1):
+# BCL + GBG with 4 groups, MGDA and the GAC sampler, global batch 256, ResNet-50 and
+# ResNeXt-50. The rest of the recipe is train.py's imagenet-lt preset (90 epochs, lr 0.1 cosine, 5 warm-up epochs, wd 5e-4).
 # Edit the variables and the lines below; flags added to this script reach both runs:
 #   bash slurm/imagenet_lt.sh --dry-run              # show the sbatch scripts, submit nothing
 #   bash slurm/imagenet_lt.sh --job-dir /shared/me/gbg_inet/%j
@@ -10,5 +10,6 @@ DATA_ROOT=/datasets/ImageNet_LT  # ImageNet_LT_{train,val,test}.txt and the imag
 PARTITION=gpu
 cd "$(dirname "$0")/.."
 
-python slurm/submit.py --dataset imagenet-lt --data-root "$DATA_ROOT" --arch resnet50 --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
-python slurm/submit.py --dataset imagenet-lt --data-root "$DATA_ROOT" --arch resnext50_32x4d --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+python slurm/submit.py --dataset imagenet-lt --data-root "$DATA_ROOT" --arch resnet50 --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+python slurm/submit.py --dataset imagenet-lt --data-root "$DATA_ROOT" --arch resnext50_32x4d --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+# For CE as the base method (the paper's ablations), replace --loss bcl by --loss ce.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The paper's iNaturalist 2018 run (Li et al., AAAI 2024, Table 3): CE + GBG with 4 groups, MGDA
-# and the GAC sampler, global batch 256, ResNet-50. The rest of the recipe is train.py's inat2018
+# The paper's iNaturalist 2018 run (Li et al., AAAI 2024, Table 3: 71.9 top-1): BCL + GBG with 4
+# groups, MGDA and the GAC sampler, global batch 256, ResNet-50. The rest of the recipe is train.py's inat2018
 # preset (100 epochs, lr 0.1 cosine, 5 warm-up epochs, wd 1e-4). With 8,142 classes the class
 # gradients for grouping are CountSketched to 16384 numbers each (train.py decides). One node of
 # 8 GPUs; --nodes 2 halves the time (keep the global batch at 256).
@@ -11,4 +11,5 @@ DATA_ROOT=/datasets/iNat2018  # iNaturalist18_{train,val}.txt and the images the
 PARTITION=gpu
 cd "$(dirname "$0")/.."
 
-python slurm/submit.py --dataset inat2018 --data-root "$DATA_ROOT" --arch resnet50 --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+python slurm/submit.py --dataset inat2018 --data-root "$DATA_ROOT" --arch resnet50 --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+# For CE as the base method (the paper's ablations), replace --loss bcl by --loss ce.
