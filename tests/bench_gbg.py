@@ -50,6 +50,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def run_child(flags, what, env=None):
+    """Run this script again with `flags` in a fresh process; print what it printed and return
+    the JSON object on its last line (None, after printing its stderr, when it failed)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        print(f"    {what}: the subprocess failed:\n{proc.stderr[-2000:]}")
+        return None
+    lines = proc.stdout.strip().splitlines()
+    if len(lines) > 1:
+        print("\n".join(lines[:-1]))
+    return json.loads(lines[-1])
+
+
 def timed(fn, device):
     """(seconds, wall seconds, result) of fn(). On the CPU the seconds are this process's CPU
     time: a neighbour's job on a shared core stretches wall time (seen here: one step 2.5 s to
@@ -174,6 +188,13 @@ def bench_class_gradients(args, device):
 
 # --- (b) one training step: exact MGDA, features MGDA, plain CE -----------------------------
 
+# glibc's malloc hands large freed blocks back to the kernel (munmap) and maps fresh zeroed pages
+# for the next one. The exact step frees and re-allocates the graph's gradient buffers four times
+# per step, so on the CPU part of its cost is page faults, not arithmetic. These settings keep
+# freed memory in the process; (b) is run again under them in a child process to show the share.
+KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
+
+
 def bench_steps(args, device):
     K, G = 100, 4
     arch, bs, warmup, reps = ("resnet8", 64, 1, 2) if args.quick else ("resnet32", 256, 2, 5)
@@ -201,9 +222,8 @@ def bench_steps(args, device):
                           features=z if features else None, normalize="l2")  # train.py's default
         optimizer.step()
 
-    def forward():  # for the floor: what one forward costs inside a CE step
-        with torch.enable_grad():
-            F.cross_entropy(model(x), y)
+    def forward():  # for the floor: what one forward (graph kept, as in a CE step) costs
+        F.cross_entropy(model(x), y)
 
     steps = {"CE": ce, "exact": lambda: mgda(False), "features": lambda: mgda(True), "forward": forward}
     times = {name: [] for name in steps}
@@ -216,7 +236,9 @@ def bench_steps(args, device):
                 walls[name].append(wall)
     med = {name: statistics.median(t) for name, t in times.items()}
     wmed = {name: statistics.median(t) for name, t in walls.items()}
-    print(f"(b) {arch}, K={K}, G={G} random groups, batch {bs}, SGD; median of {reps} steps after "
+    kept = " ".join(f"{k}={os.environ[k]}" for k in KEEP_MEMORY if k in os.environ)
+    print(f"(b{', glibc malloc keeping freed memory: ' + kept if kept else ''}) {arch}, K={K}, G={G} "
+          f"random groups, batch {bs}, SGD; median of {reps} steps after "
           f"{warmup} warm-up (interleaved)")
     for name, label, target in [("CE", "CE step      ", ""),
                                 ("exact", "exact MGDA   ", f" (target <= 3.3x; 1 forward + {G} backwards is ~3x)"),
@@ -233,25 +255,9 @@ def bench_steps(args, device):
             "floor": floor, "setup": f"{arch}, batch {bs}"}
 
 
-# glibc's malloc hands large freed blocks back to the kernel (munmap) and maps fresh zeroed pages
-# for the next one. The exact step frees and re-allocates the graph's gradient buffers four times
-# per step, so on the CPU part of its cost is page faults, not arithmetic. These settings keep
-# freed memory in the process; (b) is run again under them in a child process to show the share.
-KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
-
-
 def bench_steps_kept_memory(args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--steps-child", "--threads", str(args.threads)]
-    if args.quick:
-        cmd.append("--quick")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **KEEP_MEMORY})
-    if proc.returncode != 0:
-        print(f"    the child process failed:\n{proc.stderr[-2000:]}")
-        return None
-    lines = proc.stdout.strip().splitlines()
-    print("\n".join(lines[:-1]).replace("(b)", "(b, glibc malloc keeping freed memory: "
-                                          + " ".join(f"{k}={v}" for k, v in KEEP_MEMORY.items()) + ")", 1))
-    return json.loads(lines[-1])
+    return run_child(["--steps-child", "--threads", str(args.threads)] + (["--quick"] if args.quick else []),
+                     "(b) with malloc keeping freed memory", env={**os.environ, **KEEP_MEMORY})
 
 
 # --- (c) the min-norm solver ----------------------------------------------------------------
@@ -358,12 +364,9 @@ def bench_memory(args, device):
     for size, n in runs:
         cfg = {"K": K, "sketch": sketch, "size": size, "classes": n, "device": str(device),
                "threads": torch.get_num_threads()}
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(cfg)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"    {size}x{size}: the subprocess failed:\n{proc.stderr[-2000:]}")
+        r = run_child(["--memory-child", json.dumps(cfg)], f"{size}x{size}")
+        if r is None:
             continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
         dense = K * r["P"] * 4
         mem = r.get("gpu_growth", r["rss_growth"])
         where = (f"GPU peak {r['gpu_growth'] / GB:.2f} GB (host RSS +{r['rss_growth'] / GB:.2f} GB, "
