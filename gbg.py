@@ -34,14 +34,6 @@ def _dataset_labels(dataset):
     return np.asarray(targets, dtype=np.int64).reshape(-1)
 
 
-def _backbone_params(model):
-    """Every trainable parameter except the last nn.Linear's: the classifier is left out, as the
-    authors measure the gradients of the shared feature extractor."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    classifier = {id(p) for p in linears[-1].parameters()} if linears else set()
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in classifier]
-
-
 def _same_device(a, b):
     a, b = torch.device(a), torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
@@ -56,14 +48,27 @@ def _count_sketch_hashes(num_params, sketch_dim, seed):
     return h, s
 
 
-def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256, max_per_class=None,
-                    sketch_dim=None, device=None, seed=0, classes=None, num_workers=0):
+def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_per_class=None,
+                    sketch_dim=None, device=None, seed=0, classes=None, num_workers=0,
+                    recalibrate_bn=False, return_info=False, worker_init_fn=None):
     """Mean per-sample cross-entropy gradient of each class, as a float32 CPU tensor [K, D].
+
+    `params`: the parameters to differentiate, e.g. the backbone's (the authors leave the
+    classifier out). They are required: "everything but the last nn.Linear" is not the classifier
+    of every model (a projection head may come after it). D is their total numel, or `sketch_dim`.
 
     The model runs in eval mode (BatchNorm uses its running statistics, so a sample's gradient
     does not depend on its batch mates); each module's previous mode is restored afterwards.
-    `params` defaults to the backbone: every trainable parameter except the last nn.Linear's.
-    D is their total numel, or `sketch_dim` when given.
+
+    `recalibrate_bn`: first re-estimate every BatchNorm's running statistics on the samples the
+    gradients use (see _recalibrated_bn). At initialisation the running statistics are the
+    placeholders mean 0 / var 1, so eval mode does not normalise at all: a CIFAR ResNet-32 then
+    outputs logits in the hundreds, softmax saturates, and every class gradient but the predicted
+    class's points the same way. The statistics are restored afterwards, so grouping never changes
+    the model.
+
+    `return_info`: also return {"max_softmax_mean": mean over the samples used of the largest
+    softmax probability, "samples": how many}; near 1 means saturated outputs.
 
     Cost is about one forward+backward over the samples: every batch holds ONE class, so the
     gradient of the summed loss is that class's gradient sum; the sums are divided by the counts.
@@ -86,10 +91,10 @@ def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256,
     if not _same_device(device, model_device):
         raise ValueError(f"class_gradients: the model is on {model_device} but device={device}; "
                          f"move the model there first or leave device=None")
-    params = _backbone_params(model) if params is None else list(params)
+    params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("class_gradients: no parameters to differentiate; pass params= or make "
-                         "some of the model's parameters require grad")
+        raise ValueError("class_gradients: no parameters to differentiate; pass the backbone's "
+                         "parameters (that require grad) as params")
     num_params = sum(p.numel() for p in params)
     if sketch_dim is not None and sketch_dim < 1:
         raise ValueError(f"class_gradients: sketch_dim={sketch_dim} must be >= 1, or None for "
@@ -107,15 +112,15 @@ def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256,
     # draw so that a row is the same whichever process computes it.
     order = np.argsort(labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))])
-    members, empty = {}, []
-    for k in wanted:
+    used = {}
+    for k in range(num_classes):
         idx = order[starts[k]:starts[k + 1]]
-        if idx.size == 0:
-            empty.append(k)
-            continue
         if max_per_class is not None and idx.size > max_per_class:
             idx = np.sort(np.random.default_rng([seed, k]).choice(idx, max_per_class, replace=False))
-        members[k] = idx
+        if idx.size:
+            used[k] = idx
+    members = {k: used[k] for k in wanted if k in used}
+    empty = [k for k in wanted if k not in used]
     if empty:
         shown = empty[:20] + (["..."] if len(empty) > 20 else [])
         warnings.warn(f"class_gradients: {len(empty)} class(es) have no samples and get a zero "
@@ -133,13 +138,27 @@ def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256,
         h, s = _count_sketch_hashes(num_params, dim, seed)
         h, s = h.to(device), s.to(device)
     dtype = params[0].dtype  # lets a float64 model take float32 images
+    confidence, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+
+    def load(batch_list):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_list, num_workers=num_workers,
+                                           worker_init_fn=worker_init_fn)
 
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    saved_bn = None
     try:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+        if recalibrate_bn:
+            # Over ALL classes' samples (not only `classes`), so every process gets the same
+            # statistics; mixed-class batches, as in training (one-class batches would see only
+            # the within-class variance).
+            everything = np.sort(np.concatenate(list(used.values()))) if used else np.zeros(0, np.int64)
+            shuffled = np.random.default_rng([3, seed]).permutation(everything)
+            saved_bn = _recalibrate_bn(model, load([shuffled[i:i + batch_size].tolist()
+                                                    for i in range(0, shuffled.size, batch_size)]),
+                                       device, dtype)
+        model.eval()
         running, current = None, None
-        for k, batch in zip(batch_class, loader):
+        for k, batch in zip(batch_class, load(batches)):
             if k != current:  # batches of a class are consecutive: flush the finished class
                 if current is not None:
                     out[current] = (running / members[current].size).float().cpu()
@@ -150,8 +169,11 @@ def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256,
                                  f"for class {k}; make the two label sources agree")
             x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x), y.to(device), reduction="sum")
+                logits = model(x)
+                loss = F.cross_entropy(logits, y.to(device), reduction="sum")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
+            confidence += logits.detach().double().softmax(1).amax(1).sum()
+            seen += len(y)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                               for g, p in zip(grads, params)]).double()
             if sketch_dim is None:
@@ -163,7 +185,48 @@ def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256,
     finally:
         for m, mode in modes:
             m.training = mode
+        if saved_bn is not None:
+            _restore_bn(saved_bn)
+    if return_info:
+        return out, {"max_softmax_mean": confidence.item() / max(seen, 1), "samples": seen}
     return out
+
+
+def _recalibrate_bn(model, loader, device, dtype):
+    """Replace every BatchNorm's running statistics by the cumulative average of the batch
+    statistics over `loader` (a no-grad pass in train mode), and return what is needed to restore
+    them. Each BatchNorm runs as a plain local F.batch_norm during the pass, even a synchronised
+    one: every process sees the same samples, so no collective is needed (and none may run, since
+    the other processes might be elsewhere)."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
+
+    def local_forward(m):
+        def forward(x):  # momentum 1/t: the t-th batch's statistics enter a plain average
+            m.num_batches_tracked += 1
+            return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True,
+                                1.0 / float(m.num_batches_tracked), m.eps)
+        return forward
+
+    for m in bns:
+        m.reset_running_stats()
+        m.forward = local_forward(m)  # an instance attribute: shadows the class's forward
+    model.train()
+    try:
+        with torch.no_grad():
+            for x, _ in loader:
+                model(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
+    finally:
+        for m in bns:
+            del m.forward
+    return saved
+
+
+def _restore_bn(saved):
+    for m, buffers in saved:
+        for k, v in buffers.items():
+            getattr(m, k).copy_(v)
 
 
 def affinity(class_grads):
@@ -467,7 +530,7 @@ def _frank_wolfe(M, max_iter, tol):
         s = int(np.argmin(Ma))
         v = int(np.argmax(np.where(a > 0, Ma, -np.inf)))
         gap = Ma[v] - Ma[s]  # >= the Frank-Wolfe duality gap, which bounds obj - optimum
-        if gap <= tol:
+        if gap <= tol * (a @ Ma):  # relative: the optimum may be many orders below max(diag)
             break
         curv = M[s, s] + M[v, v] - 2.0 * M[s, v]  # ||g_s - g_v||^2, > 0 whenever gap > 0
         gamma = min(a[v], gap / curv) if curv > 0 else a[v]
@@ -523,7 +586,7 @@ def _active_set(M, a, max_steps, tol):
         cand = np.clip(cand, 0.0, None)
         cand /= cand.sum()
         cand_obj = float(cand @ M @ cand)
-        if cand_obj > obj + tol:
+        if cand_obj > obj * (1.0 + tol):
             break
         a, obj = cand, cand_obj
         S = a > 0
@@ -531,7 +594,7 @@ def _active_set(M, a, max_steps, tol):
             continue
         gaps = M @ a - obj  # KKT: every gap >= 0, and 0 on the support
         j = int(np.argmin(gaps))
-        if gaps[j] >= -tol or S[j]:
+        if gaps[j] >= -tol * obj or S[j]:
             break
         S[j] = True
     return a
@@ -542,11 +605,14 @@ def min_norm_weights(gram, *, max_iter=2000, tol=1e-12, polish_steps=50):
     point of the convex hull of the gradients whose Gram matrix is `gram` [G, G].
 
     G = 2: closed form (Sener & Koltun 2018). G > 2: pairwise Frank-Wolfe with exact line search
-    (at most max_iter steps, stopping at a KKT gap of tol) started at the best single gradient, so
-    never worse than any one of them; then at most polish_steps active-set steps, each solving
-    the KKT system on the support exactly, until the KKT conditions hold. Works in float64 on
-    gram / max(diag), so norms from 1e-8 to 1e8 behave; zero, collinear and rank-deficient Grams
-    give finite weights. Returns alpha [G] in gram's dtype and device.
+    (at most max_iter steps, stopping when the duality gap is below tol times the current
+    objective) started at the best single gradient, so never worse than any one of them; then at
+    most polish_steps active-set steps, each solving the KKT system on the support exactly, until
+    the KKT conditions hold to tol relative to the objective. Every tolerance is relative to the
+    objective, not to the largest gradient: with norms spanning 1e-4..1e4 the optimum may lie 16
+    orders below max(diag), and an absolute rule would stop far above it. Works in float64 on
+    gram / max(diag); zero, collinear and rank-deficient Grams give finite weights. Returns
+    alpha [G] in gram's dtype and device.
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"min_norm_weights: gram must be a square [G, G] matrix, got shape "
@@ -582,9 +648,80 @@ def min_norm_weights(gram, *, max_iter=2000, tol=1e-12, polish_steps=50):
 
 
 # --- 6. The Pareto descent step (Eq. 12) ---
+#
+# Every step below builds d = sum_i w_i g_i from the RAW group gradients g_i, with weights w_i
+# derived from the min-norm alpha of the normalised gradients g_i / n_i (update rules):
+#   "scaled" (default): w_i = (alpha_i / n_i) / sum_j (alpha_j / n_j). d is a positive multiple of
+#       the min-norm point sum_i alpha_i g_i / n_i, so it keeps its descent property
+#       (g_j . d >= 0 for every group j), and its weights sum to 1: d is a convex combination of
+#       the raw gradients, of their size, and d = g when every g_i equals the same g. With
+#       normalize "none" (n_i = 1) this is the paper's update theta <- theta - eta sum alpha_i grad L_i.
+#   "raw": w_i = alpha_i, alpha found on g_i / n_i and applied to the raw g_i: Sener & Koltun's
+#       code and the authors' release. NOT guaranteed to lower every group's loss when n_i differ.
+#   "normalized": w_i = alpha_i / n_i, the min-norm point itself; under "l2" its norm is <= 1
+#       whatever the gradients' size, so it takes far shorter steps than a CE step at the same lr.
 
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _all_reduce(t, process_group):
+    """Sum t over process_group in place; no collective when process_group is None. The one
+    place where this module communicates: it only does when the caller passes a group."""
+    if process_group is not None:
+        dist.all_reduce(t, group=process_group)
+    return t
+
+
+def _flat_grad(loss, params, retain_graph):
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                      for g, p in zip(grads, params)])
+
+
+def _check_step_args(losses, params, normalize, update):
+    if normalize not in ("none", "l2", "loss", "loss+"):
+        raise ValueError(f"unknown normalize {normalize!r}; use 'none', 'l2', 'loss' or 'loss+'")
+    if update not in ("scaled", "raw", "normalized"):
+        raise ValueError(f"unknown update {update!r}; use 'scaled', 'raw' or 'normalized'")
+    losses = list(losses)
+    if not losses:
+        raise ValueError("no losses; pass at least one present group's loss")
+    for i, L in enumerate(losses):
+        if L.numel() != 1 or not L.requires_grad:
+            raise ValueError(f"losses[{i}] must be a scalar that requires grad (got shape "
+                             f"{tuple(L.shape)}, requires_grad={L.requires_grad})")
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad; pass the model's parameters")
+    if any(p.device != params[0].device for p in params):
+        raise ValueError("params live on several devices; pass params on one device")
+    return losses, params
+
+
+def group_gradients(losses, params, *, retain_graph=False, process_group=None):
+    """g_i = dL_i/dparams for each loss, as the rows of one [G, P] matrix (params flattened in
+    order; frozen or unused parameters give zeros), summed over process_group in ONE collective.
+    The graph is kept for all but the last loss, and for that one too when retain_graph."""
+    rows = [_flat_grad(L, params, retain_graph or i < len(losses) - 1) for i, L in enumerate(losses)]
+    return _all_reduce(torch.stack(rows), process_group)
+
+
+def _gram(flat, columns):
+    """flat[:, columns] @ flat[:, columns].T in float64, block by block: no TF32, no [G, P]
+    float64 copy."""
+    gram = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
+    for start, stop in columns:
+        s = flat[:, start:stop].to(torch.float64)
+        gram += s @ s.T
+    return gram
+
+
+def _columns(params, subset):
+    """(start, stop) slices of flattened `params` that hold the parameters in `subset`."""
+    offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
+    where = {id(p): k for k, p in enumerate(params)}
+    blocks = [where.get(id(p)) for p in subset if p.requires_grad]
+    if any(k is None for k in blocks):
+        raise ValueError("gram_params must be a subset of params (that require grad); pass e.g. "
+                         "the backbone's parameters")
+    return [(offsets[k], offsets[k + 1]) for k in dict.fromkeys(blocks)]
 
 
 def _norms(normalize, gram_diag, loss_values):
@@ -600,134 +737,104 @@ def _norms(normalize, gram_diag, loss_values):
     return torch.where(torch.isfinite(n) & (n > 0), n, torch.ones_like(n))
 
 
-def _solve(gram, loss_values, normalize):
-    """Normalise the Gram to that of g_i / n_i and find alpha on it."""
-    n = _norms(normalize, gram.diagonal(), loss_values)
-    gram = gram / torch.outer(n, n)
-    if gram.shape[0] > 1 and bool((gram.diagonal() == 0).any()):
-        warnings.warn("mgda_backward: a group has a zero gradient, so the min-norm direction is zero "
-                      "and this step does nothing; pass only present groups (losses[present])")
-    return min_norm_weights(gram), n, gram
-
-
-def mgda_backward(losses, params, *, gram_params=None, features=None, normalize="none",
-                  retain_graph=False, return_gram=False):
-    """Accumulate the Pareto descent direction d = sum_i alpha_i g_i / n_i into p.grad (Eq. 12).
-
-    losses: G scalar tensors, one per PRESENT group. params: the parameters to update; only they
-    receive gradient (frozen ones are skipped). alpha solves Eq. (11) for the normalised gradients
-    g_i / n_i, with n_i = 1 ("none"), ||g_i|| ("l2"), L_i ("loss") or L_i ||g_i|| ("loss+").
-    Because d is built from the same g_i / n_i that alpha was solved for, the min-norm optimality
-    gives g_j . d >= n_j ||d||^2 > 0 for every group j: d lowers every group's loss. The authors'
-    release instead applies alpha to the raw losses (d = sum alpha_i g_i, no 1/n_i), which mixes
-    weights found for one set of vectors with another and loses that guarantee.
-
-    Exact mode (features=None): one backward per group, Gram over gram_params (default: params;
-    must be a subset, e.g. only the last shared layers to make the Gram cheaper), no extra
-    backward for d. Features mode (features=z, the shared representation, MGDA-UB): the Gram of
-    the gradients w.r.t. z (||g_i|| is then ||dL_i/dz||; gram_params is not used), then ONE
-    backward of sum alpha_i L_i / n_i.
-
-    Distributed (world size > 1, losses normalised with the global class counts): exact mode
-    all-reduces the [G, P] gradients in one collective; features mode all-reduces the Gram (the
-    ranks' samples are disjoint, so the global Gram is the sum) and this call's gradient. Every
-    rank then adds the same d as one process holding the whole batch: do not also wrap the model
-    in DistributedDataParallel. Loss values used by normalize are all-reduced too.
-
-    Returns alpha (float64, [G]), and the Gram of the normalised gradients that alpha was solved
-    on (the input of step_diagnostic) when return_gram.
-    """
-    if normalize not in ("none", "l2", "loss", "loss+"):
-        raise ValueError(f"mgda_backward: unknown normalize {normalize!r}; "
-                         f"use 'none', 'l2', 'loss' or 'loss+'")
-    losses = list(losses)
-    if not losses:
-        raise ValueError("mgda_backward: no losses; pass at least one present group's loss")
-    for i, L in enumerate(losses):
-        if L.numel() != 1 or not L.requires_grad:
-            raise ValueError(f"mgda_backward: losses[{i}] must be a scalar that requires grad "
-                             f"(got shape {tuple(L.shape)}, requires_grad={L.requires_grad})")
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("mgda_backward: no parameter requires grad; pass the model's parameters")
-    device = params[0].device
-    if any(p.device != device for p in params):
-        raise ValueError("mgda_backward: params live on several devices; pass params on one device")
-    where = {id(p): k for k, p in enumerate(params)}
-    blocks = range(len(params)) if gram_params is None else [where.get(id(p)) for p in gram_params]
-    if any(k is None for k in blocks):
-        raise ValueError("mgda_backward: gram_params must be a subset of params (that require "
-                         "grad); pass e.g. the shared backbone's last layers")
-    G, distributed = len(losses), _world_size() > 1
-    loss_values = torch.stack([L.detach().reshape(()) for L in losses]).to(device, torch.float64)
-    if distributed and normalize in ("loss", "loss+"):
-        dist.all_reduce(loss_values)
-
-    if features is not None:
-        feats = [features] if torch.is_tensor(features) else list(features)
-        Z = [torch.autograd.grad(L, feats, retain_graph=True, allow_unused=True) for L in losses]
-        gram = torch.zeros(G, G, dtype=torch.float64, device=device)
-        for k, f in enumerate(feats):
-            block = torch.stack([torch.zeros_like(f) if z[k] is None else z[k] for z in Z])
-            block = block.reshape(G, -1).to(device, torch.float64)
-            gram += block @ block.T
-        del Z
-        if distributed:
-            dist.all_reduce(gram)
-        alpha, n, gram = _solve(gram, loss_values, normalize)
-        w = (alpha / n).detach()
-        total = sum(w[i].to(L.device, L.dtype) * L.reshape(()) for i, L in enumerate(losses))
-        grads = torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True)
-        if distributed:  # one collective for this call's gradient, not for what p.grad held before
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                              for p, g in zip(params, grads)])
-            dist.all_reduce(flat)
-            grads = [s.view_as(p) for s, p in zip(flat.split([p.numel() for p in params]), params)]
-        for p, g in zip(params, grads):
-            if g is not None:
-                _accumulate(p, g)
-        return (alpha, gram) if return_gram else alpha
-
-    sizes = [p.numel() for p in params]
-    offsets = np.cumsum([0] + sizes).tolist()
-    dtype = params[0].dtype
-    for p in params[1:]:
-        dtype = torch.promote_types(dtype, p.dtype)
-    flat = torch.zeros(G, offsets[-1], dtype=dtype, device=device)  # row i holds g_i
-    for i, L in enumerate(losses):
-        keep = retain_graph or i < G - 1
-        grads = torch.autograd.grad(L, params, retain_graph=keep, allow_unused=True)
-        for p, g, o in zip(params, grads, offsets):
-            if g is not None:
-                flat[i, o:o + p.numel()].view_as(p).copy_(g)
-        del grads
-    if distributed:
-        dist.all_reduce(flat)
-
-    gram = torch.zeros(G, G, dtype=torch.float64, device=device)
-    for k in dict.fromkeys(blocks):  # blockwise in float64: no TF32, no [G, P] float64 copy
-        s = flat[:, offsets[k]:offsets[k + 1]].to(torch.float64)
-        gram += s @ s.T
-    alpha, n, gram = _solve(gram, loss_values, normalize)
-    d = (alpha / n).to(dtype) @ flat
-    for p, o in zip(params, offsets):
-        _accumulate(p, d[o:o + p.numel()].view_as(p))
-    return (alpha, gram) if return_gram else alpha
-
-
-def _accumulate(p, g):
-    """p.grad += g, as .backward() would (creating p.grad if it is None)."""
-    if p.grad is None:
-        p.grad = g.detach().clone().to(p.dtype)
+def mgda_weights(gram, loss_values, *, normalize="l2", update="scaled"):
+    """From the Gram [G, G] of the raw gradients (and the losses, for "loss" / "loss+"):
+    n_i, alpha = the min-norm weights of g_i / n_i (Eq. 11), and the weights w_i of the raw g_i
+    in the update (see the rules above). Returns (alpha, w, normalised Gram), float64."""
+    gram = gram.to(torch.float64)
+    n = _norms(normalize, gram.diagonal(), loss_values.to(gram))
+    gram_n = gram / torch.outer(n, n)
+    if gram.shape[0] > 1 and bool((gram_n.diagonal() == 0).any()):
+        warnings.warn("a group has a zero gradient, so the min-norm direction is zero and this "
+                      "step does nothing; pass only present groups (losses[present])")
+    alpha = min_norm_weights(gram_n)
+    if update == "raw":
+        w = alpha
+    elif update == "normalized":
+        w = alpha / n
     else:
-        p.grad.add_(g.to(p.grad.dtype))
+        w = (alpha / n) / (alpha / n).sum().clamp(min=1e-300)  # alpha = 0 everywhere cannot happen
+    return alpha, w, gram_n
+
+
+def _loss_values(losses, device, normalize, process_group):
+    values = torch.stack([L.detach().reshape(()) for L in losses]).to(device, torch.float64)
+    if normalize in ("loss", "loss+"):  # the global batch's losses: the sum of the local ones
+        _all_reduce(values, process_group)
+    return values
+
+
+def _accumulate(params, flat):
+    """p.grad += the matching slice of flat, as .backward() would (creating p.grad if None)."""
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        g = g.view_as(p)
+        if p.grad is None:
+            p.grad = g.detach().to(p.dtype).clone()
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+
+
+def weighted_backward(losses, weights, params, *, retain_graph=False, process_group=None):
+    """p.grad += d(sum_i weights_i L_i)/dp for every p in params (that requires grad), summed over
+    process_group: one backward pass. Serves the plain and averaged steps, the cheap MGDA modes'
+    update, and any extra loss (e.g. a contrastive term) added after an MGDA step."""
+    losses = list(losses)
+    params = [p for p in params if p.requires_grad]
+    total = sum(float(w) * L.reshape(()) for w, L in zip(weights, losses))
+    _accumulate(params, _all_reduce(_flat_grad(total, params, retain_graph), process_group))
+
+
+def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="scaled",
+                  retain_graph=False, process_group=None):
+    """The exact step (Alg. 2, Eq. 10-12): p.grad += d = sum_i w_i g_i.
+
+    losses: G scalar tensors, one per PRESENT group. One backward per group gives the rows g_i
+    over params; their Gram over gram_params (default: params; e.g. the backbone only, as the
+    release) gives alpha and w (mgda_weights); d is formed from the stored rows, so the update
+    costs no extra backward. Frozen parameters are skipped.
+
+    process_group: the group to sum over when the batch is split over processes (the losses
+    normalised with the global class counts, group_losses(class_counts=...)): the [G, P]
+    gradients and the loss values are summed in one collective each, and every process adds the
+    d of the global batch. None (the default) communicates nothing: a caller under DDP, or on one
+    process, gets no hidden reduction.
+
+    Returns {"alpha", "weights" (w), "gram" (of the normalised g_i / n_i: step_diagnostic's input)}.
+    """
+    losses, params = _check_step_args(losses, params, normalize, update)
+    columns = _columns(params, params if gram_params is None else gram_params)
+    values = _loss_values(losses, params[0].device, normalize, process_group)
+    flat = group_gradients(losses, params, retain_graph=retain_graph, process_group=process_group)
+    alpha, w, gram = mgda_weights(_gram(flat, columns), values, normalize=normalize, update=update)
+    _accumulate(params, w.to(flat.dtype) @ flat)
+    return {"alpha": alpha, "weights": w, "gram": gram}
+
+
+def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update="scaled",
+                          retain_graph=False, process_group=None):
+    """The cheaper step: the G backward passes stop at gram_params (a trailing part of the shared
+    network, e.g. its last stage), the Gram there gives alpha and w (as mgda_backward with the same
+    gram_params would), then ONE full backward of sum_i w_i L_i adds d to p.grad over params.
+    G partial backwards + 1 full instead of G full ones; alpha is exact for the Gram it sees,
+    which is the trailing part's, not the whole network's. Same arguments and result as
+    mgda_backward."""
+    losses, params = _check_step_args(losses, params, normalize, update)
+    gram_params = [p for p in gram_params if p.requires_grad]
+    _columns(params, gram_params)  # checks that gram_params is a subset of params
+    values = _loss_values(losses, params[0].device, normalize, process_group)
+    flat = group_gradients(losses, gram_params, retain_graph=True, process_group=process_group)
+    alpha, w, gram = mgda_weights(_gram(flat, [(0, flat.shape[1])]), values, normalize=normalize,
+                                  update=update)
+    weighted_backward(losses, w.tolist(), params, retain_graph=retain_graph, process_group=process_group)
+    return {"alpha": alpha, "weights": w, "gram": gram}
 
 
 def step_diagnostic(gram, alpha, losses):
     """What one MGDA step did, from the Gram only: alpha, each group's loss, cos(d, g_i) for every
-    group (all >= 0 at the min-norm point: the Pareto descent property) and ||d||. Pass the Gram
-    returned by mgda_backward(..., return_gram=True) (that of the normalised g_i / n_i; cosines do
-    not depend on n_i > 0, and ||d|| is then the norm of the applied update over gram_params)."""
+    group (all >= 0 at the min-norm point: the Pareto descent property) and ||d||. Pass the "gram"
+    and "alpha" that mgda_backward returns (those of the normalised g_i / n_i): the cosines do not
+    depend on n_i > 0 nor on a positive rescaling of d; d_norm is that of the min-norm point
+    sum_i alpha_i g_i / n_i over the Gram's parameters."""
     gram = torch.as_tensor(gram).detach().to("cpu", torch.float64)
     alpha = torch.as_tensor(alpha).detach().to("cpu", torch.float64)
     Ma = gram @ alpha

@@ -69,20 +69,39 @@ def get_args_parser():
     g.add_argument("--num-groups", type=int, default=4)
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
                    help="none with --moo mgda makes every class its own objective")
-    g.add_argument("--group-epoch", type=int, default=0, help="epoch at which to group (0: the initial model)")
+    g.add_argument("--group-epoch", type=int, default=0, help="epoch at which to group (0: the initial model, "
+                   "as the paper and the release)")
+    g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-estimate BatchNorm statistics on the grouping samples before the class gradients "
+                        "(restored afterwards); --no-recalibrate-bn: the release's eval-mode pass as is")
     g.add_argument("--regroup-every", type=int, default=0, help="regroup every N epochs (0: never)")
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
     g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping")
     g.add_argument("--moo", default="mgda", choices=["mgda", "none"],
                    help="none: average the group losses (the paper's 'GBG' ablation)")
-    g.add_argument("--moo-grad", default="params", choices=["params", "features"],
-                   help="features: MGDA-UB, the Gram of the gradients w.r.t. the shared features")
-    # l2 by default: with raw gradients (none) the min-norm point leans on the group with the
-    # smallest gradient; a one-class group can zero its loss by predicting its class everywhere,
-    # and the run collapses onto it (seen on synthetic-lt and CIFAR-10-LT; see README).
+    g.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
+                   help="exact: one backward per group over the whole network (Alg. 2); last: the group "
+                        "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i")
+    g.add_argument("--moo-gram", default="all", choices=["all", "backbone"],
+                   help="parameters of MGDA's Gram: all that the group losses reach, or the backbone only "
+                        "(the release leaves the classifier out); the update reaches every parameter either way")
+    g.add_argument("--moo-update", default="scaled", choices=["scaled", "raw", "normalized"],
+                   help="scaled: d = convex combination of the raw g_i with weights proportional to alpha_i/n_i "
+                        "(Pareto descent, gradient-sized); raw: alpha applied to the raw g_i (the release, no "
+                        "descent guarantee); normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)")
+    g.add_argument("--moo-every", type=int, default=1,
+                   help="solve for the weights every k steps (and when the groups present change); in "
+                        "between, one backward of sum w_i L_i with the last weights")
+    g.add_argument("--ratio-every", type=int, default=10,
+                   help="every N steps, one extra backward measures |d| / |gradient of the sample-mean loss| "
+                        "(log.txt: update_ratio); 0: off")
+    # l2 (Sener & Koltun's "l2" normaliser) for finding alpha: with raw gradients (none) the min-norm
+    # point leans on the group with the smallest gradient; a one-class group can zero its loss by
+    # predicting its class everywhere, and the run collapses onto it (seen on synthetic-lt and
+    # CIFAR-10-LT; see README). The update's size comes from --moo-update, not from n_i.
     g.add_argument("--normalize", default="l2", choices=["none", "l2", "loss", "loss+"],
-                   help="divide each group gradient by its norm (l2), loss, or both (loss+) before MGDA")
+                   help="normaliser n_i of the group gradients when solving for alpha: norm (l2), loss, or both (loss+)")
     g.add_argument("--group-loss", default="class", choices=["class", "sample"],
                    help="class: a group's loss is the mean of its classes' mean losses (the paper)")
     g.add_argument("--sampler", default="gac", choices=["random", "gac"])
@@ -247,16 +266,6 @@ def all_reduce_(t):
     return t
 
 
-def all_reduce_grads(params):
-    """Sum p.grad over the processes, in one flat buffer (one collective per step)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
-
-
 def log(args, *msg):
     if is_main(args):
         print(*msg, flush=True)
@@ -368,7 +377,7 @@ def bcl_loss(features, targets, prototypes, temperature):
 def bcl_contrast(model, z_views, targets, temperature):
     """BCL loss of the backbone features z_views [V*B, D] of V contrastive views (stacked view
     by view) of the samples with labels targets [B]."""
-    emb = F.normalize(model.head(z_views.float()), dim=1)
+    emb = F.normalize(model.head(z_views.to(model.fc.weight.dtype)), dim=1)
     prototypes = F.normalize(model.head_fc(model.fc.weight), dim=1)
     return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
 
@@ -376,16 +385,6 @@ def bcl_contrast(model, z_views, targets, temperature):
 def bcl_train_views(data):
     size = tuple(data.train.images.shape[-2:]) if data.kind == "tensor" else 224
     return data_lt.bcl_views(data.kind, data.mean, data.std, size)
-
-
-def add_contrast_grad(contrast, params, la_weight):
-    """p.grad <- la_weight * p.grad + d(contrast)/dp, the new part summed over the processes
-    (mgda_backward all-reduces only the direction it adds; p.grad holds that direction)."""
-    grads = torch.autograd.grad(contrast, params, allow_unused=True)
-    flat = all_reduce_(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                  for p, g in zip(params, grads)]))
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p).clone() if p.grad is None else p.grad.mul_(la_weight).add_(g.view_as(p))
 
 
 # ------------------------------------------------------------------------------------------
@@ -408,9 +407,9 @@ def make_groups(model, data, args, device):
     """Class -> group ids (np.int64[K]) by --grouping, identical on every process."""
     K, G = data.num_classes, args.num_groups
     if args.grouping == "random":
-        return gbg.random_groups(K, G, seed=args.seed), None
+        return gbg.random_groups(K, G, seed=args.seed), None, {}
     if args.grouping == "count":
-        return gbg.count_groups(data.class_counts, G), None
+        return gbg.count_groups(data.class_counts, G), None, {}
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     P = sum(p.numel() for p in backbone)
     sketch = args.sketch_dim or (None if K * P * 4 <= 2e9 else 16384)
@@ -419,30 +418,38 @@ def make_groups(model, data, args, device):
     # NCut, then broadcasts the groups, so no process can disagree.
     mine = range(args.rank, K, args.world_size)
     t0 = time.time()
-    grads = gbg.class_gradients(model, data.train_eval, K, params=backbone, classes=mine,
-                                sketch_dim=sketch, max_per_class=args.grad_max_per_class,
-                                device=device, seed=args.seed,
-                                num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
+    grads, info = gbg.class_gradients(model, data.train_eval, K, backbone, classes=mine,
+                                      sketch_dim=sketch, max_per_class=args.grad_max_per_class,
+                                      device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
+                                      return_info=True,
+                                      num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
     grads = grads.to(device)
+    confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
+                                          dtype=torch.float64, device=device))
     if args.distributed:
         dist.reduce(grads, dst=0)
     A, groups = None, torch.zeros(K, dtype=torch.long, device=device)
+    stats = {"max_softmax_mean": (confidence[0] / confidence[1].clamp(min=1)).item(),
+             "recalibrate_bn": args.recalibrate_bn}
     if is_main(args):
         A = gbg.affinity(grads.cpu())
         groups = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed), dtype=torch.long, device=device)
+        norms = grads.norm(dim=1)[torch.as_tensor(data.class_counts, device=device) > 0]
+        stats.update(class_grad_norm_min=norms.min().item(), class_grad_norm_max=norms.max().item())
     if args.distributed:
         dist.broadcast(groups, 0)
     log(args, f"grouping: class gradients over {P:,} backbone parameters"
-              f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s")
-    return groups.cpu().numpy(), A
+              f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s; mean max-softmax "
+              f"{stats['max_softmax_mean']:.4f}")
+    return groups.cpu().numpy(), A, stats
 
 
-def describe_groups(groups, A, data, args, epoch):
+def describe_groups(groups, A, data, args, epoch, stats=None):
     G = int(groups.max()) + 1
     members = [np.flatnonzero(groups == i).tolist() for i in range(G)]
     return {"epoch": epoch, "grouping": args.grouping, "num_groups": G, "groups": members,
-            "counts": [data.class_counts[m].tolist() for m in members],
-            "ncut": None if A is None else gbg.ncut_value(A, groups)}
+            "sizes": [len(m) for m in members], "counts": [data.class_counts[m].tolist() for m in members],
+            "ncut": None if A is None else gbg.ncut_value(A, groups), **(stats or {})}
 
 
 def make_sampler(data, groups, args):
@@ -459,69 +466,129 @@ def make_sampler(data, groups, args):
 # ------------------------------------------------------------------------------------------
 # Stage 2: training (Algorithm 2) and evaluation
 # ------------------------------------------------------------------------------------------
+def batch_losses(model, x, y, counts, args, device):
+    """What a step optimises, whatever the step: the logits of the classification view
+    (logit-adjusted under BCL), the global batch's sample-mean loss, and the contrastive term
+    (BCL) or None. Every loss is normalised by the GLOBAL batch's class counts, so that the sum over
+    processes of the local losses is the loss of the global batch."""
+    if args.loss == "bcl":  # [classification view, contrastive view, contrastive view]: one batch (see BCL)
+        x = torch.cat(x)
+    if args.amp and device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        z = model.forward_features(x)
+        logits = model.fc(z[:len(y)])
+    logits, contrast = logits.to(model.fc.weight.dtype), None  # float32 (float64 models stay float64)
+    if args.loss == "bcl":  # the contrastive loss is per process; /world_size, as the gradients are summed
+        logits = logits + model.log_prior
+        contrast = args.bcl_weight * bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size
+    mean_loss = F.cross_entropy(logits, y, reduction="sum") / counts.sum()
+    return logits, mean_loss, contrast
+
+
+def last_stage_params(model):
+    """The trailing part of the shared network where --moo-grad last takes the Gram: the last
+    stage of the CIFAR ResNets (the 64-channel blocks), layer4 of ResNet-50 / ResNeXt-50."""
+    body = model.backbone
+    if isinstance(body, CifarResNet):
+        return [p for b in body.blocks[-(len(body.blocks) // 3):] for p in b.parameters()]
+    return list(body.layer4.parameters())
+
+
+def moo_gram_params(model, moo_params, args):
+    """Where MGDA's Gram is taken: --moo-grad last, the last stage (plus the classifier unless
+    --moo-gram backbone); --moo-grad exact, every parameter the group losses reach (None) or the
+    backbone's alone (--moo-gram backbone, the release: fc, head and head_center left out)."""
+    fc = list(model.fc.parameters())
+    if args.moo_grad == "last":
+        return last_stage_params(model) + (fc if args.moo_gram == "all" else [])
+    if args.moo_gram == "backbone":
+        return [p for p in moo_params if all(p is not q for q in fc)]
+    return None
+
+
+def take_step(losses, present, mean_loss, contrast, model, args, state, step, measure=False):
+    """How the step is taken: p.grad <- the update for this batch's losses, summed over the
+    processes (gbg does every sum, given the process group). Plain CE; the paper's "average"
+    ablation (equal weights on the groups present); or MGDA (Alg. 2), solving for the weights
+    every --moo-every steps and whenever the groups present change (`state` keeps the last
+    weights). Under BCL the group direction is scaled by la_weight and the contrastive gradient
+    added (as the release: BCL is not one of MGDA's objectives). Returns MGDA's result dict when
+    it solved ({} otherwise), with "d_norm" = |d| over moo_params when `measure`."""
+    pg = dist.group.WORLD if args.distributed else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    # MGDA's Gram is over what the group losses reach: not the BCL heads (zero blocks there)
+    moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
+    bcl = contrast is not None
+    la = args.la_weight if bcl else 1.0
+    if losses is None or args.moo == "none":
+        if losses is None:
+            terms = [mean_loss]
+        else:
+            terms = [losses[i] for i in present.nonzero().flatten().tolist()]
+        weights = [la / len(terms)] * len(terms) + ([1.0] if bcl else [])
+        gbg.weighted_backward(terms + ([contrast] if bcl else []), weights, params, process_group=pg)
+        return {}
+    idx = present.nonzero().flatten().tolist()
+    group_terms, out = [losses[i] for i in idx], {}
+    if step % args.moo_every == 0 or state.get("groups") != idx:
+        kw = dict(normalize=args.normalize, update=args.moo_update, retain_graph=bcl, process_group=pg)
+        gram_params = moo_gram_params(model, moo_params, args)
+        if args.moo_grad == "last":
+            out = gbg.mgda_backward_partial(group_terms, moo_params, gram_params, **kw)
+        else:
+            out = gbg.mgda_backward(group_terms, moo_params, gram_params=gram_params, **kw)
+        state.update(groups=idx, weights=out["weights"].tolist())
+    else:  # --moo-every: the last solve's weights, one backward
+        gbg.weighted_backward(group_terms, state["weights"], moo_params, retain_graph=bcl, process_group=pg)
+    if measure:
+        out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
+    if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
+        for p in moo_params:
+            if p.grad is not None:
+                p.grad.mul_(la)
+        gbg.weighted_backward([contrast], [1.0], params, process_group=pg)
+    return out
+
+
 def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device):
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
-    use_moo = class_to_group is not None and args.moo == "mgda"
-    bcl, bcl_sum = args.loss == "bcl", torch.zeros(1, dtype=torch.float64)
-    # MGDA's Gram is over what the group losses reach: not the BCL heads (zero blocks there)
+    pg = dist.group.WORLD if args.distributed else None
     moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
     sums = torch.zeros(3, dtype=torch.float64)  # loss, samples, steps
     alpha_sum, alpha_n, cos_min = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1)), 1.0
+    ratios, bcl_sum, state = [], torch.zeros((), dtype=torch.float64, device=device), {}
     t0, n_seen = time.time(), 0
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
-        if bcl:  # [classification view, contrastive view, contrastive view]: one batch (see BCL)
-            x = torch.cat(x)
-        if args.amp and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            z = model.forward_features(x)
-            z_cls = z[:len(y)]
-            logits = model.fc(z_cls)
-        logits = logits.float()
-        adjusted, contrast = logits, None
-        if bcl:  # the contrastive loss is per process; /world_size, as the gradients are summed
-            adjusted = logits + model.log_prior
-            contrast = args.bcl_weight * bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size
-            bcl_sum += contrast.item()
-        # Class counts of the global batch: every loss is normalised by them, so that the sum
-        # over processes of the local losses is the loss of the global batch.
         counts = all_reduce_(torch.bincount(y, minlength=K))
+        logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
+        losses = present = None
+        if class_to_group is not None:
+            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss, class_counts=counts)
         optimizer.zero_grad(set_to_none=True)
-        if class_to_group is None:  # plain CE (BCL: la_weight * LA + bcl_weight * BCL)
-            loss = F.cross_entropy(adjusted, y, reduction="sum") / counts.sum()
-            if bcl:
-                loss = args.la_weight * loss + contrast
-            loss.backward()
-            all_reduce_grads(params)
-            total = loss.detach()
-        else:
-            losses, present = gbg.group_losses(adjusted, y, class_to_group, G, mode=args.group_loss,
-                                               class_counts=counts)
+        # update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
+        # backward) on every --ratio-every-th MGDA step
+        measure = losses is not None and args.moo == "mgda" and args.ratio_every > 0 and step % args.ratio_every == 0
+        if measure:
+            g_mean = gbg.group_gradients([mean_loss], moo_params, retain_graph=True, process_group=pg).norm()
+        solved = take_step(losses, present, mean_loss, contrast, model, args, state, step, measure)
+        if measure:
+            ratios.append((solved["d_norm"] / g_mean).item())
+        if "alpha" in solved:
             idx = present.nonzero().flatten().tolist()
-            if use_moo:
-                alpha, gram = gbg.mgda_backward([losses[i] for i in idx], moo_params, normalize=args.normalize,
-                                                features=z_cls if args.moo_grad == "features" else None,
-                                                return_gram=True, retain_graph=bcl)
-                if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
-                    add_contrast_grad(contrast, params, args.la_weight)
-                diag = gbg.step_diagnostic(gram, alpha, [losses[i] for i in idx])
-                alpha_sum[idx] += alpha.detach().double().cpu()
-                alpha_n[idx] += 1
-                cos_min = min(cos_min, min(diag["cos"]))
-            else:  # the paper's "average strategy": equal weights on the groups present
-                average = losses[idx].mean()
-                (args.la_weight * average + contrast if bcl else average).backward()
-                all_reduce_grads(params)
-            total = F.cross_entropy(adjusted.detach(), y, reduction="sum") / counts.sum()
-            if bcl:
-                total = args.la_weight * total + contrast.detach()
+            diag = gbg.step_diagnostic(solved["gram"], solved["alpha"], [losses[i] for i in idx])
+            alpha_sum[idx] += solved["alpha"].detach().double().cpu()
+            alpha_n[idx] += 1
+            cos_min = min(cos_min, min(diag["cos"]))
+        total = mean_loss.detach() if contrast is None else args.la_weight * mean_loss.detach() + contrast.detach()
         total = all_reduce_(total.clone())  # the global batch's loss, on every process
         sums += torch.tensor([total.item(), counts.sum().item(), 1.0], dtype=torch.float64)
+        if contrast is not None:
+            bcl_sum += contrast.detach()
         if not math.isfinite(sums[0]):
             raise data_lt.LTError(f"loss is {sums[0]} at epoch {epoch} step {step}: lower --lr (now {args.lr}) or "
                                   f"drop --amp; the last good checkpoint in {args.output_dir} is kept")
@@ -533,12 +600,15 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
             print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {total.item():.4f} "
                   f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.0f} img/s eta {eta:.0f}s", flush=True)
     stats = {"train_loss": sums[0].item() / sums[2].item(), "lr": optimizer.param_groups[0]["lr"],
-             "images_per_s": n_seen / max(time.time() - t0, 1e-9), "train_time_s": time.time() - t0}
-    if use_moo:
+             "train_samples": n_seen, "images_per_s": n_seen / max(time.time() - t0, 1e-9),
+             "train_time_s": time.time() - t0}
+    if alpha_n.sum() > 0:
         stats["alpha_mean"] = (alpha_sum / alpha_n.clamp(min=1)).tolist()
         stats["cos_d_g_min"] = cos_min
-    if bcl:  # the unweighted contrastive loss, averaged over steps and processes
-        stats["train_bcl_loss"] = all_reduce_(bcl_sum.to(device)).item() / (sums[2].item() * args.bcl_weight)
+    if ratios:  # mean over the measured steps of |d| / |g_mean|
+        stats["update_ratio"] = float(np.mean(ratios))
+    if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
+        stats["train_bcl_loss"] = all_reduce_(bcl_sum).item() / (sums[2].item() * args.bcl_weight)
     return stats
 
 
@@ -599,7 +669,7 @@ def main(args):
     log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
               f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
               f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
-              f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}; device {device}")
+              f"({args.moo_grad}, gram {args.moo_gram}, normalize {args.normalize}, update {args.moo_update}), sampler {args.sampler}; device {device}")
 
     # ---------------------------------------------------------------- data
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.seed)
@@ -657,8 +727,8 @@ def main(args):
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
         if args.grouping != "none" and due:
-            groups, A = make_groups(model, data, args, device)
-            info = describe_groups(groups, A, data, args, epoch)
+            groups, A, grouping_stats = make_groups(model, data, args, device)
+            info = describe_groups(groups, A, data, args, epoch, grouping_stats)
             log(args, f"groups (epoch {epoch}): sizes {[len(m) for m in info['groups']]}, Eq. 9 value {info['ncut']}")
             if is_main(args):
                 write_json(out / "groups.json", info)

@@ -8,7 +8,8 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
 (a) gbg.class_gradients vs one CE training epoch over the same samples (ResNet-32, a
     CIFAR-100-LT-sized set of random images), and vs the authors' scheme (one backward per class
     present in each mixed batch, every class gradient copied to the CPU), written out below.
-(b) an exact G = 4 MGDA step and a features-mode (MGDA-UB) step vs a plain CE step.
+(b) an exact G = 4 MGDA step, the last-stage step (--moo-grad last) and the weight-reusing step
+    (--moo-every k) vs a plain CE step.
 (c) gbg.min_norm_weights for G = 2 ... 1000.
 (d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
     CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
@@ -167,7 +168,7 @@ def bench_class_gradients(args, device):
 
     t_ce, w_ce, _ = timed(lambda: ce_epoch(model, loader, optimizer, device), device)
     print(f"    CE training epoch                : {t_ce:8.1f} s  (wall {w_ce:.1f} s)")
-    t_cg, w_cg, grads = timed(lambda: gbg.class_gradients(model, ds, K, batch_size=bs, device=device), device)
+    t_cg, w_cg, grads = timed(lambda: gbg.class_gradients(model, ds, K, backbone, batch_size=bs, device=device), device)
     n_cg = sum(math.ceil(n / bs) for n in counts)
     print(f"    gbg.class_gradients              : {t_cg:8.1f} s  (wall {w_cg:.1f} s, {n_cg} one-class "
           f"batches) = {t_cg / t_ce:.2f}x the CE epoch (target <= 1.5x; wall ratio {w_cg / w_ce:.2f}x)")
@@ -186,7 +187,7 @@ def bench_class_gradients(args, device):
             "setup": f"{arch}, K={K}, {len(ds):,} images"}
 
 
-# --- (b) one training step: exact MGDA, features MGDA, plain CE -----------------------------
+# --- (b) one training step: exact MGDA, last-stage MGDA, reused weights, plain CE -----------
 
 # glibc's malloc hands large freed blocks back to the kernel (munmap) and maps fresh zeroed pages
 # for the next one. The exact step frees and re-allocates the graph's gradient buffers four times
@@ -214,18 +215,29 @@ def bench_steps(args, device):
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def mgda(features):
+    last = train.last_stage_params(model) + list(model.fc.parameters())
+
+    def mgda(partial):  # train.py's defaults: normalize l2, update scaled, Gram over everything
         optimizer.zero_grad(set_to_none=True)
-        z = model.forward_features(x)
-        losses, present = gbg.group_losses(model.fc(z), y, class_to_group, G)
-        gbg.mgda_backward([losses[i] for i in present.nonzero().flatten().tolist()], params,
-                          features=z if features else None, normalize="l2")  # train.py's default
+        losses, present = gbg.group_losses(model(x), y, class_to_group, G)
+        losses = [losses[i] for i in present.nonzero().flatten().tolist()]
+        if partial:
+            gbg.mgda_backward_partial(losses, params, last)
+        else:
+            gbg.mgda_backward(losses, params)
+        optimizer.step()
+
+    def reuse():  # --moo-every: a step between solves, one backward of sum_i w_i L_i
+        optimizer.zero_grad(set_to_none=True)
+        losses, present = gbg.group_losses(model(x), y, class_to_group, G)
+        gbg.weighted_backward([losses[i] for i in present.nonzero().flatten().tolist()], [0.25] * G, params)
         optimizer.step()
 
     def forward():  # for the floor: what one forward (graph kept, as in a CE step) costs
         F.cross_entropy(model(x), y)
 
-    steps = {"CE": ce, "exact": lambda: mgda(False), "features": lambda: mgda(True), "forward": forward}
+    steps = {"CE": ce, "exact": lambda: mgda(False), "last": lambda: mgda(True), "reuse": reuse,
+             "forward": forward}
     times = {name: [] for name in steps}
     walls = {name: [] for name in steps}
     for r in range(warmup + reps):  # interleaved, so a burst of load hits every kind alike
@@ -240,19 +252,22 @@ def bench_steps(args, device):
     print(f"(b{', glibc malloc keeping freed memory: ' + kept if kept else ''}) {arch}, K={K}, G={G} "
           f"random groups, batch {bs}, SGD; median of {reps} steps after "
           f"{warmup} warm-up (interleaved)")
-    for name, label, target in [("CE", "CE step      ", ""),
-                                ("exact", "exact MGDA   ", f" (target <= 3.3x; 1 forward + {G} backwards is ~3x)"),
-                                ("features", "features MGDA", " (target <= 1.15x)")]:
+    for name, label in [("CE", "CE step        "), ("exact", "exact MGDA     "),
+                        ("last", "last-stage MGDA"), ("reuse", "reused weights ")]:
         ratio = "" if name == "CE" else f" = {med[name] / med['CE']:.2f}x CE (wall {wmed[name] / wmed['CE']:.2f}x)"
-        print(f"    {label} : {med[name] * 1e3:8.1f} ms{ratio}{target}; runs "
+        print(f"    {label} : {med[name] * 1e3:8.1f} ms{ratio}; runs "
               f"{' '.join(f'{t:.2f}' for t in times[name])} s, wall {' '.join(f'{t:.2f}' for t in walls[name])} s")
+    every = {k: (med["exact"] + (k - 1) * med["reuse"]) / k / med["CE"] for k in (2, 4, 8)}
+    print("    --moo-every k (one exact solve, k - 1 reused-weight steps): "
+          + ", ".join(f"k={k} {r:.2f}x CE" for k, r in every.items()))
     # floor of the exact step: one forward and G backwards, each backward costing what it costs
     # inside the CE step (CE step - forward; the optimizer step is in both)
     floor = (med["forward"] + G * (med["CE"] - med["forward"])) / med["CE"]
     print(f"    forward only  : {med['forward'] * 1e3:8.1f} ms, so a backward is {(med['CE'] - med['forward']) * 1e3:.1f} ms "
           f"and 1 forward + {G} backwards = {floor:.2f}x CE: the floor of the exact step on this device")
-    return {"exact_vs_ce": med["exact"] / med["CE"], "features_vs_ce": med["features"] / med["CE"],
-            "floor": floor, "setup": f"{arch}, batch {bs}"}
+    return {"exact_vs_ce": med["exact"] / med["CE"], "last_vs_ce": med["last"] / med["CE"],
+            "reuse_vs_ce": med["reuse"] / med["CE"], "every": every, "floor": floor,
+            "setup": f"{arch}, batch {bs}"}
 
 
 def bench_steps_kept_memory(args):
@@ -339,8 +354,8 @@ def memory_child(cfg):
         base_gpu = torch.cuda.memory_allocated(device)
     base, how = start_peak_rss()
     t0 = time.perf_counter()
-    rows = gbg.class_gradients(model, ds, K, sketch_dim=cfg["sketch"], classes=range(cfg["classes"]),
-                               device=device)
+    rows = gbg.class_gradients(model, ds, K, list(model.backbone.parameters()), sketch_dim=cfg["sketch"],
+                               classes=range(cfg["classes"]), device=device)
     sync(device)
     seconds = time.perf_counter() - t0
     res = {"rss_growth": peak_rss(how) - base, "how": how, "seconds": seconds,
@@ -458,11 +473,13 @@ def main():
         b = res["b"]
         print(f"| exact G=4 MGDA step / CE step ({b['setup']}) | {b['exact_vs_ce']:.2f}x (floor here "
               f"{b['floor']:.2f}x) | <= 3.3x (floor ~3x) |")
-        print(f"| features-mode MGDA step / CE step ({b['setup']}) | {b['features_vs_ce']:.2f}x | <= 1.15x |")
+        print(f"| last-stage MGDA step (--moo-grad last) / CE step | {b['last_vs_ce']:.2f}x | - |")
+        print(f"| --moo-every 4 (mean step) / CE step | {b['every'][4]:.2f}x (reused-weight step "
+              f"{b['reuse_vs_ce']:.2f}x) | - |")
         k = res.get("b_kept")
         if k:
-            print(f"| the same, malloc keeping freed memory: exact / features | {k['exact_vs_ce']:.2f}x (floor "
-                  f"{k['floor']:.2f}x) / {k['features_vs_ce']:.2f}x | - |")
+            print(f"| the same, malloc keeping freed memory: exact / last / every 4 | {k['exact_vs_ce']:.2f}x "
+                  f"(floor {k['floor']:.2f}x) / {k['last_vs_ce']:.2f}x / {k['every']['4']:.2f}x | - |")
     if "c" in res:
         c = res["c"]
         shown = [G for G in (4, 100, 1000) if G in c]

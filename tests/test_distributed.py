@@ -62,8 +62,10 @@ COMMON = ["--dataset", "synthetic-lt", "--device", "cpu", "--batch-size", "64", 
           "--sampler", "random", "--sync-bn", "--grouping", "gbg", "--num-groups", "4", "--moo", "mgda",
           "--lr", "0.05", "--warmup-epochs", "0.5", "--print-freq", "1000", "--workers", "0"]
 MODES = {
-    "exact": ["--moo-grad", "params"],                                  # exact class gradients too
-    "features": ["--moo-grad", "features", "--normalize", "loss+", "--sketch-dim", "256"],
+    "exact": ["--moo-grad", "exact"],                                   # exact class gradients too
+    # weights reused between solves, the release's rule and Gram, sketched class gradients
+    "every": ["--moo-every", "3", "--normalize", "loss+", "--moo-update", "raw", "--moo-gram", "backbone",
+              "--sketch-dim", "256"],
 }
 
 
@@ -135,7 +137,7 @@ def test_training_moves_far_beyond_the_tolerance(runs, mode):
 def test_distributed_grouping_matches_one_process(runs, mode):
     """Classes shared out among the ranks for class_gradients, rows summed, rank 0's NCut
     broadcast: the same groups, and the same Eq. 9 value (so the same affinity), as one process.
-    'exact' uses the full gradients, 'features' the 256-dim CountSketch."""
+    'exact' uses the full gradients, 'every' the 256-dim CountSketch."""
     one = json.load(open(runs[mode][1] / "groups.json"))
     two = json.load(open(runs[mode][2] / "groups.json"))
     assert sorted(sum(one["groups"], [])) == list(range(10)) and one["num_groups"] == 4

@@ -1,6 +1,7 @@
 """Stage 1 of gbg.py: class gradients (vs. per-sample autograd), their CountSketch (vs. the exact
 affinity), and NCut grouping (vs. planted partitions and a brute-force NCut minimum)."""
 
+import copy
 import itertools
 import math
 import warnings
@@ -97,7 +98,7 @@ def test_class_gradients_match_per_sample_autograd(setup):
     bn = model[1]
     running_mean = bn.running_mean.clone()
     with pytest.warns(UserWarning) as record:
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, batch_size=4)  # classes span batches
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=4)  # classes span batches
     assert got.dtype == torch.float32 and got.device.type == "cpu"
     assert got.shape == (K, sum(p.numel() for p in backbone(model)))  # classifier left out
     assert_rows_close(got, ref)
@@ -114,13 +115,13 @@ def test_labels_by_iteration_and_mixed_modes_restored(setup):
     model[1].eval()  # e.g. frozen BN inside a training model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = gbg.class_gradients(model, LabelledImages(x, y, with_targets=False), K, batch_size=256)
+        got = gbg.class_gradients(model, LabelledImages(x, y, with_targets=False), K, backbone(model), batch_size=256)
     assert_rows_close(got, ref)
     assert model.training and model[0].training and not model[1].training
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gbg.class_gradients(model, LabelledImages(x, y), K)
+        gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model))
     assert not model.training
 
 
@@ -129,7 +130,7 @@ def test_explicit_params_include_classifier(setup):
     params = list(model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, params=params)
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, params)
     assert got.shape[1] == sum(p.numel() for p in params)
     model.eval()
     k = 2
@@ -142,7 +143,7 @@ def test_classes_subset_computes_only_those_rows(setup):
     x, y, model, _, ref = setup
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the empty class 3 is not asked for
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, classes=[5, 2], batch_size=4,
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), classes=[5, 2], batch_size=4,
                                   num_workers=1)  # batches built in a worker process
     assert_rows_close(got[[2, 5]], ref[[2, 5]])
     others = [k for k in range(K) if k not in (2, 5)]
@@ -154,8 +155,8 @@ def test_max_per_class_averages_a_subset_of_that_size(setup):
     cap = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, max_per_class=cap, seed=1)
-        again = gbg.class_gradients(model, LabelledImages(x, y), K, max_per_class=cap, seed=1,
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), max_per_class=cap, seed=1)
+        again = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), max_per_class=cap, seed=1,
                                     classes=[2, 7])
     for k in range(K):
         rows = ref_samples[y == k]
@@ -171,6 +172,52 @@ def test_max_per_class_averages_a_subset_of_that_size(setup):
     assert torch.equal(again[[2, 7]], got[[2, 7]])  # the subset does not depend on `classes`
 
 
+def test_recalibrated_bn_equals_exact_statistics_and_is_restored(setup):
+    """Reference: a copy whose BatchNorm statistics are those of all samples at once (one train-mode
+    forward with momentum 1), then per-sample autograd in eval mode. With a batch as large as the
+    set, the recalibration pass sees that same single batch."""
+    x, y, model, _, _ = setup
+    ref_model = copy.deepcopy(model)
+    ref_model.train()
+    ref_model[1].momentum = 1.0
+    with torch.no_grad():
+        ref_model(x.double())
+    ref_samples = per_sample_grads(ref_model, x, y)
+    with torch.no_grad():
+        confidence = ref_model(x.double()).softmax(1).amax(1).mean().item()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, info = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=len(y),
+                                        recalibrate_bn=True, return_info=True)
+    for k in range(K):
+        if COUNTS[k]:
+            assert_rows_close(got[k:k + 1], ref_samples[y == k].mean(0)[None])
+    assert not torch.equal(ref_model[1].running_mean, before["1.running_mean"])  # the test can fail
+    for k, v in model.state_dict().items():  # grouping never changes the model
+        assert torch.equal(v, before[k]), k
+    assert model.training and "forward" not in vars(model[1])
+    assert info["samples"] == len(y) and info["max_softmax_mean"] == pytest.approx(confidence, rel=1e-9)
+
+
+def test_recalibration_undoes_saturation_at_initialisation():
+    """A ResNet-20 at initialisation in eval mode with placeholder statistics (mean 0, var 1) does
+    not normalise: its outputs saturate and the predicted class's gradient vanishes. Recalibrated,
+    the outputs are those of a normalised network."""
+    import data_lt
+    import train as T
+    data = data_lt.build_data("synthetic-lt", "unused", imb_factor=100, seed=0)
+    torch.manual_seed(0)
+    model = T.build_model("resnet20", 10)
+    params = list(model.backbone.parameters())
+    plain, plain_info = gbg.class_gradients(model, data.train_eval, 10, params, return_info=True)
+    recal, recal_info = gbg.class_gradients(model, data.train_eval, 10, params, recalibrate_bn=True,
+                                            return_info=True)
+    assert plain_info["max_softmax_mean"] > 0.999 and plain.norm(dim=1).min() < 1e-2
+    assert recal_info["max_softmax_mean"] < 0.9 and recal.norm(dim=1).min() > 1.0
+
+
 # ---- 2. CountSketch ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -178,7 +225,7 @@ def sketch_setup():
     counts = [4, 9, 12, 6, 5, 7, 3, 10]
     x, y = make_data(counts, seed=3)
     model = make_model(width=16, hidden=40, dtype=torch.float32, seed=3)  # D = 23,560 > m
-    exact = gbg.class_gradients(model, LabelledImages(x, y), K, batch_size=4)
+    exact = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=4)
     return model, LabelledImages(x, y), exact
 
 
@@ -189,7 +236,7 @@ def test_sketch_cosines_within_documented_bound(sketch_setup, m):
     A = gbg.affinity(exact)
     pairs = np.triu_indices(K, 1)
     for seed in range(3):
-        sketch = gbg.class_gradients(model, ds, K, batch_size=4, sketch_dim=m, seed=seed)
+        sketch = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=m, seed=seed)
         assert sketch.shape == (K, m)
         err = (gbg.affinity(sketch) - A).abs().numpy()[pairs]
         # documented in class_gradients: max <= 3 sqrt(2/m), mean <= sqrt(2/m)
@@ -199,11 +246,11 @@ def test_sketch_cosines_within_documented_bound(sketch_setup, m):
 
 def test_sketch_deterministic_and_shareable(sketch_setup):
     model, ds, _ = sketch_setup
-    a = gbg.class_gradients(model, ds, K, batch_size=4, sketch_dim=1024, seed=7)
-    b = gbg.class_gradients(model, ds, K, batch_size=64, sketch_dim=1024, seed=7)
-    c = gbg.class_gradients(model, ds, K, batch_size=4, sketch_dim=1024, seed=8)
+    a = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=1024, seed=7)
+    b = gbg.class_gradients(model, ds, K, backbone(model), batch_size=64, sketch_dim=1024, seed=7)
+    c = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=1024, seed=8)
     # rows computed by different "ranks" (class subsets) equal the one-process rows
-    part = gbg.class_gradients(model, ds, K, batch_size=4, sketch_dim=1024, seed=7, classes=[1, 6])
+    part = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=1024, seed=7, classes=[1, 6])
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # linearity: batching does not matter
     assert torch.equal(part[[1, 6]], a[[1, 6]])
     assert not torch.allclose(a, c)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import minimize
 
+import gbg
 from gbg import group_losses, mgda_backward, min_norm_weights, step_diagnostic
 
 torch.set_num_threads(1)
@@ -95,6 +96,51 @@ def test_min_norm_matches_slsqp_and_kkt_500_cases():
             assert ours == 0.0
         if case == "collinear" and (X @ X[0] < 0).any():
             assert ours <= 1e-12 * s  # opposite directions: 0 is in the hull
+
+
+def _enumerated_optimum(M):
+    """Exact reference for G <= 10: the optimum is the affine minimiser (KKT system) on its
+    support, and that point is feasible; every feasible affine minimiser is a point of the
+    simplex. So the optimum is the smallest objective over the feasible ones, of all 2^G - 1
+    supports."""
+    G, best = M.shape[0], np.inf
+    for mask in range(1, 2 ** G):
+        S = [i for i in range(G) if mask >> i & 1]
+        r = len(S)
+        A = np.zeros((r + 1, r + 1))
+        A[:r, :r], A[:r, r], A[r, :r] = M[np.ix_(S, S)], 1.0, 1.0
+        try:
+            x = np.linalg.solve(A, np.eye(r + 1)[r])[:r]
+        except np.linalg.LinAlgError:
+            continue
+        if x.min() >= 0:
+            best = min(best, x @ M[np.ix_(S, S)] @ x)
+    return best
+
+
+def test_min_norm_relative_to_the_optimum_when_norms_span_eight_orders():
+    """Gradient norms from 1e-4 to 1e4: the optimum can lie 16 orders below the largest squared
+    norm, so a stopping rule relative to that scale stops far above it. Full-rank cases (the
+    optimum is then > 0 and the relative error defined): within 1e-6 of the enumerated optimum."""
+    rng = np.random.default_rng(3)
+    for _ in range(150):
+        G = int(rng.integers(3, 11))
+        X = rng.standard_normal((G, G + int(rng.integers(0, 30))))
+        X *= 10.0 ** rng.uniform(-4, 4, (G, 1)) / np.linalg.norm(X, axis=1, keepdims=True)
+        M = X @ X.T
+        a = min_norm_weights(torch.tensor(M)).numpy()
+        opt = _enumerated_optimum(M)
+        assert a.min() >= 0 and abs(a.sum() - 1) < 1e-12
+        assert a @ M @ a <= opt * (1 + 1e-6), (G, a @ M @ a / opt - 1)
+    # wider spans (1e-8 .. 1e8, and rank-deficient): finite, never worse than the best single one
+    for _ in range(150):
+        G = int(rng.integers(3, 11))
+        X = rng.standard_normal((G, int(rng.integers(1, 2 * G))))
+        X *= 10.0 ** rng.uniform(-8, 8, (G, 1)) / np.linalg.norm(X, axis=1, keepdims=True)
+        M = X @ X.T
+        a = min_norm_weights(torch.tensor(M)).numpy()
+        assert np.all(np.isfinite(a)) and a.min() >= 0 and abs(a.sum() - 1) < 1e-12
+        assert a @ M @ a <= M.diagonal().min() * (1 + 1e-12)
 
 
 def test_min_norm_g1_g2_closed_form_and_degenerate():
@@ -232,64 +278,158 @@ def _norms(normalize, grads_flat, losses):
     return {"none": torch.ones_like(losses), "l2": l2, "loss": losses, "loss+": losses * l2}[normalize]
 
 
+def _flat(grads):
+    return torch.cat([t.reshape(-1) for t in grads])
+
+
+def _weights_ref(alpha, n, update):
+    """The update rules as documented: the weights of the raw g_i in d."""
+    return {"scaled": (alpha / n) / (alpha / n).sum(), "raw": alpha, "normalized": alpha / n}[update]
+
+
+UPDATES = ["scaled", "raw", "normalized"]
+
+
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("normalize", NORMALIZE)
-def test_mgda_backward_exact_matches_separate_backwards(normalize):
+def test_mgda_backward_exact_matches_separate_backwards(normalize, update):
     model = _mlp(0)
     x, y, c2g = _problem()
     ref, ref_losses = _reference_grads(model, x, y, c2g)
-    flat = torch.stack([torch.cat([t.reshape(-1) for t in g]) for g in ref])
+    flat = torch.stack([_flat(g) for g in ref])
     n = _norms(normalize, flat, ref_losses)
     alpha_ref = min_norm_weights((flat @ flat.T) / torch.outer(n, n))
-    d_ref = [sum(alpha_ref[i] / n[i] * ref[i][k] for i in range(3)) for k in range(4)]
+    w_ref = _weights_ref(alpha_ref, n, update)
+    d_ref = [sum(w_ref[i] * ref[i][k] for i in range(3)) for k in range(4)]
 
     params = list(model.parameters())
     before = torch.randn_like(params[0])
     params[0].grad = before.clone()  # accumulation: p.grad += d, like .backward()
     losses, present = group_losses(model(x), y, c2g, 3)
-    alpha, gram = mgda_backward(losses[present], params, normalize=normalize, return_gram=True)
-    assert torch.allclose(alpha, alpha_ref.to(alpha), atol=1e-9)
-    assert torch.allclose(gram, (flat @ flat.T) / torch.outer(n, n))
+    out = mgda_backward(losses[present], params, normalize=normalize, update=update)
+    assert torch.allclose(out["alpha"], alpha_ref.to(out["alpha"]), atol=1e-9)
+    assert torch.allclose(out["weights"], w_ref, atol=1e-9)
+    assert torch.allclose(out["gram"], (flat @ flat.T) / torch.outer(n, n))
     assert torch.allclose(params[0].grad, before + d_ref[0], atol=1e-10)
     for p, d in zip(params[1:], d_ref[1:]):
         assert torch.allclose(p.grad, d, atol=1e-10)
-    diag = step_diagnostic(gram, alpha, losses)
+    diag = step_diagnostic(out["gram"], out["alpha"], losses)
     assert min(diag["cos"]) >= -1e-9 and diag["d_norm"] > 0
-    d_flat = torch.cat([d.reshape(-1) for d in d_ref])
-    assert math.isclose(diag["d_norm"], d_flat.norm().item(), rel_tol=1e-9)
-    cos = F.cosine_similarity(flat, d_flat[None], dim=1)
-    assert np.allclose(diag["cos"], cos.numpy(), atol=1e-9)
+    d_min = sum(alpha_ref[i] / n[i] * flat[i] for i in range(3))  # the min-norm point itself
+    assert math.isclose(diag["d_norm"], d_min.norm().item(), rel_tol=1e-9)
+    assert np.allclose(diag["cos"], F.cosine_similarity(flat, d_min[None], dim=1).numpy(), atol=1e-9)
 
 
-def test_mgda_backward_gram_subset_frozen_g1_and_retain_graph():
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_update_size_equal_gradients_give_that_gradient(normalize):
+    """L_i = L + i: the same gradient g for every group, different loss values. The default rule
+    gives d = g whatever the normaliser (so a GBG step at lr eta is a CE-sized step), the release's
+    rule too (alpha sums to 1); the min-norm point itself has the size of g / n."""
+    model = _mlp(4)
+    x, y, _ = _problem(4)
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    g = _flat(p.grad for p in ref.parameters())
+    for update in UPDATES:
+        model.zero_grad(set_to_none=True)
+        L = F.cross_entropy(model(x), y)
+        mgda_backward([L, L + 1.0, L + 3.0], model.parameters(), normalize=normalize, update=update)
+        d = _flat(p.grad for p in model.parameters())
+        if update != "normalized":
+            assert torch.allclose(d, g, rtol=1e-9, atol=1e-12), update
+        elif normalize == "l2":
+            assert math.isclose(d.norm().item(), 1.0, rel_tol=1e-9)
+
+
+def test_scaled_keeps_descent_raw_does_not():
+    """A planted pair: g_1 large, g_2 small, at 120 degrees. The min-norm point of the unit vectors
+    bisects them; the scaled update is a positive multiple of it (cos >= 0 with both), while
+    alpha applied to the raw gradients points along g_1 and raises L_2 (cos(d, g_2) < 0)."""
+    theta = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    u1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    u2 = torch.tensor([math.cos(2.1), math.sin(2.1)], dtype=torch.float64)
+    for update, descends in (("scaled", True), ("raw", False), ("normalized", True)):
+        theta.grad = None
+        L1, L2 = 100.0 * (u1 @ theta), 0.01 * (u2 @ theta)  # gradients 100 u1 and 0.01 u2
+        mgda_backward([L1, L2], [theta], normalize="l2", update=update)
+        cos = [F.cosine_similarity(theta.grad, u, dim=0).item() for u in (u1, u2)]
+        assert (min(cos) >= -1e-12) == descends, (update, cos)
+
+
+def test_gram_subset_partial_step_and_frozen():
+    """Gram over the last layer only (--moo-gram / --moo-grad last): alpha from that Gram, the
+    update over every parameter. The partial step (G backwards stopping at the last layer, then
+    one full backward of sum w_i L_i) gives the same alpha, weights and p.grad as the exact step
+    with the same gram_params."""
     model = _mlp(1)
     x, y, c2g = _problem(6)
-    ref, _ = _reference_grads(model, x, y, c2g)
+    ref, ref_losses = _reference_grads(model, x, y, c2g)
+    sub = torch.stack([_flat(g[2:]) for g in ref])
+    full = torch.stack([_flat(g) for g in ref])
+    n = sub.norm(dim=1)
+    alpha_ref = min_norm_weights((sub @ sub.T) / torch.outer(n, n))
+    w_ref = _weights_ref(alpha_ref, n, "scaled")
+    d_ref = w_ref @ full
     last = [model[2].weight, model[2].bias]
-    sub = torch.stack([torch.cat([g[2].reshape(-1), g[3].reshape(-1)]) for g in ref])
-    alpha_ref = min_norm_weights(sub @ sub.T)
-    model[0].bias.requires_grad_(False)  # frozen: skipped, no grad created
-    losses, _ = group_losses(model(x), y, c2g, 3)
-    alpha = mgda_backward(list(losses), model.parameters(), gram_params=last)
-    assert torch.allclose(alpha, alpha_ref, atol=1e-9)
-    assert model[0].bias.grad is None
-    assert torch.allclose(model[0].weight.grad, sum(alpha_ref[i] * ref[i][0] for i in range(3)))
-    with pytest.raises(ValueError, match="subset"):
-        mgda_backward(list(group_losses(model(x), y, c2g, 3)[0]), last, gram_params=[model[0].weight])
-
-    # G = 1: p.grad = g_1 / n_1; the graph is freed unless retain_graph
-    for normalize in NORMALIZE:
+    results = {}
+    for name, step in (("exact", lambda L, P: mgda_backward(L, P, gram_params=last)),
+                       ("partial", lambda L, P: gbg.mgda_backward_partial(L, P, last))):
         model.zero_grad(set_to_none=True)
-        L = group_losses(model(x), y, c2g, 3)[0][1]
-        alpha = mgda_backward([L], model.parameters(), normalize=normalize, retain_graph=True)
-        assert alpha.tolist() == [1.0]
-        flat = torch.cat([t.reshape(-1) for k, t in enumerate(ref[1]) if k != 1])[None]
-        n = _norms(normalize, flat, L.detach()[None])[0]
-        assert torch.allclose(model[2].weight.grad, ref[1][2] / n)
-        L.backward()  # graph kept
+        out = step(list(group_losses(model(x), y, c2g, 3)[0]), model.parameters())
+        assert torch.allclose(out["alpha"], alpha_ref, atol=1e-9), name
+        assert torch.allclose(_flat(p.grad for p in model.parameters()), d_ref, atol=1e-10), name
+        results[name] = out
+    model[0].bias.requires_grad_(False)  # frozen: skipped, no grad created
+    model.zero_grad(set_to_none=True)
+    gbg.mgda_backward_partial(list(group_losses(model(x), y, c2g, 3)[0]), model.parameters(), last)
+    assert model[0].bias.grad is None and model[0].weight.grad is not None
+    for step in (lambda L: mgda_backward(L, last, gram_params=[model[0].weight]),
+                 lambda L: gbg.mgda_backward_partial(L, last, [model[0].weight])):
+        with pytest.raises(ValueError, match="subset"):
+            step(list(group_losses(model(x), y, c2g, 3)[0]))
+
+
+def test_weighted_backward_and_graph_retention():
+    model = _mlp(2)
+    x, y, c2g = _problem(3)
+    ref, _ = _reference_grads(model, x, y, c2g)
+    w = [0.5, -2.0, 3.0]
+    params = list(model.parameters())
+    params[1].grad = torch.ones_like(params[1])
+    losses = group_losses(model(x), y, c2g, 3)[0]
+    gbg.weighted_backward(list(losses), w, params, retain_graph=True)
+    for k, p in enumerate(params):
+        want = sum(w[i] * ref[i][k] for i in range(3)) + (1.0 if k == 1 else 0.0)
+        assert torch.allclose(p.grad, want, atol=1e-12)
+    losses.sum().backward()  # graph kept
+
+    # G = 1: the update is g_1 under every rule but "normalized" (g_1 / n_1); graph freed by default
+    for normalize in NORMALIZE:
+        for update in UPDATES:
+            model.zero_grad(set_to_none=True)
+            L = group_losses(model(x), y, c2g, 3)[0][1]
+            out = mgda_backward([L], model.parameters(), normalize=normalize, update=update, retain_graph=True)
+            assert out["alpha"].tolist() == [1.0]
+            n = _norms(normalize, _flat(ref[1])[None], L.detach()[None])[0]
+            want = ref[1][2] / n if update == "normalized" else ref[1][2]
+            assert torch.allclose(model[2].weight.grad, want)
+            L.backward()  # graph kept
     L = group_losses(model(x), y, c2g, 3)[0][0]
     mgda_backward([L], model.parameters())
     with pytest.raises(RuntimeError):
         L.backward()
+
+
+def test_bad_arguments_raise_one_clear_error():
+    model = _mlp(2)
+    x, y, c2g = _problem(3)
+    L = list(group_losses(model(x), y, c2g, 3)[0])
+    with pytest.raises(ValueError, match="normalize"):
+        mgda_backward(L, model.parameters(), normalize="l1")
+    with pytest.raises(ValueError, match="update"):
+        mgda_backward(L, model.parameters(), update="release")
+    with pytest.raises(ValueError, match="no losses"):
+        mgda_backward([], model.parameters())
 
 
 def test_absent_group_makes_the_step_zero():
@@ -299,7 +439,7 @@ def test_absent_group_makes_the_step_zero():
     losses, present = group_losses(model(x[:36]), y[:36], c2g, 3)
     assert present.tolist() == [True, False, False]
     with pytest.warns(UserWarning, match="zero gradient"):
-        mgda_backward(list(losses), model.parameters())
+        mgda_backward(list(losses), model.parameters(), update="normalized")
     assert all(p.grad.abs().max() == 0 for p in model.parameters())
 
 
@@ -331,33 +471,20 @@ def test_pareto_descent_every_group_improves(normalize):
     assert (after < before).all(), (before, after)
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body, self.head = nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Linear(8, 6)
-
-
-@pytest.mark.parametrize("normalize", NORMALIZE)
-def test_features_mode(normalize):
-    torch.manual_seed(9)
-    net = _Net().double()
-    x, y, c2g = _problem(10)
-    # reference: Gram of dL_i/dz from an independent forward
-    z = net.body(x)
-    L = group_losses(net.head(z), y, c2g, 3)[0]
-    Z = torch.stack([torch.autograd.grad(L[i], z, retain_graph=True)[0].reshape(-1) for i in range(3)])
-    n = _norms(normalize, Z, L.detach())
-    alpha_ref = min_norm_weights((Z @ Z.T) / torch.outer(n, n))
-    ref = copy.deepcopy(net)
-    (sum(alpha_ref[i] / n[i] * group_losses(ref.head(ref.body(x)), y, c2g, 3)[0][i]
-         for i in range(3))).backward()
-
-    z = net.body(x)
-    losses, _ = group_losses(net.head(z), y, c2g, 3)
-    alpha = mgda_backward(list(losses), net.parameters(), features=z, normalize=normalize)
-    assert torch.allclose(alpha, alpha_ref, atol=1e-9)
-    for p, q in zip(net.parameters(), ref.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-10)
+def test_partial_gram_is_a_real_gram():
+    """Unlike the Gram of the gradients w.r.t. the features (diagonal when each group's loss
+    depends on its own samples' rows only), the Gram over a trailing layer has off-diagonal
+    entries, so alpha is a real min-norm compromise, not a fixed re-weighting."""
+    model = _mlp(5)
+    x, y, c2g = _problem(5)
+    z = model[1](model[0](x))
+    losses = group_losses(model[2](z), y, c2g, 3)[0]
+    Z = torch.stack([torch.autograd.grad(losses[i], z, retain_graph=True)[0].reshape(-1) for i in range(3)])
+    feature_gram = Z @ Z.T
+    assert torch.count_nonzero(feature_gram - torch.diag(feature_gram.diagonal())) == 0
+    out = gbg.mgda_backward_partial(list(losses), model.parameters(), [model[2].weight, model[2].bias])
+    off = out["gram"] - torch.diag(out["gram"].diagonal())
+    assert off.abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- distributed (gloo, 2 processes)
@@ -370,19 +497,24 @@ def _dist_batch():
     return x, y, torch.tensor([0, 0, 1, 1, 2, 2, 3])
 
 
-def _dist_runs(x, y, c2g, class_counts):
+def _dist_runs(x, y, c2g, class_counts, process_group):
     """Each (mode, normalize) step on a fresh copy of the same net; returns alpha and grads."""
     out = {}
-    for features in (False, True):
+    for mode in ("exact", "partial", "weighted"):
         for normalize in ("none", "loss+"):
             torch.manual_seed(12)
             net = nn.ModuleDict({"body": nn.Sequential(nn.Linear(5, 8), nn.Tanh()),
                                  "head": nn.Linear(8, 7)}).double()
-            z = net["body"](x)
-            losses, present = group_losses(net["head"](z), y, c2g, 4, class_counts=class_counts)
-            alpha = mgda_backward(losses[present], list(net.parameters()), normalize=normalize,
-                                  features=z if features else None)
-            out[features, normalize] = (alpha, [p.grad.clone() for p in net.parameters()], present)
+            losses, present = group_losses(net["head"](net["body"](x)), y, c2g, 4, class_counts=class_counts)
+            params, alpha = list(net.parameters()), torch.zeros(1)
+            kw = dict(normalize=normalize, process_group=process_group)
+            if mode == "exact":
+                alpha = mgda_backward(losses[present], params, **kw)["alpha"]
+            elif mode == "partial":
+                alpha = gbg.mgda_backward_partial(losses[present], params, list(net["head"].parameters()), **kw)["alpha"]
+            else:
+                gbg.weighted_backward(losses[present], [0.3, 0.2, 0.5], params, process_group=process_group)
+            out[mode, normalize] = (alpha, [p.grad.clone() for p in params], present)
     return out
 
 
@@ -393,20 +525,33 @@ def _dist_worker(rank, world, init_file, out_dir):
     half = slice(rank * 16, (rank + 1) * 16)
     counts = torch.bincount(y[half], minlength=7)
     dist.all_reduce(counts)
-    torch.save(_dist_runs(x[half], y[half], c2g, counts), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"global": _dist_runs(x[half], y[half], c2g, counts, dist.group.WORLD),
+                "local": _dist_runs(x[half], y[half], c2g, counts, None)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):
+    """With the process group: every rank adds the one-process update of the whole batch (float64,
+    1e-10). Without it (None): no hidden collective, each rank keeps its own half's gradient,
+    even though torch.distributed is initialised."""
     import torch.multiprocessing as mp
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     x, y, c2g = _dist_batch()
-    single = _dist_runs(x, y, c2g, None)
+    single = _dist_runs(x, y, c2g, None, None)
+    ranked = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for rank in range(2):
-        ranked = torch.load(tmp_path / f"rank{rank}.pt")
         for key, (alpha, grads, present) in single.items():
-            r_alpha, r_grads, r_present = ranked[key]
+            r_alpha, r_grads, r_present = ranked[rank]["global"][key]
             assert r_present.tolist() == present.tolist() == [True, True, True, False]
-            assert torch.allclose(r_alpha, alpha, atol=1e-10), key
+            assert torch.allclose(r_alpha, alpha, rtol=0, atol=1e-10), key
             for a, b in zip(r_grads, grads):
-                assert torch.allclose(a, b, atol=1e-10), key
+                assert torch.allclose(a, b, rtol=0, atol=1e-10), key
+    # local: rank 0's gradient differs from the global one, and the two ranks' weighted-sum
+    # gradients add up to it (the weights are fixed, so the update is linear in the samples)
+    g0 = ranked[0]["local"]["weighted", "none"][1]
+    g1 = ranked[1]["local"]["weighted", "none"][1]
+    glob = single["weighted", "none"][1]
+    assert not torch.allclose(g0[0], glob[0])
+    for a, b, c in zip(g0, g1, glob):
+        assert torch.allclose(a + b, c, rtol=0, atol=1e-10)

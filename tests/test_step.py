@@ -1,0 +1,180 @@
+"""train.py's step against direct computations: which losses a step has (CE, logit-adjusted CE,
+BCL) and how it is taken (plain, averaged groups, MGDA with its flags), on a float64 ResNet-8,
+p.grad compared with separate autograd passes to 1e-10."""
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gbg
+import train as T
+
+torch.set_num_threads(1)
+K = 6
+C2G = torch.tensor([0, 0, 1, 1, 2, 2])
+COUNTS = np.array([60, 30, 12, 6, 3, 2])
+
+
+def make_args(**kw):
+    args = dict(loss="ce", moo="mgda", moo_every=1, moo_grad="exact", moo_gram="all", normalize="l2",
+                moo_update="scaled", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1, distributed=False,
+                world_size=1, amp=False, group_loss="class", ratio_every=0, lr=0.0, warmup_epochs=0,
+                schedule="step", epochs=10, print_freq=1000, rank=0, output_dir="unused")
+    args.update(kw)
+    return argparse.Namespace(**args)
+
+
+def make_model(bcl=False, seed=0):
+    torch.manual_seed(seed)
+    model = T.build_model("resnet8", K)
+    if bcl:
+        model = T.make_bcl_model(model, COUNTS)
+    return model.double().train()
+
+
+def batch(seed, bcl=False, B=16, drop=()):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (B,), generator=g)
+    for k in drop:  # make a group absent
+        y[y == k] = 0
+    views = [torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3 if bcl else 1)]
+    return (views if bcl else views[0]), y
+
+
+def grads(loss, params):
+    return [torch.zeros_like(p) if g is None else g
+            for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)]
+
+
+def reference(model, x, y, args, weights=None):
+    """p.grad expected after one step, from separate autograd passes on a copy of the model."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    bcl = args.loss == "bcl"
+    xx = torch.cat(x) if bcl else x
+    z = model.forward_features(xx)
+    logits = model.fc(z[:len(y)])
+    if bcl:
+        # logit adjustment, tau = 1: + log class prior (the model keeps it in float32)
+        logits = logits + torch.log(torch.as_tensor(COUNTS / COUNTS.sum(), dtype=torch.float32)).double()
+    L, present = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss)
+    idx = present.nonzero().flatten().tolist()
+    g = [torch.cat([t.reshape(-1) for t in grads(L[i], params)]) for i in idx]
+    flat = torch.stack(g)
+    la = args.la_weight if bcl else 1.0
+    if args.moo == "none":
+        d = flat.mean(0)
+    else:
+        if weights is None:
+            cols = [i for i, n in enumerate(names) if not n.startswith(("head.", "head_fc."))]
+            if args.moo_gram == "backbone":
+                cols = [i for i in cols if not names[i].startswith("fc.")]
+            sizes = [p.numel() for p in params]
+            off = np.cumsum([0] + sizes)
+            mask = torch.zeros(flat.shape[1], dtype=torch.bool)
+            for i in cols:
+                mask[off[i]:off[i + 1]] = True
+            sub = flat[:, mask]
+            n = sub.norm(dim=1)
+            alpha = gbg.min_norm_weights((sub @ sub.T) / torch.outer(n, n))
+            weights = (alpha / n) / (alpha / n).sum()
+        d = torch.as_tensor(weights, dtype=torch.float64) @ flat
+    d = la * d
+    if bcl:
+        contrast = args.bcl_weight * T.bcl_contrast(model, z[len(y):], y, args.bcl_temp)
+        d = d + torch.cat([t.reshape(-1) for t in grads(contrast, params)])
+    return d
+
+
+def step(model, x, y, args, state=None, step_index=0):
+    model.zero_grad(set_to_none=True)
+    counts = torch.bincount(y, minlength=K)
+    logits, mean_loss, contrast = T.batch_losses(model, x, y, counts, args, torch.device("cpu"))
+    losses, present = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss, class_counts=counts)
+    out = T.take_step(losses, present, mean_loss, contrast, model, args, {} if state is None else state, step_index)
+    got = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
+    return got, out
+
+
+@pytest.mark.parametrize("gram", ["all", "backbone"])
+@pytest.mark.parametrize("loss", ["ce", "bcl"])
+def test_mgda_step_matches_separate_passes(loss, gram):
+    """CE: d over every parameter. BCL: logit-adjusted group losses, p.grad = la_weight * d + the
+    contrastive gradient (heads get only the latter); the Gram over the backbone alone when asked."""
+    args = make_args(loss=loss, moo_gram=gram)
+    model = make_model(bcl=loss == "bcl")
+    x, y = batch(1, bcl=loss == "bcl")
+    want = reference(model, x, y, args)
+    got, out = step(model, x, y, args)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10), (got - want).abs().max()
+    assert len(out["alpha"]) == 3
+
+
+@pytest.mark.parametrize("loss", ["ce", "bcl"])
+def test_average_step_matches_separate_passes(loss):
+    args = make_args(loss=loss, moo="none")
+    model = make_model(bcl=loss == "bcl")
+    x, y = batch(2, bcl=loss == "bcl")
+    got, _ = step(model, x, y, args)
+    assert torch.allclose(got, reference(model, x, y, args), rtol=0, atol=1e-10)
+
+
+def test_last_stage_gram_equals_exact_step_with_that_gram():
+    """--moo-grad last: the G backwards stop at the last stage; alpha from the Gram of the last
+    stage + classifier; the update, from one more backward, equals the exact step's with the same
+    gram_params."""
+    args = make_args(moo_grad="last")
+    model = make_model()
+    x, y = batch(3)
+    got, out = step(model, x, y, args)
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    L, present = gbg.group_losses(ref(x), y, C2G, 3)
+    last = T.last_stage_params(ref) + list(ref.fc.parameters())
+    assert len(T.last_stage_params(ref)) < len(list(ref.backbone.parameters())) / 2
+    want_out = gbg.mgda_backward(L[present], ref.parameters(), gram_params=last)
+    want = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    assert torch.allclose(out["alpha"], want_out["alpha"], atol=1e-10)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_moo_every_reuses_the_weights_until_the_groups_change():
+    args = make_args(moo_every=3)
+    model = make_model()
+    state = {}
+    x0, y0 = batch(4)
+    _, out0 = step(model, x0, y0, args, state, 0)
+    w0 = out0["weights"]
+    x1, y1 = batch(5)
+    got1, out1 = step(model, x1, y1, args, state, 1)  # not solved: one backward with w0
+    assert "alpha" not in out1
+    assert torch.allclose(got1, reference(model, x1, y1, args, weights=w0), rtol=0, atol=1e-10)
+    assert not torch.allclose(got1, reference(model, x1, y1, args), atol=1e-6)  # a fresh solve differs
+    x2, y2 = batch(6, drop=(4, 5))  # group 2 absent: solved again, on the groups present
+    got2, out2 = step(model, x2, y2, args, state, 2)
+    assert len(out2["alpha"]) == 2 and state["groups"] == [0, 1]
+    assert torch.allclose(got2, reference(model, x2, y2, args), rtol=0, atol=1e-10)
+    _, out3 = step(model, *batch(7), args, state, 3)  # step 3 = 0 mod 3: solved
+    assert len(out3["alpha"]) == 3
+
+
+def test_update_ratio_is_d_over_the_sample_mean_gradient():
+    """train_one_epoch's update_ratio against |d| / |grad of the batch's mean CE| computed
+    directly (lr 0 keeps the model fixed, so the reference sees the same weights)."""
+    args = make_args(ratio_every=1, momentum=0.0)
+    model = make_model()
+    loader = [batch(8), batch(9)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = T.train_one_epoch(model, loader, opt, 0, args, C2G, torch.device("cpu"))
+    ratios = []
+    for x, y in loader:
+        d = reference(model, x, y, args)
+        ref = copy.deepcopy(model)
+        g = torch.cat([t.reshape(-1) for t in grads(F.cross_entropy(ref(x), y), list(ref.parameters()))])
+        ratios.append((d.norm() / g.norm()).item())
+    assert stats["update_ratio"] == pytest.approx(np.mean(ratios), rel=1e-9)
+    assert stats["train_samples"] == 32
