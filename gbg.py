@@ -7,7 +7,8 @@ affinity (Eq. 7), and a spectral normalised cut of that affinity graph into G gr
 Stage 2 trains with one objective per group: the GAC sampler puts every group into every
 mini-batch, and an MGDA min-norm step combines the G group gradients (Eq. 10-12).
 
-This module needs only torch, numpy and scipy.
+This module needs only torch, numpy and scipy. It keeps no global state, and it communicates
+between processes only inside the functions that take a `process_group`, when one is passed.
 """
 
 import math
