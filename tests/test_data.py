@@ -13,15 +13,15 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_lt  # noqa: E402
-from data_lt import (CIFAR_MEAN, CIFAR_STD, LTError, ImageList, TensorImages, augment_draws,  # noqa: E402
+from data_lt import (CIFAR_MEAN, CIFAR_STD, UserError, ImageList, TensorImages, augment_draws,  # noqa: E402
                      build_data, gpu_augment, lt_counts, lt_indices, make_loader, shot_masks)
 
 torch.set_num_threads(1)
 
 
 def one_line_error(fn, *needles):
-    """Run fn, expect LTError with a one-line message containing every needle."""
-    with pytest.raises(LTError) as e:
+    """Run fn, expect UserError with a one-line message containing every needle."""
+    with pytest.raises(UserError) as e:
         fn()
     msg = str(e.value)
     assert "\n" not in msg and msg.strip() == msg and msg
