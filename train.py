@@ -4,12 +4,14 @@ several processes under torch.distributed (torchrun, or slurm/submit.py through 
     python train.py                                   # CIFAR-10-LT IF 100, ResNet-32, CE+GBG+MOO, GAC
     python train.py --loss bcl                        # BCL+GBG+MOO (the paper's best numbers; see BCL)
     python train.py --dataset synthetic-lt --epochs 2 --output-dir /tmp/demo   # a one-minute CPU demo
+    python train.py --preset release                  # the authors' released CIFAR configuration (see README)
+    python train.py --eval --resume output/checkpoint.pth   # top-1 and Many/Medium/Few of a checkpoint
 
 Stage 1 (at --group-epoch): class gradients of the current model -> affinity -> NCut groups.
 Stage 2: every step, one loss per group, MGDA weights alpha, update along d = sum_i alpha_i g_i.
 The output directory holds log.txt (a JSON line per epoch), groups.json, checkpoint.pth (written
 atomically every epoch; a run started again with the same --output-dir resumes from it) and
-results.json.
+results.json (the last epoch, the best-on-val and the best test epoch, each labelled).
 """
 import argparse
 import atexit

@@ -172,6 +172,13 @@ def test_imagenet_lt_split_over_real_images_trains(tmp_path):
     results = json.load(open(out / "results.json"))
     assert results["best_on_val"] is not None and results["last"]["top1"] is not None
     assert "14 training images in 1000 classes" in r.stdout
+    # 995 of the 1000 classes have no training image: GBG groups the 5 that do, GAC completes batches
+    r = train("--dataset", "imagenet-lt", "--data-root", str(root), "--arch", "resnet8", "--device", "cpu",
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--num-groups", "2",
+              "--output-dir", str(tmp_path / "gbg"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    groups = json.load(open(tmp_path / "gbg" / "groups.json"))
+    assert sorted(sum(groups["groups"], [])) == sorted(set(labels[:14])) and len(groups["no_training_images"]) == 995
 
 
 def test_moo_ablation_trains_on_plain_batches(tmp_path):
