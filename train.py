@@ -107,7 +107,8 @@ def get_args_parser():
     m.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
     m.add_argument("--warmup-epochs", type=float, default=None)
     m.add_argument("--loss", default=None, choices=["ce", "bcl"],
-                   help="ce (default), or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), three views")
+                   help="ce (default), or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), "
+                        "three views")
     m.add_argument("--la-weight", type=float, default=None, help="BCL: weight of the logit-adjusted CE (see BCL_PRESETS)")
     m.add_argument("--bcl-weight", type=float, default=None, help="BCL: weight of the contrastive loss")
     m.add_argument("--bcl-temp", type=float, default=None, help="BCL: temperature of the contrastive loss")
@@ -144,8 +145,9 @@ def get_args_parser():
     g.add_argument("--sampler", default=None, choices=["random", "gac"],
                    help="default: gac with groups, plain shuffled batches with --grouping none (every class its "
                         "own objective: the paper's MOO row, where tail objectives are often absent)")
-    g.add_argument("--gac-fill", type=float, default=0.1, help="GAC top-up per missing group, as a fraction of the global batch (0.1: the paper, Sec. 'Method', "
-                        "'1/10 of the batch size')")
+    g.add_argument("--gac-fill", type=float, default=0.1,
+                   help="GAC top-up per missing group, as a fraction of the global batch (0.1: the paper, Sec. "
+                        "'Method', '1/10 of the batch size')")
     r = p.add_argument_group("run")
     r.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="release: the authors' CIFAR configuration (see README); explicit flags still win")
@@ -663,7 +665,9 @@ def best_test_in(log_path, before_epoch):
     if log_path.exists():
         for line in open(log_path):
             e = json.loads(line)
-            if e["epoch"] < before_epoch and e.get("test_top1") is not None and (best is None or e["test_top1"] > best["top1"]):
+            if e["epoch"] >= before_epoch or e.get("test_top1") is None:
+                continue
+            if best is None or e["test_top1"] > best["top1"]:
                 best = {"epoch": e["epoch"], **{k[5:]: v for k, v in e.items() if k.startswith("test_")}}
     return best
 
@@ -773,8 +777,8 @@ def main(args):
     if is_main(args) and not args.eval:
         out.mkdir(parents=True, exist_ok=True)
     if args.eval:
-        log(args, f"eval: {args.resume} ({args.dataset} IF {args.imb_factor:g}, data seed {args.data_seed}, {args.arch}, "
-                  f"loss {args.loss}); device {device}")
+        log(args, f"eval: {args.resume} ({args.dataset} IF {args.imb_factor:g}, data seed {args.data_seed}, "
+                  f"{args.arch}, loss {args.loss}); device {device}")
     else:
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
                   f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "

@@ -94,6 +94,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     a, b = weights(tmp_path / "ref"), weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the best test epoch survives the restart (the resumed run reads the epochs it did not redo)
+    best = [json.load(open(d / "results.json"))["best_test"] for d in (tmp_path / "ref", out)]
+    assert best[0] == best[1] and best[0]["epoch"] in range(4)
 
 
 def test_exit_after_epoch_then_resume_is_exact(tmp_path):
