@@ -61,7 +61,7 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
-# ----------------------------------------------------------------------------- long-tail profile
+# --- Long-tail profile ----------------------------------------------------------------------------
 
 def lt_counts(n_max, num_classes, imb_factor):
     """Exponential profile n_k = int(n_max * IF^(-k/(K-1))), k in label order (Cui/Cao et al.)."""
@@ -100,7 +100,7 @@ def shot_masks(class_counts):
     return dict(many=many, medium=~many & ~few, few=few)
 
 
-# ----------------------------------------------------------------------------- tensor data sets
+# --- Tensor data sets -----------------------------------------------------------------------------
 
 def normalize(images, mean, std):
     """uint8 [..., 3, H, W] -> float, (x/255 - mean)/std."""
@@ -161,7 +161,7 @@ def gpu_augment(images_uint8, mean, std, *, train, generator=None, draws=None):
     return normalize(x, mean, std)
 
 
-# ----------------------------------------------------------------------------- file data sets
+# --- File data sets -------------------------------------------------------------------------------
 
 def imagenet_transforms(train):
     crop = [v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()] if train else [v2.Resize(256), v2.CenterCrop(224)]
@@ -235,7 +235,7 @@ class ImageList(Dataset):
         return img, self.targets[i]
 
 
-# ----------------------------------------------------------------------------- build_data
+# --- build_data -----------------------------------------------------------------------------------
 
 @dataclass
 class LTData:
@@ -417,7 +417,7 @@ def build_data(dataset, root, *, imb_factor=100, seed=0):
     return _split_files(root, "iNaturalist18_train.txt", None, "iNaturalist18_val.txt", 8142)
 
 
-# ----------------------------------------------------------------------------- BCL views
+# --- BCL views ------------------------------------------------------------------------------------
 # Balanced Contrastive Learning (Zhu et al. 2022) trains on three views of every sample: one for
 # the classifier and two for the contrastive loss. Sources (line numbers approximate):
 #   CIFAR-sized images, WickyLee1998/GBG_v1 @681e276 cifar_Group_full.py: classification view
@@ -510,7 +510,7 @@ class SeededViews(Dataset):
             return [view(img) for view in self.views], label
 
 
-# ----------------------------------------------------------------------------- loaders
+# --- Loaders --------------------------------------------------------------------------------------
 
 class Loader:
     """Re-iterable batches: each iter() is one epoch; len() is the number of batches."""

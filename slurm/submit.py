@@ -73,9 +73,7 @@ class SubmitError(Exception):
     """A problem with the cluster request: one line naming it and the fix."""
 
 
-# ------------------------------------------------------------------------------------------
-# What runs on the nodes
-# ------------------------------------------------------------------------------------------
+# --- What runs on the nodes -----------------------------------------------------------------------
 class Trainer:
     """The submitted callable, run once per task (process). Picklable: it only holds the args."""
 
@@ -106,9 +104,7 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
 
-# ------------------------------------------------------------------------------------------
-# What runs on the submitting machine
-# ------------------------------------------------------------------------------------------
+# --- What runs on the submitting machine ----------------------------------------------------------
 def tasks_per_node(args):
     return args.tasks_per_node or max(args.gpus_per_node, 1)
 

@@ -29,7 +29,7 @@ def weights(out_dir):
     return torch.load(Path(out_dir) / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
 
 
-# ---------------------------------------------------------------------------------- the loss
+# --- the loss -------------------------------------------------------------------------------------
 
 def bcl_reference(features, targets, prototypes, temperature):
     """Zhu et al. 2022, Eq. (BCL) written anchor by anchor, in float64 Python loops: for anchor i of
@@ -114,7 +114,7 @@ def test_add_contrast_grad_adds_to_the_scaled_direction():
     assert torch.allclose(a.grad, 2.0 * d + ga) and torch.allclose(b.grad, gb)
 
 
-# ---------------------------------------------------------------------------------- views
+# --- views ----------------------------------------------------------------------------------------
 
 def _tiny_tensor_set(n=12, size=32):
     g = torch.Generator().manual_seed(0)
@@ -233,7 +233,7 @@ def test_bcl_group_losses_are_plain_or_logit_adjusted(monkeypatch, tmp_path):
         assert torch.allclose(seen["given"].detach(), plain + shift, atol=1e-5), mode
 
 
-# ---------------------------------------------------------------------------------- train.py
+# --- train.py -------------------------------------------------------------------------------------
 
 def _write_folder(root, classes=4, per_class=(12, 6, 4, 2), n_test=2, size=32):
     """A tiny ImageFolder tree root/{train,test}/<class>/*.png: class k a noisy colour."""
@@ -285,7 +285,7 @@ def test_synthetic_lt_runs_bcl_alone(tmp_path):
     assert math.isfinite(log["train_loss"]) and math.isfinite(log["train_bcl_loss"]) and "alpha_mean" not in log
 
 
-# ---------------------------------------------------------------------------------- distributed
+# --- distributed ----------------------------------------------------------------------------------
 
 WRAPPER = """
 import argparse, sys

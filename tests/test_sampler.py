@@ -38,7 +38,7 @@ def epochs():
     return sampler, [sampler.epoch_batches(e) for e in range(EPOCHS)]
 
 
-# ---- P_j ----------------------------------------------------------------------------------
+# --- P_j ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rho, lam", [(0.9999, 1e-5), (0.99, 0.009), (0.5, 0.4), (0.0, 0.0)])
 def test_class_probs_match_formula(rho, lam):
@@ -66,7 +66,7 @@ def test_class_probs_reject_beta_one():
         gbg.gac_class_probs(COUNTS, GROUPS, rho=0.99999, lam=1e-4)
 
 
-# ---- the sampler --------------------------------------------------------------------------
+# --- the sampler ----------------------------------------------------------------------------------
 
 def test_batches_cover_groups_and_epoch(epochs):
     sampler, all_batches = epochs
