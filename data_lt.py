@@ -52,20 +52,21 @@ CHECK_ALL_UP_TO = 2000  # split files longer than this get a sampled existence c
 PAD = 4               # CIFAR random-crop padding
 
 
-class LTError(Exception):
-    """A user-facing error: one line naming the problem and the fix (train.py prints it, exit 2)."""
+class UserError(Exception):
+    """What the user can fix (bad input, missing data, a diverging loss): one line naming the problem
+    and the fix. train.py and slurm/submit.py print it without a traceback and exit with status 1."""
 
 
 def _one_line(text):
     return " ".join(str(text).split())
 
 
-# ----------------------------------------------------------------------------- long-tail profile
+# --- Long-tail profile ----------------------------------------------------------------------------
 
 def lt_counts(n_max, num_classes, imb_factor):
     """Exponential profile n_k = int(n_max * IF^(-k/(K-1))), k in label order (Cui/Cao et al.)."""
     if imb_factor < 1:
-        raise LTError(f"imbalance factor {imb_factor} is below 1; pass n_max/n_min, e.g. 100 (not 0.01)")
+        raise UserError(f"imbalance factor {imb_factor} is below 1; pass n_max/n_min, e.g. 100 (not 0.01)")
     if num_classes == 1:
         return [int(n_max)]
     return [int(n_max * imb_factor ** (-k / (num_classes - 1))) for k in range(num_classes)]
@@ -99,7 +100,7 @@ def shot_masks(class_counts):
     return dict(many=many, medium=~many & ~few, few=few)
 
 
-# ----------------------------------------------------------------------------- tensor data sets
+# --- Tensor data sets -----------------------------------------------------------------------------
 
 def normalize(images, mean, std):
     """uint8 [..., 3, H, W] -> float, (x/255 - mean)/std."""
@@ -113,11 +114,11 @@ class TensorImages(Dataset):
 
     def __init__(self, images, targets, mean, std):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise LTError(f"TensorImages wants uint8 images [N,3,H,W], got {images.dtype} {list(images.shape)}")
+            raise UserError(f"TensorImages wants uint8 images [N,3,H,W], got {images.dtype} {list(images.shape)}")
         self.images = images
         self.targets = torch.as_tensor(targets, dtype=torch.long, device=images.device)
         if len(self.targets) != len(images):
-            raise LTError(f"TensorImages got {len(images)} images but {len(self.targets)} targets")
+            raise UserError(f"TensorImages got {len(images)} images but {len(self.targets)} targets")
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self):
@@ -160,7 +161,7 @@ def gpu_augment(images_uint8, mean, std, *, train, generator=None, draws=None):
     return normalize(x, mean, std)
 
 
-# ----------------------------------------------------------------------------- file data sets
+# --- File data sets -------------------------------------------------------------------------------
 
 def imagenet_transforms(train):
     crop = [v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()] if train else [v2.Resize(256), v2.CenterCrop(224)]
@@ -172,7 +173,7 @@ def read_split(root, list_file, num_classes):
     """Parse a `relative/path label` split file into [(path, label, line_no)], validating it."""
     path = os.path.join(root, list_file)
     if not os.path.isfile(path):
-        raise LTError(f"split file {path} not found; put it in the data root (--data-root {root})")
+        raise UserError(f"split file {path} not found; put it in the data root (--data-root {root})")
     samples = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -181,15 +182,15 @@ def read_split(root, list_file, num_classes):
                 continue
             parts = text.rsplit(None, 1)  # rsplit keeps paths with spaces intact
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise LTError(f"{path} line {line_no}: expected 'relative/path label', got {text[:80]!r}; "
+                raise UserError(f"{path} line {line_no}: expected 'relative/path label', got {text[:80]!r}; "
                               f"fix the split file")
             label = int(parts[1])
             if not 0 <= label < num_classes:
-                raise LTError(f"{path} line {line_no}: label {label} outside [0, {num_classes - 1}]; "
+                raise UserError(f"{path} line {line_no}: label {label} outside [0, {num_classes - 1}]; "
                               f"fix the split file or the data set name")
             samples.append((parts[0], label, line_no))
     if not samples:
-        raise LTError(f"split file {path} lists no images; regenerate it")
+        raise UserError(f"split file {path} lists no images; regenerate it")
     # Stat-ing every file of a 437k-line list is slow on network disks: sample big lists.
     check = range(len(samples))
     if len(samples) > CHECK_ALL_UP_TO:
@@ -197,7 +198,7 @@ def read_split(root, list_file, num_classes):
     for i in check:
         rel, _, line_no = samples[i]
         if not os.path.isfile(os.path.join(root, rel)):
-            raise LTError(f"{path} line {line_no}: image {os.path.join(root, rel)} does not exist; "
+            raise UserError(f"{path} line {line_no}: image {os.path.join(root, rel)} does not exist; "
                           f"check --data-root ({root}) and that the images are unpacked there")
     return samples
 
@@ -224,7 +225,7 @@ class ImageList(Dataset):
                 return im.convert("RGB")
         except FileNotFoundError:
             listed = f" (listed in {self.list_file})" if self.list_file else ""
-            raise LTError(f"image {path}{listed} does not exist; check --data-root ({self.root}) "
+            raise UserError(f"image {path}{listed} does not exist; check --data-root ({self.root}) "
                           f"and that the images are unpacked there") from None
 
     def __getitem__(self, i):
@@ -234,7 +235,7 @@ class ImageList(Dataset):
         return img, self.targets[i]
 
 
-# ----------------------------------------------------------------------------- build_data
+# --- build_data -----------------------------------------------------------------------------------
 
 @dataclass
 class LTData:
@@ -268,7 +269,7 @@ def _files_data(root, train_samples, val, test_samples, num_classes, test_list=N
 
 def _require_root(root):
     if not os.path.isdir(root):
-        raise LTError(f"data root {root} does not exist; pass --data-root pointing at the data set folder")
+        raise UserError(f"data root {root} does not exist; pass --data-root pointing at the data set folder")
 
 
 def _cifar(name, root, imb_factor, seed):
@@ -276,7 +277,7 @@ def _cifar(name, root, imb_factor, seed):
     try:
         train, test = make(root, train=True, download=True), make(root, train=False, download=True)
     except Exception as e:  # no network, proxy, corrupt archive: all end the same way for the user
-        raise LTError(f"{name}: CIFAR python files not found under {root} and download failed "
+        raise UserError(f"{name}: CIFAR python files not found under {root} and download failed "
                       f"({type(e).__name__}: {_one_line(e)[:200]}); place the CIFAR python files there "
                       f"or allow downloads") from e
     keep = lt_indices(train.targets, imb_factor, seed)
@@ -291,7 +292,7 @@ def _list_folder(split_dir, classes):
         files = sorted(f for f in os.listdir(os.path.join(split_dir, c))
                        if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
         if not files:
-            raise LTError(f"class folder {os.path.join(split_dir, c)} holds no images; add images or remove the folder")
+            raise UserError(f"class folder {os.path.join(split_dir, c)} holds no images; add images or remove the folder")
         paths += [os.path.join(os.path.basename(split_dir), c, f) for f in files]
         labels += [k] * len(files)
     return paths, np.asarray(labels, dtype=np.int64)
@@ -306,11 +307,11 @@ def _decode(root, paths):
             with Image.open(path) as im:
                 a = np.asarray(im.convert("RGB"))
         except Exception as e:
-            raise LTError(f"cannot decode image {path} ({_one_line(e)[:120]}); replace or remove it") from e
+            raise UserError(f"cannot decode image {path} ({_one_line(e)[:120]}); replace or remove it") from e
         if out is None:
             out = np.empty((len(paths),) + a.shape, dtype=np.uint8)
         if a.shape != out.shape[1:]:
-            raise LTError(f"image {path} is {a.shape[1]}x{a.shape[0]} but {os.path.join(root, paths[0])} is "
+            raise UserError(f"image {path} is {a.shape[1]}x{a.shape[0]} but {os.path.join(root, paths[0])} is "
                           f"{out.shape[2]}x{out.shape[1]}; small folder-lt images are stacked into one tensor, "
                           f"so resize them to one size")
         out[i] = a
@@ -321,16 +322,16 @@ def _folder_lt(root, imb_factor, seed):
     _require_root(root)
     for split in ("train", "test"):
         if not os.path.isdir(os.path.join(root, split)):
-            raise LTError(f"folder-lt root {root} has no {split}/ folder; expected {root}/train/<class>/ "
+            raise UserError(f"folder-lt root {root} has no {split}/ folder; expected {root}/train/<class>/ "
                           f"and {root}/test/<class>/ image folders")
     list_classes = lambda d: sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
     classes = list_classes(os.path.join(root, "train"))
     if not classes:
-        raise LTError(f"folder-lt: {os.path.join(root, 'train')} has no class folders; add one folder per class")
+        raise UserError(f"folder-lt: {os.path.join(root, 'train')} has no class folders; add one folder per class")
     test_classes = list_classes(os.path.join(root, "test"))
     if test_classes != classes:
         odd = sorted(set(classes) ^ set(test_classes))[:3]
-        raise LTError(f"folder-lt: class folders of {root}/train and {root}/test differ (e.g. {odd}); "
+        raise UserError(f"folder-lt: class folders of {root}/train and {root}/test differ (e.g. {odd}); "
                       f"use the same class folder names in both")
     train_paths, train_y = _list_folder(os.path.join(root, "train"), classes)
     test_paths, test_y = _list_folder(os.path.join(root, "test"), classes)
@@ -341,7 +342,7 @@ def _folder_lt(root, imb_factor, seed):
         with Image.open(first) as im:
             small = max(im.size) <= SMALL_IMAGE  # reads the header only
     except Exception as e:
-        raise LTError(f"cannot read image {first} ({_one_line(e)[:120]}); replace or remove it") from e
+        raise UserError(f"cannot read image {first} ({_one_line(e)[:120]}); replace or remove it") from e
     if small:
         return _tensor_data(_decode(root, train_paths), train_y, _decode(root, test_paths), test_y, len(classes))
     return _files_data(root, list(zip(train_paths, train_y)), None, list(zip(test_paths, test_y)), len(classes))
@@ -403,7 +404,7 @@ DATASETS = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt",
 def build_data(dataset, root, *, imb_factor=100, seed=0):
     """The training / evaluation splits of one long-tailed data set (see the module docstring)."""
     if dataset not in DATASETS:
-        raise LTError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     lt_counts(1, 2, imb_factor)  # validates imb_factor before any slow work
     if dataset in ("cifar10-lt", "cifar100-lt"):
         return _cifar(dataset, root, imb_factor, seed)
@@ -416,15 +417,29 @@ def build_data(dataset, root, *, imb_factor=100, seed=0):
     return _split_files(root, "iNaturalist18_train.txt", None, "iNaturalist18_val.txt", 8142)
 
 
-# ----------------------------------------------------------------------------- BCL views
+# --- BCL views ------------------------------------------------------------------------------------
 # Balanced Contrastive Learning (Zhu et al. 2022) trains on three views of every sample: one for
-# the classifier and two for the contrastive loss. The recipes follow BCL's: AutoAugment (CIFAR
-# policy) + Cutout for the classification view of CIFAR-sized images, RandAugment n2 m10 after
-# colour jitter for ImageNet-LT / iNat (torchvision's RandAugment has no magnitude noise, unlike
-# timm's "mstd0.5" that BCL uses), and SimCLR-style crop, jitter and grayscale for the
-# contrastive views.
+# the classifier and two for the contrastive loss. Sources (line numbers approximate):
+#   CIFAR-sized images, WickyLee1998/GBG_v1 @681e276 cifar_Group_full.py: classification view
+#   RandomCrop(32, pad 4) + flip + AutoAugment CIFAR policy + Cutout 16 px (l.168-176); contrastive
+#   views RandomResizedCrop scale (0.2, 1), jitter p 0.8, grayscale p 0.2, no blur (l.178-188).
+#   ImageNet-LT / iNat, FlamieZhu/Balanced-Contrastive-Learning @f72d070 main.py l.151-181:
+#   RandomResizedCrop (0.08, 1) + flip + jitter + timm's RandAugment "rand-n2-m10-mstd0.5"
+#   (l.157) for the classification view, SimCLR-style crop, jitter and grayscale for the other two.
 
 CUTOUT = 16  # side of the Cutout square on 32-px images (DeVries & Taylor 2017)
+CONTRAST_SCALE = (0.2, 1.0)  # RandomResizedCrop scale of CIFAR-sized contrastive views (GBG_v1 l.179)
+# timm's RandAugment, as BCL uses it (randaugment.py l.24, l.286-310): magnitude 10 on a 0..10 scale
+# (_MAX_LEVEL = 10), i.e. full strength, and each of the 2 ops applied with probability 0.5.
+# torchvision's v2.RandAugment spreads magnitude over num_magnitude_bins (default 31, where 10 is a
+# third of full strength): 11 bins make 10 the last. The 0.5 is RandomApply around one op at a time.
+RANDAUG_OPS, RANDAUG_MAGNITUDE, RANDAUG_BINS, RANDAUG_P = 2, 10, 11, 0.5
+
+
+def rand_augment():
+    """timm's "rand-n2-m10" with torchvision ops (no magnitude noise, see README)."""
+    one = v2.RandAugment(num_ops=1, magnitude=RANDAUG_MAGNITUDE, num_magnitude_bins=RANDAUG_BINS)
+    return v2.Compose([v2.RandomApply([one], p=RANDAUG_P) for _ in range(RANDAUG_OPS)])
 
 
 def cutout(x, length=CUTOUT):
@@ -449,16 +464,16 @@ def bcl_views(kind, mean, std, size):
     if kind == "tensor":
         cls = v2.Compose([v2.RandomCrop(size, padding=PAD), v2.RandomHorizontalFlip(),
                           v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), *to_float, cutout])
-        sim = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), jitter, v2.RandomGrayscale(0.2),
-                          *to_float])
+        sim = v2.Compose([v2.RandomResizedCrop(size, scale=CONTRAST_SCALE), v2.RandomHorizontalFlip(), jitter,
+                          v2.RandomGrayscale(0.2), *to_float])
     elif kind == "files":
         cls = v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0)), v2.RandomHorizontalFlip(),
-                          v2.ColorJitter(0.4, 0.4, 0.4, 0.0), v2.RandAugment(num_ops=2, magnitude=10),
+                          v2.ColorJitter(0.4, 0.4, 0.4, 0.0), rand_augment(),
                           v2.ToImage(), *to_float])
         sim = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), jitter, v2.RandomGrayscale(0.2),
                           v2.ToImage(), *to_float])
     else:
-        raise LTError(f"bcl_views: unknown data kind {kind!r}; expected 'tensor' or 'files'")
+        raise UserError(f"bcl_views: unknown data kind {kind!r}; expected 'tensor' or 'files'")
     return [cls, sim, sim]
 
 
@@ -479,7 +494,7 @@ class SeededViews(Dataset):
 
     def __init__(self, ds, views, seed=None):
         if not isinstance(ds, (TensorImages, ImageList)):
-            raise LTError(f"SeededViews takes TensorImages or ImageList, got {type(ds).__name__}")
+            raise UserError(f"SeededViews takes TensorImages or ImageList, got {type(ds).__name__}")
         self.ds, self.views, self.seed = ds, list(views), seed
 
     def __len__(self):
@@ -495,7 +510,7 @@ class SeededViews(Dataset):
             return [view(img) for view in self.views], label
 
 
-# ----------------------------------------------------------------------------- loaders
+# --- Loaders --------------------------------------------------------------------------------------
 
 class Loader:
     """Re-iterable batches: each iter() is one epoch; len() is the number of batches."""
@@ -535,7 +550,7 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
         if ds.images.device != device:
             ds = ds.to(device)
         if generator is not None and generator.device.type != device.type:
-            raise LTError(f"make_loader: generator is on {generator.device} but the batches are made on {device}; "
+            raise UserError(f"make_loader: generator is on {generator.device} but the batches are made on {device}; "
                           f"pass torch.Generator(device={str(device)!r})")
 
         def epoch():

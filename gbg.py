@@ -386,17 +386,24 @@ def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
 class GACBatchSampler:
     """Batch sampler (iterable of index lists) that makes every mini-batch hold every group.
 
-    Each epoch shuffles all N indices with a generator seeded by (seed, epoch); with R replicas,
-    rank r takes perm[r::R] of the permutation wrapped to a multiple of R (like
-    DistributedSampler), so the ranks' t-th batches together form the one-process t-th batch of
-    size R * batch_size. Cut into batches of `batch_size` (the per-rank size); every group a batch
-    misses is topped up with ceil(fill * batch_size) of its samples: a class j ~ P_j
-    (gac_class_probs), then a uniform sample of j, drawn with a generator seeded by
-    (seed, epoch, rank). Call set_epoch(epoch) before iterating, as with DistributedSampler.
+    One GLOBAL batch is built per step, identically on every replica, and each replica takes its
+    share, so a run on R processes sees exactly the batches of one process (up to the pad below):
+    each epoch shuffles all N indices with a generator seeded by (seed, epoch), wrapped to a
+    multiple of R (like DistributedSampler), and cuts them into global batches of
+    R * batch_size (`batch_size` is the per-replica size). Every group a global batch misses is
+    topped up with ceil(fill * R * batch_size) of its samples: a class j ~ P_j (gac_class_probs),
+    then a uniform sample of j, drawn with a generator seeded by (seed, epoch) alone. Replica r
+    takes base[r::R] and completion[r::R] of each global batch, so the union of the replicas'
+    t-th batches is the one-process t-th batch. Call set_epoch(epoch) before iterating, as with
+    DistributedSampler.
+
+    A batch misses at most G - 1 groups, so it can grow by (G - 1) * ceil(fill * B) samples. With
+    many small groups (every class its own group, say) that is many times the batch; the sampler
+    refuses when the worst case exceeds `max_growth` times the global batch.
     """
 
     def __init__(self, labels, groups, batch_size, *, rho=0.9999, lam=1e-5, fill=0.1, seed=0,
-                 num_replicas=1, rank=0, drop_last=False):
+                 num_replicas=1, rank=0, drop_last=False, max_growth=2.0):
         labels = torch.as_tensor(labels).cpu().numpy().astype(np.int64).reshape(-1)
         groups = torch.as_tensor(groups).cpu().numpy().astype(np.int64).reshape(-1)
         K = groups.size
@@ -421,7 +428,15 @@ class GACBatchSampler:
                                  f"(e.g. over the classes present) or lower num_groups")
         self.labels, self.groups, self.batch_size = labels, groups, int(batch_size)
         self.seed, self.num_replicas, self.rank, self.drop_last = seed, num_replicas, rank, drop_last
-        self.fill_size = math.ceil(round(fill * batch_size, 9))  # round: 0.14 * 50 is 7.000000000000001
+        self.global_batch = self.batch_size * num_replicas
+        # round: 0.14 * 50 is 7.000000000000001 in floats
+        self.fill_size = math.ceil(round(fill * self.global_batch, 9))
+        worst = (self.num_groups - 1) * self.fill_size
+        if worst > max_growth * self.global_batch:
+            raise ValueError(f"GAC with {self.num_groups} groups and fill {fill:g} can add up to "
+                             f"{self.num_groups - 1} x {self.fill_size} = {worst} top-up samples to a batch "
+                             f"of {self.global_batch} (over {max_growth:g}x the batch); use fewer groups, a "
+                             f"smaller fill, or plain shuffled batches")
         self.class_probs = gac_class_probs(counts, groups, rho, lam)
         self.by_class = np.argsort(labels, kind="stable")  # sample indices, grouped by class
         self.class_start, self.class_count = np.cumsum(counts) - counts, counts
@@ -431,12 +446,11 @@ class GACBatchSampler:
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
-    def _share(self, epoch):
+    def _permutation(self, epoch):
         # SeedSequence ignores trailing zeros, so each stream starts with its own tag
         perm = np.random.default_rng([1, self.seed, epoch]).permutation(self.labels.size)
         total = math.ceil(perm.size / self.num_replicas) * self.num_replicas
-        perm = np.resize(perm, total)  # pads by wrapping around
-        return perm[self.rank::self.num_replicas]
+        return np.resize(perm, total)  # pads by wrapping around: every replica gets a sample
 
     def _complete(self, group, rng):
         classes = self.group_classes[group]
@@ -445,27 +459,33 @@ class GACBatchSampler:
         offset = rng.integers(0, self.class_count[picked])
         return self.by_class[self.class_start[picked] + offset]
 
-    def epoch_batches(self, epoch):
-        """[(base_indices, completion_indices)] of this rank's batches for `epoch`; the base parts
-        are the rank's share of the permutation, the completions are the GAC top-ups."""
-        share = self._share(epoch)
-        rng = np.random.default_rng([2, self.seed, epoch, self.rank])
+    def global_batches(self, epoch):
+        """[(base_indices, completion_indices)] of the global batches of `epoch`: the same on
+        every replica (the generators depend on (seed, epoch) only)."""
+        perm = self._permutation(epoch)
+        rng = np.random.default_rng([2, self.seed, epoch])
         out = []
         for i in range(len(self)):
-            base = share[i * self.batch_size:(i + 1) * self.batch_size]
+            base = perm[i * self.global_batch:(i + 1) * self.global_batch]
             present = np.zeros(self.num_groups, dtype=bool)
             present[self.groups[self.labels[base]]] = True
             fills = [self._complete(g, rng) for g in np.flatnonzero(~present)]
             out.append((base, np.concatenate(fills) if fills else np.zeros(0, dtype=np.int64)))
         return out
 
+    def epoch_batches(self, epoch):
+        """[(base_indices, completion_indices)] of this replica's batches for `epoch`: its share
+        (every R-th index, from its rank on) of each global batch's base and completion."""
+        R, r = self.num_replicas, self.rank
+        return [(base[r::R], completion[r::R]) for base, completion in self.global_batches(epoch)]
+
     def __iter__(self):
         for base, completion in self.epoch_batches(self.epoch):
             yield base.tolist() + completion.tolist()
 
     def __len__(self):
-        per_rank = math.ceil(self.labels.size / self.num_replicas)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        total = math.ceil(self.labels.size / self.num_replicas) * self.num_replicas
+        return total // self.global_batch if self.drop_last else math.ceil(total / self.global_batch)
 
 
 # --- 4. Per-group losses (Eq. 10) ---

@@ -4,12 +4,14 @@ several processes under torch.distributed (torchrun, or slurm/submit.py through 
     python train.py                                   # CIFAR-10-LT IF 100, ResNet-32, CE+GBG+MOO, GAC
     python train.py --loss bcl                        # BCL+GBG+MOO (the paper's best numbers; see BCL)
     python train.py --dataset synthetic-lt --epochs 2 --output-dir /tmp/demo   # a one-minute CPU demo
+    python train.py --preset release                  # the authors' released CIFAR configuration (see README)
+    python train.py --eval --resume output/checkpoint.pth   # top-1 and Many/Medium/Few of a checkpoint
 
 Stage 1 (at --group-epoch): class gradients of the current model -> affinity -> NCut groups.
 Stage 2: every step, one loss per group, MGDA weights alpha, update along d = sum_i alpha_i g_i.
 The output directory holds log.txt (a JSON line per epoch), groups.json, checkpoint.pth (written
 atomically every epoch; a run started again with the same --output-dir resumes from it) and
-results.json.
+results.json (the last epoch, the best-on-val and the best test epoch, each labelled).
 """
 import argparse
 import atexit
@@ -20,6 +22,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +35,54 @@ import torchvision
 import data_lt
 import gbg
 
-# Per-dataset defaults: the paper's CIFAR recipe (= the authors' release) and BCL's recipe for
-# the large sets. Any flag given on the command line wins.
-PRESETS = {
+
+# --- Defaults and arguments -----------------------------------------------------------------------
+# Defaults. A flag left at None is filled by fill_defaults, first match wins: the command line,
+# then --preset, then the data set's recipe (RECIPES), then BASE. Sources (line numbers approximate):
+#   [paper]  Li et al., AAAI 2024, Sec. 4 (implementation details).
+#   [ldam]   kaidic/LDAM-DRW, cifar_train.py: batch 128 (l.47), 200 epochs, 5 warm-up epochs,
+#            lr x0.01 at 160 / x0.0001 at 180 (l.366-378): the CIFAR-LT subset protocol.
+#   [gbg_v1] WickyLee1998/GBG_v1 @681e276, cifar_Group_full.py (the authors' CIFAR script) and
+#            Group_main_full.py (its ImageNet-LT script).
+#   [bcl]    FlamieZhu/Balanced-Contrastive-Learning @f72d070, main.py and README.md.
+BASE = dict(
+    imb_factor=100,           # [paper] Table 1 (IF 100 and 50) and Table 6 (IF 100)
+    loss="ce",                # [paper] Table 6, the CE and CE+GBG+MOO rows (BCL: --loss bcl)
+    normalize="l2",           # ours, see README "The MGDA step" (raw gradients collapse; the paper's
+                              # Eq. 11 has no normaliser, the release uses loss+)
+    group_loss="class",       # [paper] Eq. 10: a group's gradient averages its classes' gradients
+    moo_update="scaled",      # ours: [paper] Eq. 12's Pareto descent direction, at the raw gradients' size
+    moo_gram="all",           # MGDA's Gram over every parameter the group losses reach
+    recalibrate_bn=True,      # ours, measured: see README "The MGDA step and the grouping"
+    bcl_group_loss="la",      # [bcl] main.py l.231: BCL's classification loss is logit-adjusted
+    schedule="step", lr_drops=None,  # None: x0.1 at 80 % and x0.01 at 90 % of --epochs
+)
+RECIPES = {
+    # [paper] and [gbg_v1] cifar_Group_full.py l.48-60 (batch 256, lr 0.1, wd 5e-4), adjust_lr
+    # l.422-434 (5 warm-up epochs, x0.1 after 160, x0.01 after 180) with [ldam]'s 200 epochs.
     "cifar": dict(arch="resnet32", epochs=200, lr=0.1, wd=5e-4, schedule="step", warmup_epochs=5),
-    "imagenet-lt": dict(arch="resnet50", epochs=90, lr=0.1, wd=5e-4, schedule="cosine", warmup_epochs=5),
-    "inat2018": dict(arch="resnet50", epochs=100, lr=0.1, wd=1e-4, schedule="cosine", warmup_epochs=5),
+    # [bcl] README.md l.40-45 (lr 0.1, 90 epochs, wd 5e-4, cosine) and main.py l.61 (warm-up 0);
+    # [gbg_v1] Group_main_full.py l.71 has no warm-up either.
+    "imagenet-lt": dict(arch="resnet50", epochs=90, lr=0.1, wd=5e-4, schedule="cosine", warmup_epochs=0),
+    # [bcl] README.md l.59-64 (lr 0.2, 100 epochs, wd 1e-4, cosine) and main.py l.61 (warm-up 0)
+    "inat2018": dict(arch="resnet50", epochs=100, lr=0.2, wd=1e-4, schedule="cosine", warmup_epochs=0),
 }
+# --preset release: the authors' released CIFAR configuration, [gbg_v1] cifar_Group_full.py: BCL
+# (l.70-71, 231-233), IF 50 (imb_factor 0.02, l.42), 300 epochs (l.44) with the fixed warm-up and
+# drops of adjust_lr (l.422-434), shuffled batches without a sampler (l.218-222), group losses
+# averaged over the group's samples with plain CE (l.231-232, 303, 318), MGDA on "loss+"-normalised
+# gradients (l.536) whose weights then scale the raw losses (l.315-322), Gram over the backbone
+# only (l.514), grouping on the initial model's raw eval-mode outputs (utils.py l.70-133). It reports the best test epoch (l.252-260): results.json's best_test.
+RELEASE = dict(loss="bcl", imb_factor=50, epochs=300, lr=0.1, wd=5e-4, schedule="step", warmup_epochs=5,
+               lr_drops=[160, 180], sampler="random", group_loss="sample", bcl_group_loss="ce",
+               normalize="loss+", moo_update="raw", moo_gram="backbone", recalibrate_bn=False)
+PRESETS = {"release": RELEASE}
+
+
+def default_workers():
+    """DataLoader workers: the cores this process may use (SLURM's --cpus-per-task, taskset), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 8)
 
 
 def get_args_parser():
@@ -47,33 +91,43 @@ def get_args_parser():
     d.add_argument("--dataset", default="cifar10-lt",
                    choices=["cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt"])
     d.add_argument("--data-root", default="./data", help="folder holding the data set (see README)")
-    d.add_argument("--imb-factor", type=float, default=100, help="N_max / N_min of the made-long-tailed sets")
-    d.add_argument("--workers", type=int, default=8, help="DataLoader workers (image-file data sets)")
+    d.add_argument("--imb-factor", type=float, default=None, help="N_max / N_min of the made-long-tailed sets (100)")
+    d.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the long-tailed subset (CIFAR, folder-lt; synthetic-lt's images): fixed across "
+                        "runs, as LDAM-DRW, BCL and the authors' release do; --seed varies the training only")
+    d.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: the cores this process may use, at most 8)")
     m = p.add_argument_group("model and optimisation (defaults depend on --dataset)")
     m.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
                    help="resnet8/20: smaller CIFAR ResNets, for quick checks and the tests")
     m.add_argument("--epochs", type=int, default=None)
-    m.add_argument("--batch-size", type=int, default=256, help="global batch size, shared by all processes")
+    m.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size, shared by all processes (256: the release and BCL)")
     m.add_argument("--lr", type=float, default=None)
     m.add_argument("--wd", type=float, default=None)
     m.add_argument("--momentum", type=float, default=0.9)
     m.add_argument("--schedule", default=None, choices=["step", "cosine"],
-                   help="step: x0.1 at 80%% and x0.01 at 90%% of the epochs (160/180 of 200)")
+                   help="step: x0.1 at each of --lr-drops (default: 80%% and 90%% of the epochs, 160/180 of 200)")
+    m.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
     m.add_argument("--warmup-epochs", type=float, default=None)
-    m.add_argument("--loss", default="ce", choices=["ce", "bcl"],
-                   help="bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), three views")
+    m.add_argument("--loss", default=None, choices=["ce", "bcl"],
+                   help="ce (default), or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), "
+                        "three views")
     m.add_argument("--la-weight", type=float, default=None, help="BCL: weight of the logit-adjusted CE (see BCL_PRESETS)")
     m.add_argument("--bcl-weight", type=float, default=None, help="BCL: weight of the contrastive loss")
     m.add_argument("--bcl-temp", type=float, default=None, help="BCL: temperature of the contrastive loss")
+    m.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
+                   help="BCL under grouping: the group losses are logit-adjusted CE (la, default) or plain CE (ce, "
+                        "the authors' CIFAR release)")
     g = p.add_argument_group("GBG")
-    g.add_argument("--num-groups", type=int, default=4)
+    g.add_argument("--num-groups", type=int, default=4, help="G (4: the paper's ablations, the release's --n_groups)")
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
                    help="none with --moo mgda makes every class its own objective")
     g.add_argument("--group-epoch", type=int, default=0, help="epoch at which to group (0: the initial model, "
                    "as the paper and the release)")
-    g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the grouping samples before the class gradients "
-                        "(restored afterwards); --no-recalibrate-bn: the release's eval-mode pass as is")
+                        "(restored afterwards; default on); --no-recalibrate-bn: the release's eval-mode pass")
     g.add_argument("--regroup-every", type=int, default=0, help="regroup every N epochs (0: never)")
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
@@ -83,47 +137,98 @@ def get_args_parser():
     g.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
                         "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i")
-    g.add_argument("--moo-gram", default="all", choices=["all", "backbone"],
-                   help="parameters of MGDA's Gram: all that the group losses reach, or the backbone only "
-                        "(the release leaves the classifier out); the update reaches every parameter either way")
-    g.add_argument("--moo-update", default="scaled", choices=["scaled", "raw", "normalized"],
-                   help="scaled: d = convex combination of the raw g_i with weights proportional to alpha_i/n_i "
-                        "(Pareto descent, gradient-sized); raw: alpha applied to the raw g_i (the release, no "
-                        "descent guarantee); normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)")
+    g.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
+                   help="parameters of MGDA's Gram: all (default) that the group losses reach, or the backbone "
+                        "only (the release); the update reaches every parameter either way")
+    g.add_argument("--moo-update", default=None, choices=["scaled", "raw", "normalized"],
+                   help="scaled (default): d = convex combination of the raw g_i with weights proportional to "
+                        "alpha_i/n_i (Pareto descent, gradient-sized); raw: alpha applied to the raw g_i (the "
+                        "release, no descent guarantee); normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)")
     g.add_argument("--moo-every", type=int, default=1,
                    help="solve for the weights every k steps (and when the groups present change); in "
                         "between, one backward of sum w_i L_i with the last weights")
     g.add_argument("--ratio-every", type=int, default=10,
-                   help="every N steps, one extra backward measures |d| / |gradient of the sample-mean loss| "
-                        "(log.txt: update_ratio); 0: off")
-    # l2 (Sener & Koltun's "l2" normaliser) for finding alpha: with raw gradients (none) the min-norm
-    # point leans on the group with the smallest gradient; a one-class group can zero its loss by
-    # predicting its class everywhere, and the run collapses onto it (seen on synthetic-lt and
-    # CIFAR-10-LT; see README). The update's size comes from --moo-update, not from n_i.
-    g.add_argument("--normalize", default="l2", choices=["none", "l2", "loss", "loss+"],
-                   help="normaliser n_i of the group gradients when solving for alpha: norm (l2), loss, or both (loss+)")
-    g.add_argument("--group-loss", default="class", choices=["class", "sample"],
-                   help="class: a group's loss is the mean of its classes' mean losses (the paper)")
-    g.add_argument("--sampler", default="gac", choices=["random", "gac"])
-    g.add_argument("--gac-fill", type=float, default=0.1)
+                   help="every N MGDA steps, one extra backward measures |d| / |gradient of the sample-mean "
+                        "loss| (log.txt: update_ratio); 0: off")
+    g.add_argument("--normalize", default=None, choices=["none", "l2", "loss", "loss+"],
+                   help="normaliser n_i of the group gradients when solving for alpha: norm (l2, default), "
+                        "loss, or both (loss+); none: the paper's Eq. 11")
+    g.add_argument("--group-loss", default=None, choices=["class", "sample"],
+                   help="class (default): a group's loss is the mean of its classes' mean losses (the paper); "
+                        "sample: the mean over its samples (the authors' release)")
+    g.add_argument("--sampler", default=None, choices=["random", "gac"],
+                   help="default: gac with groups, plain shuffled batches with --grouping none (every class its "
+                        "own objective: the paper's MOO row, where tail objectives are often absent)")
+    g.add_argument("--gac-fill", type=float, default=0.1,
+                   help="GAC top-up per missing group, as a fraction of the global batch (0.1: the paper, Sec. "
+                        "'Method', '1/10 of the batch size')")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="release: the authors' CIFAR configuration (see README); explicit flags still win")
+    r.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
     r.add_argument("--output-dir", default="output")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--amp", action="store_true", help="bf16 autocast and channels_last on CUDA")
-    r.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch")
+    r.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch (without it, each process normalises its own "
+                        "share and the running statistics are averaged over the processes after every epoch)")
     r.add_argument("--eval-every", type=int, default=1)
     r.add_argument("--print-freq", type=int, default=50)
+    r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
+    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
     r.add_argument("--exit-after-epoch", type=int, default=None,
                    help="stop (as if killed) once this epoch's checkpoint is written; for tests")
     return p
 
 
-# ------------------------------------------------------------------------------------------
-# Models: ResNet-32 for CIFAR (He et al. 2016, option-A shortcuts), torchvision's ResNet-50 and
+def fill_defaults(args):
+    """Fill the flags left at None (command line > --preset > data set recipe > BASE) and check
+    the flags, each with one line naming the flag and the fix."""
+    if args.preset == "release" and args.dataset not in ("cifar10-lt", "cifar100-lt"):
+        raise data_lt.UserError(f"--preset release is the authors' CIFAR configuration; use it with --dataset "
+                                f"cifar10-lt or cifar100-lt (not {args.dataset})")
+    layers = [PRESETS.get(args.preset, {}), RECIPES.get(args.dataset, RECIPES["cifar"]), BASE]
+    for layer in layers:
+        for k, v in layer.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.sampler is None:  # every class its own objective: plain batches (see --sampler)
+        args.sampler = "random" if args.grouping == "none" else "gac"
+    if args.workers is None:
+        args.workers = default_workers()
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % args.world_size == 0,
+         f"--batch-size {args.batch_size} does not split over the {args.world_size} process(es); "
+         f"pick a positive multiple of {args.world_size}"),
+        (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
+        (args.lr > 0, f"--lr {args.lr} must be positive"),
+        (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
+        (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
+         f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
+        (args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
+        (args.group_epoch >= 0 and args.regroup_every >= 0,
+         "--group-epoch and --regroup-every must be >= 0 (0: group at the start, never regroup)"),
+        (0 < args.gac_fill <= 1, f"--gac-fill {args.gac_fill} must be in (0, 1], a fraction of the batch"),
+        (args.sketch_dim >= 0, f"--sketch-dim {args.sketch_dim} must be >= 0 (0: decided from the model size)"),
+        (args.grad_max_per_class is None or args.grad_max_per_class >= 1,
+         f"--grad-max-per-class {args.grad_max_per_class} must be at least 1 (or left out: every sample)"),
+        (args.eval_every >= 1 and args.print_freq >= 1, "--eval-every and --print-freq must be at least 1"),
+        (args.moo_every >= 1 and args.ratio_every >= 0,
+         "--moo-every must be at least 1 (1: solve every step) and --ratio-every >= 0 (0: off)"),
+        (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
+        (args.eval == (args.resume is not None),
+         "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
+         "from checkpoint.pth in --output-dir"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise data_lt.UserError(message)
+
+
+# --- Models ---------------------------------------------------------------------------------------
+# ResNet-32 for CIFAR (He et al. 2016, option-A shortcuts), torchvision's ResNet-50 and
 # ResNeXt-50 for ImageNet-LT / iNat. Every model is backbone -> features z -> fc, so that the
 # backbone is what class gradients are taken over and z is what MGDA-UB differentiates.
-# ------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -186,6 +291,52 @@ def build_model(arch, num_classes):
     return Net(backbone, feat_dim, num_classes)
 
 
+# --- Distributed helpers and output ---------------------------------------------------------------
+# No DDP wrapper, since the GBG step takes several gradients per step; instead every process adds
+# up the same sums, so all apply the update of the global batch. Rank 0 alone writes files.
+def init_distributed(args):
+    args.rank, args.world_size, args.local_rank = 0, 1, 0
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and args.world_size > 1:
+        # one GPU per process; a launcher that binds GPUs to tasks leaves each process just one
+        gpu = args.local_rank if torch.cuda.device_count() > 1 else 0
+        args.device = f"cuda:{gpu}"
+        torch.cuda.set_device(gpu)
+    if args.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        # without this, gloo's threads can outlive the interpreter and abort the process at exit
+        atexit.register(dist.destroy_process_group)
+    args.distributed = args.world_size > 1
+
+
+def is_main(args):
+    return args.rank == 0
+
+
+def all_reduce_(t):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def average_bn_buffers(model, args):
+    """Without --sync-bn each process's BatchNorm running statistics follow its own share of the
+    batches. Average them over the processes (after every epoch, before evaluation, grouping and
+    the checkpoint), so that every process evaluates and groups with the model that is saved."""
+    if not args.distributed:
+        return
+    bufs = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+    if bufs:
+        flat = all_reduce_(torch.cat([b.reshape(-1) for b in bufs])) / args.world_size
+        for b, chunk in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(chunk.view_as(b))
+
+
 class SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with a backward: each rank's loss depends on the sum, so the gradient
     w.r.t. a rank's input is the sum over ranks of the gradients w.r.t. the sum."""
@@ -233,39 +384,6 @@ def convert_sync_bn(module, device):
     return module
 
 
-# ------------------------------------------------------------------------------------------
-# Distributed helpers: no DDP wrapper, since the GBG step takes several gradients per step;
-# instead every process adds up the same sums, so all apply the update of the global batch.
-# ------------------------------------------------------------------------------------------
-def init_distributed(args):
-    args.rank, args.world_size, args.local_rank = 0, 1, 0
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and args.world_size > 1:
-        # one GPU per process; a launcher that binds GPUs to tasks leaves each process just one
-        gpu = args.local_rank if torch.cuda.device_count() > 1 else 0
-        args.device = f"cuda:{gpu}"
-        torch.cuda.set_device(gpu)
-    if args.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        # without this, gloo's threads can outlive the interpreter and abort the process at exit
-        atexit.register(dist.destroy_process_group)
-    args.distributed = args.world_size > 1
-
-
-def is_main(args):
-    return args.rank == 0
-
-
-def all_reduce_(t):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def log(args, *msg):
     if is_main(args):
         print(*msg, flush=True)
@@ -283,27 +401,16 @@ def write_json(path, obj, mode="w"):
         f.write(json.dumps(obj) + "\n")
 
 
-# ------------------------------------------------------------------------------------------
-# ---- BCL: balanced contrastive learning (Zhu et al. 2022), the base method of the paper's best
-# numbers (--loss bcl). Classification branch: a cosine classifier (scale 30) trained with
-# logit-adjusted CE (Menon et al. 2021, tau = 1: logits + log class prior) on one view.
-# Contrastive branch: an MLP head on the backbone features of two more views, plus the class
-# prototypes (the classifier weights through a second MLP head), which join every batch.
-# Loss: la_weight * LA + bcl_weight * BCL. All three views go through the backbone as one batch,
-# as in BCL's release, so BatchNorm sees them together.
-# Under GBG the group losses are the LA losses of each group; MGDA combines them into d, and the
-# BCL gradient is added to la_weight * d (as in the authors' release: BCL is not an objective
-# of MGDA). Grouping uses plain CE of the model's (cosine) logits, not the adjusted ones.
-# Distributed: the gradients are summed over processes like every other; the contrastive loss
-# itself is per process (each anchor contrasts with its own process's views and the prototypes;
-# the processes' losses are averaged), as with BCL's DDP training. The heads' BatchNorm1d
-# statistics are per process too (the heads are not used at test time).
-# ------------------------------------------------------------------------------------------
-# la_weight / bcl_weight / bcl_temp. ImageNet-LT and iNat: 1.0 / 0.35 / 0.07, the defaults of
-# BCL's release (the GBG release uses the same on ImageNet-LT). CIFAR: 2.0 / 1.6 / 0.1, the GBG
-# release's values, since the paper's BCL (84.07) and BCL+GBG+MOO (85.05) rows are the authors'
-# runs with them; BCL's own CIFAR weights (2.0 / 0.6 as we read its paper) are
-# --la-weight 2 --bcl-weight 0.6.
+# --- BCL: balanced contrastive learning (Zhu et al. 2022) -----------------------------------------
+# The base method of the paper's best numbers (--loss bcl). Its design (the two branches, the
+# three views, how its loss meets GBG's step and several processes) is described in README,
+# "BCL as the base method".
+#
+# la_weight / bcl_weight / bcl_temp (line numbers approximate): ImageNet-LT and iNat 1.0 / 0.35 /
+# 0.07, BCL's release (FlamieZhu/Balanced-Contrastive-Learning main.py l.30, l.55-56); CIFAR
+# 2.0 / 1.6 / 0.1, the authors' CIFAR release (WickyLee1998/GBG_v1 cifar_Group_full.py l.45,
+# l.70-71), behind the paper's CIFAR BCL rows. BCL's own CIFAR weights (2.0 / 0.6 as we read its
+# paper) are --la-weight 2 --bcl-weight 0.6.
 BCL_PRESETS = {
     "cifar": dict(la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1),
     "imagenet-lt": dict(la_weight=1.0, bcl_weight=0.35, bcl_temp=0.07),
@@ -387,90 +494,106 @@ def bcl_train_views(data):
     return data_lt.bcl_views(data.kind, data.mean, data.std, size)
 
 
-# ------------------------------------------------------------------------------------------
-# Learning rate: linear warm-up, then step (x0.1 at 80 %, x0.01 at 90 % of the epochs: 160/180
-# of 200, the CIFAR recipe) or cosine decay. A function of the epoch alone, so resume is exact.
-# ------------------------------------------------------------------------------------------
+# --- Learning rate --------------------------------------------------------------------------------
+# Linear warm-up, then step (x0.1 at each of --lr-drops, by default 80 % and 90 % of
+# the epochs: 160/180 of 200, the CIFAR recipe) or cosine decay. A function of the epoch alone, so
+# resume is exact.
 def lr_at(epoch, args):
     if epoch < args.warmup_epochs:
         return args.lr * (epoch + 1e-3) / args.warmup_epochs
     if args.schedule == "step":
-        return args.lr * (0.01 if epoch >= 0.9 * args.epochs else 0.1 if epoch >= 0.8 * args.epochs else 1.0)
+        drops = args.lr_drops or (0.8 * args.epochs, 0.9 * args.epochs)
+        return args.lr * 0.1 ** sum(epoch >= d for d in drops)
     t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
     return args.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-# ------------------------------------------------------------------------------------------
-# Stage 1: grouping (Algorithm 1)
-# ------------------------------------------------------------------------------------------
+# --- Stage 1: grouping (Algorithm 1) --------------------------------------------------------------
 def make_groups(model, data, args, device):
-    """Class -> group ids (np.int64[K]) by --grouping, identical on every process."""
+    """Class -> group ids (np.int64[K]) by --grouping, identical on every process, and the
+    affinity of the grouped classes (gbg only). Only the classes with training images are grouped:
+    one without any has no gradient and would leave its group empty in every batch. The others
+    join group 0; they never occur in a training batch, so their group changes nothing."""
+    present = np.flatnonzero(data.class_counts > 0)
     K, G = data.num_classes, args.num_groups
+    A, stats = None, {}
     if args.grouping == "random":
-        return gbg.random_groups(K, G, seed=args.seed), None, {}
-    if args.grouping == "count":
-        return gbg.count_groups(data.class_counts, G), None, {}
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    P = sum(p.numel() for p in backbone)
-    sketch = args.sketch_dim or (None if K * P * 4 <= 2e9 else 16384)
-    # Every process takes its share of the classes and the rows are summed on rank 0 (D = P or
-    # the sketch size, never both). Rank 0 alone builds the affinity (O(K^2 D)) and solves the
-    # NCut, then broadcasts the groups, so no process can disagree.
-    mine = range(args.rank, K, args.world_size)
-    t0 = time.time()
-    grads, info = gbg.class_gradients(model, data.train_eval, K, backbone, classes=mine,
-                                      sketch_dim=sketch, max_per_class=args.grad_max_per_class,
-                                      device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
-                                      return_info=True,
-                                      num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
-    grads = grads.to(device)
-    confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
-                                          dtype=torch.float64, device=device))
-    if args.distributed:
-        dist.reduce(grads, dst=0)
-    A, groups = None, torch.zeros(K, dtype=torch.long, device=device)
-    stats = {"max_softmax_mean": (confidence[0] / confidence[1].clamp(min=1)).item(),
-             "recalibrate_bn": args.recalibrate_bn}
-    if is_main(args):
-        A = gbg.affinity(grads.cpu())
-        groups = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed), dtype=torch.long, device=device)
-        norms = grads.norm(dim=1)[torch.as_tensor(data.class_counts, device=device) > 0]
-        stats.update(class_grad_norm_min=norms.min().item(), class_grad_norm_max=norms.max().item())
-    if args.distributed:
-        dist.broadcast(groups, 0)
-    log(args, f"grouping: class gradients over {P:,} backbone parameters"
-              f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s; mean max-softmax "
-              f"{stats['max_softmax_mean']:.4f}")
-    return groups.cpu().numpy(), A, stats
+        sub = gbg.random_groups(present.size, G, seed=args.seed)
+    elif args.grouping == "count":
+        sub = gbg.count_groups(data.class_counts[present], G)
+    else:
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        P = sum(p.numel() for p in backbone)
+        sketch = args.sketch_dim or (None if K * P * 4 <= 2e9 else 16384)
+        # Every process takes its share of the classes and the rows are summed on rank 0 (D = P or
+        # the sketch size, never both). Rank 0 alone builds the affinity (O(K^2 D)) and solves the
+        # NCut, then broadcasts the groups, so no process can disagree.
+        mine = present[args.rank::args.world_size]
+        t0 = time.time()
+        grads, info = gbg.class_gradients(model, data.train_eval, K, backbone, classes=mine,
+                                          sketch_dim=sketch, max_per_class=args.grad_max_per_class,
+                                          device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
+                                          return_info=True,
+                                          num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
+        grads = grads.to(device)
+        confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
+                                              dtype=torch.float64, device=device))
+        stats = {"max_softmax_mean": (confidence[0] / confidence[1].clamp(min=1)).item(),
+                 "recalibrate_bn": args.recalibrate_bn}
+        if args.distributed:
+            dist.reduce(grads, dst=0)
+        sub = torch.zeros(present.size, dtype=torch.long, device=device)
+        if is_main(args):
+            rows = grads[torch.as_tensor(present, device=device)]
+            A = gbg.affinity(rows.cpu())
+            sub = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed), dtype=torch.long, device=device)
+            norms = rows.norm(dim=1)  # near 0 for a class the saturated model already predicts
+            stats.update(class_grad_norm_min=norms.min().item(), class_grad_norm_max=norms.max().item())
+        if args.distributed:
+            dist.broadcast(sub, 0)
+        sub = sub.cpu().numpy()
+        log(args, f"grouping: class gradients over {P:,} backbone parameters"
+                  f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s; mean max-softmax "
+                  f"{stats['max_softmax_mean']:.4f}")
+    groups = np.zeros(K, dtype=np.int64)
+    groups[present] = sub
+    return groups, A, stats
 
 
 def describe_groups(groups, A, data, args, epoch, stats=None):
+    """groups.json: the groups, their sizes and training counts, the Eq. 9 value, and (gbg) how
+    saturated the outputs the class gradients saw were (max_softmax_mean) and the range of the
+    class-gradient norms."""
+    present = data.class_counts > 0
     G = int(groups.max()) + 1
-    members = [np.flatnonzero(groups == i).tolist() for i in range(G)]
+    members = [np.flatnonzero((groups == i) & present).tolist() for i in range(G)]
     return {"epoch": epoch, "grouping": args.grouping, "num_groups": G, "groups": members,
             "sizes": [len(m) for m in members], "counts": [data.class_counts[m].tolist() for m in members],
-            "ncut": None if A is None else gbg.ncut_value(A, groups), **(stats or {})}
+            "no_training_images": np.flatnonzero(~present).tolist(),
+            "ncut": None if A is None else gbg.ncut_value(A, groups[present]), **(stats or {})}
 
 
 def make_sampler(data, groups, args):
-    """GAC batches when groups exist; otherwise plain shuffled batches. A single group is never
-    missing, so GACBatchSampler with one group is exactly a sharded random batch sampler: the
-    union of the processes' batches is the one-process batch, which the equivalence test needs."""
+    """GAC batches (--sampler gac) when groups exist; otherwise plain shuffled batches. A single
+    group is never missing, so GACBatchSampler with one group is exactly a sharded random batch
+    sampler, and every process builds the same global batch and takes its share."""
     labels = np.asarray(data.train.targets)
     use_gac = args.sampler == "gac" and groups is not None
-    return gbg.GACBatchSampler(labels, groups if use_gac else np.zeros(data.num_classes, dtype=np.int64),
-                               args.batch_size // args.world_size, fill=args.gac_fill, seed=args.seed,
-                               num_replicas=args.world_size, rank=args.rank)
+    try:
+        return gbg.GACBatchSampler(labels, groups if use_gac else np.zeros(data.num_classes, dtype=np.int64),
+                                   args.batch_size // args.world_size, fill=args.gac_fill, seed=args.seed,
+                                   num_replicas=args.world_size, rank=args.rank)
+    except ValueError as e:
+        raise data_lt.UserError(f"--sampler gac: {e} (flags: --num-groups, --gac-fill, --sampler random)") from None
 
 
-# ------------------------------------------------------------------------------------------
-# Stage 2: training (Algorithm 2) and evaluation
-# ------------------------------------------------------------------------------------------
+# --- Stage 2: training (Algorithm 2) and evaluation -----------------------------------------------
 def batch_losses(model, x, y, counts, args, device):
-    """What a step optimises, whatever the step: the logits of the classification view
-    (logit-adjusted under BCL), the global batch's sample-mean loss, and the contrastive term
-    (BCL) or None. Every loss is normalised by the GLOBAL batch's class counts, so that the sum over
-    processes of the local losses is the loss of the global batch."""
+    """What a step optimises, whatever the step: the logits the group losses take (logit-adjusted
+    under BCL, unless --bcl-group-loss ce), the global batch's sample-mean loss (logit-adjusted
+    under BCL), and the contrastive term (BCL) or None. Every loss is normalised by the GLOBAL
+    batch's class counts, so that the sum over processes of the local losses is the loss of the
+    global batch."""
     if args.loss == "bcl":  # [classification view, contrastive view, contrastive view]: one batch (see BCL)
         x = torch.cat(x)
     if args.amp and device.type == "cuda":
@@ -479,11 +602,13 @@ def batch_losses(model, x, y, counts, args, device):
         z = model.forward_features(x)
         logits = model.fc(z[:len(y)])
     logits, contrast = logits.to(model.fc.weight.dtype), None  # float32 (float64 models stay float64)
+    adjusted = logits
     if args.loss == "bcl":  # the contrastive loss is per process; /world_size, as the gradients are summed
-        logits = logits + model.log_prior
+        adjusted = logits + model.log_prior
         contrast = args.bcl_weight * bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size
-    mean_loss = F.cross_entropy(logits, y, reduction="sum") / counts.sum()
-    return logits, mean_loss, contrast
+    mean_loss = F.cross_entropy(adjusted, y, reduction="sum") / counts.sum()
+    group_logits = logits if args.loss == "bcl" and args.bcl_group_loss == "ce" else adjusted  # see --bcl-group-loss
+    return group_logits, mean_loss, contrast
 
 
 def last_stage_params(model):
@@ -590,7 +715,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
         if contrast is not None:
             bcl_sum += contrast.detach()
         if not math.isfinite(sums[0]):
-            raise data_lt.LTError(f"loss is {sums[0]} at epoch {epoch} step {step}: lower --lr (now {args.lr}) or "
+            raise data_lt.UserError(f"loss is {sums[0]} at epoch {epoch} step {step}: lower --lr (now {args.lr}) or "
                                   f"drop --amp; the last good checkpoint in {args.output_dir} is kept")
         optimizer.step()
         n_seen += int(counts.sum())
@@ -640,22 +765,70 @@ def eval_loader(ds, args, device):
                                train=False, device=device, num_workers=args.workers)
 
 
-# ------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------
-def fill_defaults(args):
-    preset = PRESETS.get(args.dataset, PRESETS["cifar"])
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.batch_size % args.world_size:
-        raise data_lt.LTError(f"--batch-size {args.batch_size} is not divisible by the {args.world_size} processes; "
-                              f"pick a multiple of {args.world_size}")
+# --- Main: evaluation of a checkpoint, reporting, the run -----------------------------------------
+# What each accuracy in results.json is, so that a reader compares like with like.
+PROTOCOLS = {
+    "last": "test top-1 after the final epoch",
+    "best_on_val": "test top-1 of the epoch with the best val top-1 (data sets with a val split: ImageNet-LT)",
+    "best_test": "the best test top-1 over the evaluated epochs (the protocol of LDAM-DRW and of the authors' "
+                 "release; it selects on the test set)",
+}
+
+
+def best_test_in(log_path, before_epoch):
+    """The best test epoch among the log lines of epochs < before_epoch (a resumed run's past)."""
+    best = None
+    if log_path.exists():
+        for line in open(log_path):
+            e = json.loads(line)
+            if e["epoch"] >= before_epoch or e.get("test_top1") is None:
+                continue
+            if best is None or e["test_top1"] > best["top1"]:
+                best = {"epoch": e["epoch"], **{k[5:]: v for k, v in e.items() if k.startswith("test_")}}
+    return best
+
+
+# The options that define the model and its data; --eval takes them from the checkpoint.
+MODEL_OPTIONS = ("dataset", "imb_factor", "data_seed", "arch", "loss")
+
+
+def load_for_eval(args):
+    path = Path(args.resume)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        trained = ckpt["args"]
+        ckpt["model"]
+    except FileNotFoundError:
+        raise data_lt.UserError(f"--resume {path}: no such file; pass the checkpoint.pth of a run") from None
+    except Exception as e:
+        raise data_lt.UserError(f"--resume {path} is not a train.py checkpoint ({type(e).__name__}); pass the "
+                                f"checkpoint.pth of a run") from None
+    for k in MODEL_OPTIONS:
+        # checkpoints from before --data-seed cut the subset with --seed
+        value = trained.get(k, trained.get("seed") if k == "data_seed" else None)
+        if value is not None:
+            setattr(args, k, value)
+    return ckpt
+
+
+def evaluate_checkpoint(model, ckpt, data, args, device):
+    """--eval --resume PATH: top-1 and Many / Medium / Few of the checkpoint on test (and val)."""
+    model.load_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
+    results = {"checkpoint": str(args.resume), "epoch": ckpt.get("epoch")}
+    splits = [("test", data.test)] + ([("val", data.val)] if data.val is not None else [])
+    for name, ds in splits:
+        results[name] = evaluate(model, eval_loader(ds, args, device), data.class_counts, device, args)
+        m = results[name]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"
+        log(args, f"{name}: top-1 {fmt(m['top1'])}, many {fmt(m['many'])}, medium {fmt(m['medium'])}, "
+                  f"few {fmt(m['few'])} ({args.resume}, epoch {ckpt.get('epoch')})")
+    return results
 
 
 def main(args):
-    # ---------------------------------------------------------------- setup
+    # --- setup ------------------------------------------------------------------------------------
     init_distributed(args)
+    ckpt = load_for_eval(args) if args.eval else None  # takes the model's options from the checkpoint
     fill_defaults(args)
     if args.loss == "bcl":
         fill_bcl_defaults(args)
@@ -664,18 +837,24 @@ def main(args):
     np.random.seed(args.seed)
     random.seed(args.seed)
     out = Path(args.output_dir)
-    if is_main(args):
+    if is_main(args) and not args.eval:
         out.mkdir(parents=True, exist_ok=True)
-    log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
-              f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
-              f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
-              f"({args.moo_grad}, gram {args.moo_gram}, normalize {args.normalize}, update {args.moo_update}), sampler {args.sampler}; device {device}")
+    if args.eval:
+        log(args, f"eval: {args.resume} ({args.dataset} IF {args.imb_factor:g}, data seed {args.data_seed}, "
+                  f"{args.arch}, loss {args.loss}); device {device}")
+    else:
+        log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
+                  f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
+                  f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
+                  f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
+                  f"device {device}{f'; preset {args.preset}' if args.preset else ''}")
 
-    # ---------------------------------------------------------------- data
-    data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.seed)
-    K = data.num_classes
-    if args.grouping != "none" and not 1 <= args.num_groups <= K:
-        raise data_lt.LTError(f"--num-groups {args.num_groups} must be between 1 and the {K} classes of {args.dataset}")
+    # --- data -------------------------------------------------------------------------------------
+    data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
+    K, present = data.num_classes, np.flatnonzero(data.class_counts > 0)
+    if args.grouping != "none" and not args.eval and not 1 <= args.num_groups <= present.size:
+        raise data_lt.UserError(f"--num-groups {args.num_groups} must be between 1 and the {present.size} classes of "
+                                f"{args.dataset} that have training images")
     if data.kind == "tensor":  # CIFAR-sized: the whole set lives on the device, augmented there
         same = data.train_eval is data.train
         data.train, data.test = data.train.to(device), data.test.to(device)
@@ -683,9 +862,10 @@ def main(args):
         if data.val is not None:
             data.val = data.val.to(device)
     log(args, f"data: {len(data.train)} training images in {K} classes (largest {data.class_counts.max()}, "
-              f"smallest {data.class_counts.min()}), {len(data.test)} test images")
+              f"smallest {data.class_counts[present].min()}), {len(data.test)} test images"
+              f"{f'; {K - present.size} classes have no training image' if present.size < K else ''}")
 
-    # ---------------------------------------------------------------- model
+    # --- model ------------------------------------------------------------------------------------
     model = build_model(args.arch, K)
     if args.loss == "bcl":
         model = make_bcl_model(model, data.class_counts)
@@ -698,9 +878,11 @@ def main(args):
     if args.distributed:
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
+    if args.eval:
+        return evaluate_checkpoint(model, ckpt, data, args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
 
-    # ---------------------------------------------------------------- resume
+    # --- resume -----------------------------------------------------------------------------------
     start_epoch, groups, best, ckpt_path = 0, None, None, out / "checkpoint.pth"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -717,9 +899,12 @@ def main(args):
     elif is_main(args) and (out / "log.txt").exists():  # killed before its first checkpoint
         (out / "log.txt").unlink()
     if args.grouping == "none" and args.moo == "mgda":
-        groups = np.arange(K)  # every class its own objective (the paper's "MOO" ablation)
+        # every class with training images its own objective (the paper's "MOO" ablation)
+        groups = np.zeros(K, dtype=np.int64)
+        groups[present] = np.arange(present.size)
+    best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
 
-    # ---------------------------------------------------------------- train
+    # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
     t_start = time.time()
@@ -739,12 +924,17 @@ def main(args):
                                      seed=args.seed * 100003 + epoch,
                                      views=bcl_train_views(data) if args.loss == "bcl" else None)
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
+        average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device, args).items()})
             if val_loader is not None:
                 stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, data.class_counts, device, args).items()})
                 if best is None or stats["val_top1"] > best["val_top1"]:
                     best = {"epoch": epoch, **{k: v for k, v in stats.items() if k.startswith(("val_", "test_"))}}
+            if best_test is None or stats["test_top1"] > best_test["top1"]:
+                best_test = {"epoch": epoch, **{k[5:]: v for k, v in stats.items() if k.startswith("test_")}}
+        if best_test is not None:
+            stats.update(best_test_top1=best_test["top1"], best_test_epoch=best_test["epoch"])
         stats.update(epoch=epoch, time_s=time.time() - t_start)
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
@@ -757,13 +947,17 @@ def main(args):
         if args.exit_after_epoch is not None and epoch >= args.exit_after_epoch:
             return None
 
-    # ---------------------------------------------------------------- results
+    # --- results ----------------------------------------------------------------------------------
     last = [json.loads(line) for line in open(out / "log.txt")][-1] if is_main(args) else {}
-    results = {"last": {k[5:]: v for k, v in last.items() if k.startswith("test_")}, "best_on_val": best,
+    results = {"last": {"epoch": last.get("epoch"), **{k[5:]: v for k, v in last.items() if k.startswith("test_")}},
+               "best_on_val": best, "best_test": best_test, "protocols": PROTOCOLS,
                "epochs": args.epochs, "args": vars(args)}
     if is_main(args):
         write_json(out / "results.json", results)
-    log(args, f"done: last-epoch test top-1 {results['last'].get('top1')}; {datetime.timedelta(seconds=int(time.time() - t_start))}")
+    on_val = f"; best on val: test top-1 {best['test_top1']:.2f} (epoch {best['epoch']})" if best else ""
+    on_test = f"; best test epoch: test top-1 {best_test['top1']:.2f} (epoch {best_test['epoch']})" if best_test else ""
+    log(args, f"done: last epoch: test top-1 {results['last'].get('top1')}{on_test}{on_val}; "
+              f"{datetime.timedelta(seconds=int(time.time() - t_start))}")
     return results
 
 
@@ -771,5 +965,11 @@ if __name__ == "__main__":
     args = argparse.ArgumentParser("GBG training", parents=[get_args_parser()]).parse_args()
     try:
         main(args)
-    except data_lt.LTError as e:
+    except data_lt.UserError as e:
+        sys.exit(f"train.py: error: {e}")
+    except ValueError as e:
+        # gbg.py checks its arguments with ValueError; those that train.py's flags can reach are
+        # checked earlier with the flag's name, and any other still ends in one line
+        if Path(traceback.extract_tb(e.__traceback__)[-1].filename).name != "gbg.py":
+            raise
         sys.exit(f"train.py: error: {e}")

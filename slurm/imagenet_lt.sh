@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The paper's ImageNet-LT runs (Li et al., AAAI 2024, Tables 2, 4, 5: 57.6 / 58.7 top-1):
 # BCL + GBG with 4 groups, MGDA and the GAC sampler, global batch 256, ResNet-50 and
-# ResNeXt-50. The rest of the recipe is train.py's imagenet-lt preset (90 epochs, lr 0.1 cosine, 5 warm-up epochs, wd 5e-4).
+# ResNeXt-50. The rest of the recipe is train.py's imagenet-lt recipe (90 epochs, lr 0.1 cosine, no warm-up, wd 5e-4).
 # Edit the variables and the lines below; flags added to this script reach both runs:
 #   bash slurm/imagenet_lt.sh --dry-run              # show the sbatch scripts, submit nothing
 #   bash slurm/imagenet_lt.sh --job-dir /shared/me/gbg_inet/%j
+# BatchNorm: no --sync-bn. Each GPU normalises its own 32 images (x 3 views), as the releases'
+# DataParallel runs normalise each GPU's share (BCL main.py l.118, GBG_v1 Group_main_full.py
+# l.136; line numbers approximate); train.py averages the running statistics over the GPUs after
+# every epoch. Add --sync-bn for statistics over the global batch (then the run equals one process).
 set -euo pipefail
 DATA_ROOT=/datasets/ImageNet_LT  # ImageNet_LT_{train,val,test}.txt and the images they list
 PARTITION=gpu

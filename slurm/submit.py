@@ -73,9 +73,7 @@ class SubmitError(Exception):
     """A problem with the cluster request: one line naming it and the fix."""
 
 
-# ------------------------------------------------------------------------------------------
-# What runs on the nodes
-# ------------------------------------------------------------------------------------------
+# --- What runs on the nodes -----------------------------------------------------------------------
 class Trainer:
     """The submitted callable, run once per task (process). Picklable: it only holds the args."""
 
@@ -106,9 +104,7 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
 
-# ------------------------------------------------------------------------------------------
-# What runs on the submitting machine
-# ------------------------------------------------------------------------------------------
+# --- What runs on the submitting machine ----------------------------------------------------------
 def tasks_per_node(args):
     return args.tasks_per_node or max(args.gpus_per_node, 1)
 
@@ -145,7 +141,7 @@ def check_request(args):
     probe.world_size = world
     try:
         train.fill_defaults(probe)  # the batch must split evenly over the processes
-    except data_lt.LTError as e:
+    except data_lt.UserError as e:
         raise SubmitError(str(e)) from None
     if args.cluster == "debug" and world > 1:
         raise SubmitError(f"--cluster debug runs one task in this process, not {world}; use --cluster local")
@@ -187,7 +183,8 @@ def train_flags(args):
     flags = []
     for k, v in vars(args).items():
         if k in defaults and v is not None and v != defaults[k]:
-            flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+            value = " ".join(map(str, v)) if isinstance(v, list) else v
+            flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {value}"))
     return " ".join(flags)
 
 
@@ -256,5 +253,5 @@ if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
         main(args)
-    except (SubmitError, data_lt.LTError) as e:
+    except (SubmitError, data_lt.UserError) as e:
         sys.exit(f"submit.py: error: {e}")

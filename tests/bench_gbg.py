@@ -1,4 +1,4 @@
-"""Speed and memory benchmark of gbg.py (issue 2, item 6). Not a test (pytest does not collect
+"""Speed and memory benchmark of gbg.py. Not a test (pytest does not collect
 bench_*): it prints ratios measured within ONE run and asserts nothing about time.
 
     python tests/bench_gbg.py                   # the full run (~10 min on a 2-core CPU)
@@ -13,8 +13,8 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
 (c) gbg.min_norm_weights for G = 2 ... 1000.
 (d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
     CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
-Ends with a markdown table (what, measured, target) for the README. The targets are the issue's
-and GPU-oriented; on a CPU the ratios are what to read.
+Ends with a markdown table (what, measured, target) for the README. The targets are the
+project's, set with a GPU in mind; on a CPU the ratios are what to read.
 """
 import argparse
 import json
@@ -43,7 +43,7 @@ import data_lt  # noqa: E402
 import gbg  # noqa: E402
 import train  # noqa: E402
 
-GB = 1e9  # decimal gigabytes throughout, as the issue's "765 GB"
+GB = 1e9  # decimal gigabytes throughout
 
 
 def sync(device):

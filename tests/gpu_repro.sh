@@ -5,8 +5,8 @@
 #   bash tests/gpu_repro.sh                       # 200 epochs each, on the GPU, bf16 autocast
 #   EPOCHS=1 DEVICE=cpu bash tests/gpu_repro.sh   # the same path on the CPU (what the tests run)
 #
-# Data: the CIFAR-10 JPEG copy (../shared/data/cifar10-jpg.tar.gz) carried in the checkout as
-# .data/cifar10-jpg.tar.gz; it is unpacked into .data/cifar10 once. Each run's log.txt,
+# Data: a CIFAR-10 JPEG copy (ImageFolder layout train/<class>/*.jpg, test/<class>/*.jpg, packed as
+# .data/cifar10-jpg.tar.gz in the checkout); it is unpacked into .data/cifar10 once. Each run's log.txt,
 # results.json, groups.json, stdout and wall time go to $OUTDIR/<run>/. Each run is stopped at
 # TIME_LIMIT seconds (default 500), so the script ends inside 9 minutes whatever happens; a
 # stopped run keeps the log of the epochs it finished.
@@ -24,7 +24,7 @@ AMP=""
 [ "$DEVICE" = cuda ] && AMP="--amp"
 
 if [ ! -d "$DATA/train" ]; then
-  [ -f "$TARBALL" ] || { echo "gpu_repro.sh: no data: $TARBALL is missing; copy ../shared/data/cifar10-jpg.tar.gz there (see README)" >&2; exit 2; }
+  [ -f "$TARBALL" ] || { echo "gpu_repro.sh: no data: $TARBALL is missing; put the CIFAR-10 JPEG tarball there (see README)" >&2; exit 2; }
   mkdir -p "$DATA" && tar xzf "$TARBALL" -C "$DATA"
 fi
 

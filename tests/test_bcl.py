@@ -29,7 +29,7 @@ def weights(out_dir):
     return torch.load(Path(out_dir) / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
 
 
-# ---------------------------------------------------------------------------------- the loss
+# --- the loss -------------------------------------------------------------------------------------
 
 def bcl_reference(features, targets, prototypes, temperature):
     """Zhu et al. 2022, Eq. (BCL) written anchor by anchor, in float64 Python loops: for anchor i of
@@ -103,7 +103,7 @@ def test_bcl_contrast_uses_heads_and_prototypes():
     assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------- views
+# --- views ----------------------------------------------------------------------------------------
 
 def _tiny_tensor_set(n=12, size=32):
     g = torch.Generator().manual_seed(0)
@@ -156,7 +156,73 @@ def test_file_views_are_seeded_too(tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(xa, xb))
 
 
-# ---------------------------------------------------------------------------------- train.py
+def _transforms(pipeline, kind):
+    found = []
+    for t in getattr(pipeline, "transforms", []):
+        if isinstance(t, kind):
+            found.append(t)
+        found += _transforms(t, kind)
+    return found
+
+
+def test_view_recipes_match_the_releases():
+    """Contrastive crops of CIFAR-sized images keep (0.2, 1) of the area, as the authors' CIFAR
+    script; ImageNet-LT / iNat's RandAugment is timm's rand-n2-m10 as BCL uses it: 2 ops, each
+    applied with p 0.5, at magnitude 10 of 10 (full strength; torchvision's default 31 bins would
+    make 10 a third of it)."""
+    from torchvision.transforms import v2
+    _, sim, _ = data_lt.bcl_views("tensor", data_lt.CIFAR_MEAN, data_lt.CIFAR_STD, (32, 32))
+    crops = _transforms(sim, v2.RandomResizedCrop)
+    assert len(crops) == 1 and tuple(crops[0].scale) == (0.2, 1.0)
+    cls, sim, _ = data_lt.bcl_views("files", data_lt.IMAGENET_MEAN, data_lt.IMAGENET_STD, 224)
+    applies = [t for t in _transforms(cls, v2.RandomApply) if _transforms(t, v2.RandAugment)]
+    assert len(applies) == 2 and all(t.p == 0.5 for t in applies)
+    for t in applies:
+        (ra,) = _transforms(t, v2.RandAugment)
+        assert ra.num_ops == 1 and ra.magnitude == ra.num_magnitude_bins - 1 == 10
+        # full strength: the largest rotation is 30 degrees, timm's at magnitude 10
+        rotate = ra._AUGMENTATION_SPACE["Rotate"][0](ra.num_magnitude_bins, 224, 224)  # private, torchvision 0.2x
+        assert float(rotate[ra.magnitude]) == 30.0
+    assert not _transforms(sim, v2.RandAugment)
+
+
+def test_bcl_group_losses_are_plain_or_logit_adjusted(monkeypatch, tmp_path):
+    """--bcl-group-loss ce gives the group losses the cosine classifier's own logits (the authors'
+    CIFAR script); la (the default) the logit-adjusted ones, logits + log prior. Checked on the
+    first training step of BCL+GBG, in this process."""
+    import gbg
+    import train as T
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    forward = T.CosineClassifier.forward
+
+    def recording_forward(self, z):
+        seen["plain"] = out = forward(self, z)
+        return out
+
+    def recording_group_losses(logits, *a, **k):
+        seen["given"] = logits
+        raise Stop
+    monkeypatch.setattr(T.CosineClassifier, "forward", recording_forward)
+    monkeypatch.setattr(gbg, "group_losses", recording_group_losses)
+    counts = torch.tensor([int(200 * 100 ** (-k / 9)) for k in range(10)], dtype=torch.float32)  # synthetic-lt
+    for mode in ("ce", "la"):
+        args = T.get_args_parser().parse_args(["--dataset", "synthetic-lt", "--batch-size", "64", "--epochs", "1",
+                                               "--grouping", "count", "--bcl-group-loss", mode, *FAST,
+                                               "--output-dir", str(tmp_path / mode)])
+        seen.clear()
+        with pytest.raises(Stop):
+            T.main(args)
+        plain = seen["plain"].detach().float()
+        shift = (counts / counts.sum()).log() if mode == "la" else torch.zeros(10)
+        assert plain.shape == seen["given"].shape
+        assert torch.allclose(seen["given"].detach(), plain + shift, atol=1e-5), mode
+
+
+# --- train.py -------------------------------------------------------------------------------------
 
 def _write_folder(root, classes=4, per_class=(12, 6, 4, 2), n_test=2, size=32):
     """A tiny ImageFolder tree root/{train,test}/<class>/*.png: class k a noisy colour."""
@@ -208,7 +274,7 @@ def test_synthetic_lt_runs_bcl_alone(tmp_path):
     assert math.isfinite(log["train_loss"]) and math.isfinite(log["train_bcl_loss"]) and "alpha_mean" not in log
 
 
-# ---------------------------------------------------------------------------------- distributed
+# --- distributed ----------------------------------------------------------------------------------
 
 WRAPPER = """
 import argparse, sys
@@ -259,7 +325,7 @@ def test_two_processes_apply_the_same_bcl_update(tmp_path):
     assert heads  # the contrastive branch alone decides these weights
     for k in w0:
         if k.startswith(("head.", "head_fc.")) and ("running" in k or "num_batches" in k):
-            continue  # the heads' BatchNorm1d statistics are per process by design
+            continue  # per process during an epoch (train.py averages them after it; see test_distributed)
         assert torch.equal(w0[k], w1[k]), k
     log = json.loads(open(out / "log.txt").readline())
     assert math.isfinite(log["train_bcl_loss"]) and log["alpha_mean"]

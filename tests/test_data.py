@@ -13,15 +13,15 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_lt  # noqa: E402
-from data_lt import (CIFAR_MEAN, CIFAR_STD, LTError, ImageList, TensorImages, augment_draws,  # noqa: E402
+from data_lt import (CIFAR_MEAN, CIFAR_STD, UserError, ImageList, TensorImages, augment_draws,  # noqa: E402
                      build_data, gpu_augment, lt_counts, lt_indices, make_loader, shot_masks)
 
 torch.set_num_threads(1)
 
 
 def one_line_error(fn, *needles):
-    """Run fn, expect LTError with a one-line message containing every needle."""
-    with pytest.raises(LTError) as e:
+    """Run fn, expect UserError with a one-line message containing every needle."""
+    with pytest.raises(UserError) as e:
         fn()
     msg = str(e.value)
     assert "\n" not in msg and msg.strip() == msg and msg
@@ -35,7 +35,7 @@ def save(path, array, **kw):
     Image.fromarray(array).save(path, **kw)
 
 
-# ----------------------------------------------------------------------------- long-tail profile
+# --- long-tail profile ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_classes, per_class, total", [(10, 5000, 12406), (100, 500, 10847)])
 def test_published_cifar_lt_totals(num_classes, per_class, total):
@@ -88,7 +88,7 @@ def test_bad_imbalance_factor():
     one_line_error(lambda: lt_counts(100, 10, 0.01), "0.01")
 
 
-# ----------------------------------------------------------------------------- folder-lt
+# --- folder-lt ------------------------------------------------------------------------------------
 
 def write_folder(root, n_train=(20, 20, 20), n_test=4, size=32):
     """Train PNGs carry their (class, index) in pixel (0,0); test JPEGs are flat colours."""
@@ -171,7 +171,7 @@ def test_folder_lt_errors(tmp_path):
     one_line_error(lambda: build_data("folder-lt", root, imb_factor=1), f"{root}/train/a/1.png")  # mixed sizes
 
 
-# ----------------------------------------------------------------------------- split files
+# --- split files ----------------------------------------------------------------------------------
 
 def write_split_root(root, entries, size=(40, 30)):
     """entries: {list file: [(relative path, label)]}; images are PNGs with a per-file colour."""
@@ -254,7 +254,7 @@ def test_unknown_dataset():
     one_line_error(lambda: build_data("cifar1000-lt", "/tmp"), "cifar1000-lt", "cifar10-lt")
 
 
-# ----------------------------------------------------------------------------- CIFAR
+# --- CIFAR ----------------------------------------------------------------------------------------
 
 class FakeCIFAR:
     """Stands in for torchvision's CIFAR10: balanced NHWC uint8 data, 10 classes x 30."""
@@ -284,7 +284,7 @@ def test_cifar_download_failure_is_one_line(monkeypatch):
     one_line_error(lambda: build_data("cifar100-lt", "/data/cifar"), "/data/cifar", "download")
 
 
-# ----------------------------------------------------------------------------- augmentation
+# --- augmentation ---------------------------------------------------------------------------------
 
 def reference_normalize(u8):
     return TF.normalize(TF.to_dtype(u8, torch.float32, scale=True), list(CIFAR_MEAN), list(CIFAR_STD))
@@ -328,7 +328,7 @@ def test_augment_is_deterministic_for_a_seeded_generator():
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
 
 
-# ----------------------------------------------------------------------------- loaders
+# --- loaders --------------------------------------------------------------------------------------
 
 def test_tensor_loader_batches_and_epochs():
     d = build_data("synthetic-lt", None, imb_factor=10)
@@ -363,7 +363,7 @@ def test_file_loader_uses_a_dataloader(tmp_path):
         torch.testing.assert_close(got[2][0][0], ds[4][0])
 
 
-# ----------------------------------------------------------------------------- synthetic-lt
+# --- synthetic-lt ---------------------------------------------------------------------------------
 
 def test_synthetic_lt_is_deterministic_long_tailed_and_learnable():
     a, b = build_data("synthetic-lt", None, seed=3), build_data("synthetic-lt", None, seed=3)

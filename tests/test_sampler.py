@@ -1,6 +1,6 @@
 """GAC sampler of gbg.py on a CIFAR-100-LT-like label list: coverage, completion sizes, the
 completion distribution (chi-square against P_j computed here from the formula), determinism,
-and sharding across replicas."""
+sharding across replicas, and the cap on top-ups."""
 
 import math
 
@@ -38,7 +38,7 @@ def epochs():
     return sampler, [sampler.epoch_batches(e) for e in range(EPOCHS)]
 
 
-# ---- P_j ----------------------------------------------------------------------------------
+# --- P_j ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rho, lam", [(0.9999, 1e-5), (0.99, 0.009), (0.5, 0.4), (0.0, 0.0)])
 def test_class_probs_match_formula(rho, lam):
@@ -66,7 +66,7 @@ def test_class_probs_reject_beta_one():
         gbg.gac_class_probs(COUNTS, GROUPS, rho=0.99999, lam=1e-4)
 
 
-# ---- the sampler --------------------------------------------------------------------------
+# --- the sampler ----------------------------------------------------------------------------------
 
 def test_batches_cover_groups_and_epoch(epochs):
     sampler, all_batches = epochs
@@ -129,29 +129,49 @@ def iter_epoch(sampler, epoch):
     return iter(sampler)
 
 
-def test_replicas_share_the_one_process_batches():
+@pytest.mark.parametrize("replicas", [2, 8])
+def test_replicas_share_the_one_process_batches(replicas):
+    """Every replica builds the same global batch (base and top-ups) and takes its share: the
+    union of the replicas' t-th batches is the one-process t-th batch, top-ups included."""
+    b = B // replicas
     one = gbg.GACBatchSampler(LABELS, GROUPS, B, seed=1).epoch_batches(2)
-    ranks = [gbg.GACBatchSampler(LABELS, GROUPS, B // 2, seed=1, num_replicas=2, rank=r).epoch_batches(2)
-             for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(one)
-    bases = [np.concatenate([b for b, _ in r]) for r in ranks]
-    assert LABELS.size % 2 == 1  # one index is repeated to even out the ranks
-    assert bases[0].size == bases[1].size == (LABELS.size + 1) // 2
-    assert np.array_equal(np.union1d(*bases), np.arange(LABELS.size))  # cover the epoch
-    assert np.intersect1d(*bases).size == 1  # disjoint but for the wrap-around pad
-    for t in range(len(one) - 1):  # the ranks' t-th batches make up the one-process t-th batch
-        union = np.concatenate([ranks[0][t][0], ranks[1][t][0]])
-        assert np.array_equal(np.sort(union), np.sort(one[t][0]))
-    for r in ranks:  # each rank completes its own half-batch
-        for b, c in r:
-            assert np.array_equal(np.union1d(GROUPS[LABELS[b]], GROUPS[LABELS[c]]), np.arange(8))
-            missing = np.setdiff1d(np.arange(8), GROUPS[LABELS[b]]).size
-            assert c.size == math.ceil(0.1 * (B // 2)) * missing
+    ranks = [gbg.GACBatchSampler(LABELS, GROUPS, b, seed=1, num_replicas=replicas, rank=r).epoch_batches(2)
+             for r in range(replicas)]
+    assert all(len(r) == len(one) for r in ranks)
+    bases = [np.concatenate([base for base, _ in r]) for r in ranks]
+    pad = -LABELS.size % replicas
+    assert pad > 0  # some indices are repeated to even out the replicas
+    assert all(x.size == (LABELS.size + pad) // replicas for x in bases)
+    everything = np.concatenate(bases)
+    assert np.array_equal(np.unique(everything), np.arange(LABELS.size))  # cover the epoch
+    assert everything.size - np.unique(everything).size == pad  # disjoint but for the wrap-around pad
+    for t in range(len(one)):
+        base = np.concatenate([r[t][0] for r in ranks])
+        top_up = np.concatenate([r[t][1] for r in ranks])
+        if t < len(one) - 1:  # the last batch holds the pad
+            assert np.array_equal(np.sort(base), np.sort(one[t][0]))
+            assert np.array_equal(np.sort(top_up), np.sort(one[t][1]))
+        # the global batch holds every group; top-ups of ceil(0.1 B) per missing group
+        missing = np.setdiff1d(np.arange(8), GROUPS[LABELS[base]])
+        assert np.array_equal(np.union1d(GROUPS[LABELS[base]], GROUPS[LABELS[top_up]]), np.arange(8))
+        assert top_up.size == math.ceil(0.1 * B) * missing.size
+        assert max(r[t][0].size for r in ranks) - min(r[t][0].size for r in ranks) <= 1
+
+
+def test_top_ups_per_epoch_do_not_grow_with_replicas():
+    """Deciding top-ups on each replica's own share (32 samples of a global 256 on 8 replicas)
+    would miss tail groups far more often: here the top-ups an epoch draws are the same for 1 and
+    8 replicas, because the decision is taken on the global batch."""
+    def top_ups(replicas):
+        return sum(c.size for r in range(replicas) for _, c in
+                   gbg.GACBatchSampler(LABELS, GROUPS, 256 // replicas, seed=0, num_replicas=replicas,
+                                       rank=r).epoch_batches(0))
+    assert top_ups(8) == top_ups(1) > 0
 
 
 @pytest.mark.parametrize("batch_size, replicas, drop_last, frac, fill", [
-    (128, 1, False, 0.1, 13), (128, 1, True, 0.1, 13), (100, 3, False, 0.1, 10), (100, 3, True, 0.1, 10),
-    (50, 2, False, 0.14, 7)])  # fill = ceil(frac * B) by hand; 0.14 * 50 is 7.000000000000001 in floats
+    (128, 1, False, 0.1, 13), (128, 1, True, 0.1, 13), (100, 3, False, 0.1, 30), (100, 3, True, 0.1, 30),
+    (50, 1, False, 0.14, 7)])  # fill = ceil(frac * R * B) by hand; 0.14 * 50 is 7.000000000000001 in floats
 def test_len_matches_yield(batch_size, replicas, drop_last, frac, fill):
     for rank in range(replicas):
         sampler = gbg.GACBatchSampler(LABELS, GROUPS, batch_size, fill=frac, num_replicas=replicas,
@@ -160,8 +180,18 @@ def test_len_matches_yield(batch_size, replicas, drop_last, frac, fill):
         assert len(list(sampler)) == len(batches) == len(sampler)
         if drop_last:
             assert all(b.size == batch_size for b, _ in batches)
-        sizes = np.concatenate([np.unique(GROUPS[LABELS[c]], return_counts=True)[1] for _, c in batches])
+        sizes = np.concatenate([np.unique(GROUPS[LABELS[c]], return_counts=True)[1]
+                                for _, c in sampler.global_batches(0)])
         assert sizes.size > 0 and np.all(sizes == fill)
+
+
+def test_refuses_top_ups_many_times_the_batch():
+    """Every class its own group (the MOO ablation) on CIFAR-100-LT: a batch of 128 could grow by
+    99 x 13 samples. The sampler refuses, naming the sizes; 8 groups (at most 7 x 13) pass."""
+    with pytest.raises(ValueError, match=r"99 x 13 = 1287 top-up samples to a batch of 128"):
+        gbg.GACBatchSampler(LABELS, np.arange(100), B)
+    gbg.GACBatchSampler(LABELS, GROUPS, B)
+    gbg.GACBatchSampler(LABELS, np.arange(100), B, max_growth=20.0)  # the caller may allow more
 
 
 def test_single_group_is_plain_shuffling():

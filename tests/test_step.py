@@ -20,9 +20,9 @@ COUNTS = np.array([60, 30, 12, 6, 3, 2])
 
 def make_args(**kw):
     args = dict(loss="ce", moo="mgda", moo_every=1, moo_grad="exact", moo_gram="all", normalize="l2",
-                moo_update="scaled", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1, distributed=False,
+                moo_update="scaled", bcl_group_loss="la", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1, distributed=False,
                 world_size=1, amp=False, group_loss="class", ratio_every=0, lr=0.0, warmup_epochs=0,
-                schedule="step", epochs=10, print_freq=1000, rank=0, output_dir="unused")
+                schedule="step", lr_drops=None, epochs=10, print_freq=1000, rank=0, output_dir="unused")
     args.update(kw)
     return argparse.Namespace(**args)
 
@@ -58,7 +58,7 @@ def reference(model, x, y, args, weights=None):
     xx = torch.cat(x) if bcl else x
     z = model.forward_features(xx)
     logits = model.fc(z[:len(y)])
-    if bcl:
+    if bcl and args.bcl_group_loss == "la":
         # logit adjustment, tau = 1: + log class prior (the model keeps it in float32)
         logits = logits + torch.log(torch.as_tensor(COUNTS / COUNTS.sum(), dtype=torch.float32)).double()
     L, present = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss)
@@ -101,11 +101,13 @@ def step(model, x, y, args, state=None, step_index=0):
 
 
 @pytest.mark.parametrize("gram", ["all", "backbone"])
-@pytest.mark.parametrize("loss", ["ce", "bcl"])
+@pytest.mark.parametrize("loss", ["ce", "bcl", "bcl-ce"])
 def test_mgda_step_matches_separate_passes(loss, gram):
-    """CE: d over every parameter. BCL: logit-adjusted group losses, p.grad = la_weight * d + the
-    contrastive gradient (heads get only the latter); the Gram over the backbone alone when asked."""
-    args = make_args(loss=loss, moo_gram=gram)
+    """CE: d over every parameter. BCL: logit-adjusted group losses (plain CE ones with
+    --bcl-group-loss ce, the release), p.grad = la_weight * d + the contrastive gradient (heads get
+    only the latter); the Gram over the backbone alone when asked."""
+    loss, group_loss = (loss, "la") if loss != "bcl-ce" else ("bcl", "ce")
+    args = make_args(loss=loss, moo_gram=gram, bcl_group_loss=group_loss)
     model = make_model(bcl=loss == "bcl")
     x, y = batch(1, bcl=loss == "bcl")
     want = reference(model, x, y, args)

@@ -47,15 +47,34 @@ def test_two_epoch_run_writes_all_outputs(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "log.txt")]
     assert [e["epoch"] for e in log] == [0, 1]
     for e in log:
-        for key in ("train_loss", "lr", "test_top1", "test_many", "test_medium", "test_few", "alpha_mean", "time_s"):
+        for key in ("train_loss", "lr", "test_top1", "test_many", "test_medium", "test_few", "alpha_mean", "time_s",
+                    "update_ratio"):
             assert e[key] is not None, key
         assert abs(sum(e["alpha_mean"]) - 1) < 0.5  # means over steps of points on the simplex
+        assert 0 < e["update_ratio"] < 10
     groups = json.load(open(tmp_path / "groups.json"))
     assert groups["num_groups"] == 4 and sorted(sum(groups["groups"], [])) == list(range(10))
-    assert groups["ncut"] is not None
+    assert groups["ncut"] is not None and groups["sizes"] == [len(m) for m in groups["groups"]]
+    assert 0.1 <= groups["max_softmax_mean"] <= 1 and groups["recalibrate_bn"] is True
+    assert 0 < groups["class_grad_norm_min"] <= groups["class_grad_norm_max"]
     results = json.load(open(tmp_path / "results.json"))
-    assert results["last"]["top1"] == log[-1]["test_top1"]
+    assert results["last"]["top1"] == log[-1]["test_top1"] and results["last"]["epoch"] == 1
     assert set(weights(tmp_path)) and "img/s" in r.stdout and "eta" in r.stdout
+    # GAC tops batches up: an epoch processes the 492 images and more
+    assert all(e["train_samples"] >= 492 for e in log)
+    # the best test epoch, labelled beside the last epoch (no val split here)
+    best = max(log, key=lambda e: e["test_top1"])
+    assert results["best_test"]["epoch"] == best["epoch"] and results["best_test"]["top1"] == best["test_top1"]
+    assert results["best_on_val"] is None and set(results["protocols"]) == {"last", "best_on_val", "best_test"}
+    assert [e["best_test_top1"] for e in log] == [max(e["test_top1"] for e in log[:i + 1]) for i in range(len(log))]
+    assert "best test epoch" in r.stdout
+    # --eval --resume: the checkpoint's accuracy is the one logged for its epoch
+    ev = train("--device", "cpu", "--eval", "--resume", str(tmp_path / "checkpoint.pth"))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    m = log[-1]
+    line = [l for l in ev.stdout.splitlines() if l.startswith("test: ")]
+    assert line == [f"test: top-1 {m['test_top1']:.2f}, many {m['test_many']:.2f}, medium {m['test_medium']:.2f}, "
+                    f"few {m['test_few']:.2f} ({tmp_path / 'checkpoint.pth'}, epoch 1)"], ev.stdout
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
@@ -79,6 +98,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     a, b = weights(tmp_path / "ref"), weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the best test epoch survives the restart (the resumed run reads the epochs it did not redo)
+    best = [json.load(open(d / "results.json"))["best_test"] for d in (tmp_path / "ref", out)]
+    assert best[0] == best[1] and best[0]["epoch"] in range(4)
 
 
 def test_exit_after_epoch_then_resume_is_exact(tmp_path):
@@ -157,3 +179,130 @@ def test_imagenet_lt_split_over_real_images_trains(tmp_path):
     results = json.load(open(out / "results.json"))
     assert results["best_on_val"] is not None and results["last"]["top1"] is not None
     assert "14 training images in 1000 classes" in r.stdout
+    # 995 of the 1000 classes have no training image: GBG groups the 5 that do, GAC completes batches
+    r = train("--dataset", "imagenet-lt", "--data-root", str(root), "--arch", "resnet8", "--device", "cpu",
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--num-groups", "2",
+              "--output-dir", str(tmp_path / "gbg"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    groups = json.load(open(tmp_path / "gbg" / "groups.json"))
+    assert sorted(sum(groups["groups"], [])) == sorted(set(labels[:14])) and len(groups["no_training_images"]) == 995
+
+
+def test_moo_ablation_trains_on_plain_batches(tmp_path):
+    """--grouping none --moo mgda (every class its own objective) uses plain shuffled batches: an
+    epoch processes exactly the 492 training images, no top-ups. Asked for GAC explicitly with
+    top-ups that could reach several batches, the run stops with one line."""
+    r = train(*TINY, "--grouping", "none", "--moo", "mgda", "--epochs", "1", "--output-dir", str(tmp_path / "moo"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "moo" / "log.txt")]
+    assert log[0]["train_samples"] == 492 and len(log[0]["alpha_mean"]) == 10
+    assert "sampler random" in r.stdout
+    err = _one_clear_line(train(*TINY, "--grouping", "none", "--moo", "mgda", "--sampler", "gac", "--gac-fill", "0.5",
+                                "--epochs", "1", "--output-dir", str(tmp_path / "gac")), "--sampler gac", "top-up")
+    assert "9 x 32 = 288" in err
+
+
+def test_classes_without_training_images_train(tmp_path):
+    """synthetic-lt at IF 1000 cuts classes 7-9 to no training image (n_k = int(200 * 1000^(-k/9))):
+    grouping runs over the 7 classes present, GAC works, evaluation reports every split."""
+    out = tmp_path / "gbg"
+    r = train(*TINY, "--imb-factor", "1000", "--epochs", "1", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    groups = json.load(open(out / "groups.json"))
+    assert groups["no_training_images"] == [7, 8, 9]
+    assert sorted(sum(groups["groups"], [])) == list(range(7)) and all(groups["groups"])
+    assert "3 classes have no training image" in r.stdout
+    log = [json.loads(line) for line in open(out / "log.txt")]
+    assert log[0]["test_few"] is not None and log[0]["train_samples"] >= 370
+    for flags in (["--grouping", "none", "--moo", "mgda", "--sampler", "gac"], ["--grouping", "count"]):
+        r = train(*TINY, "--imb-factor", "1000", "--epochs", "1", *flags, "--output-dir", str(tmp_path / flags[1]))
+        assert r.returncode == 0, (flags, r.stderr[-3000:])
+    # 7 classes can make at most 7 groups
+    _one_clear_line(train(*TINY, "--imb-factor", "1000", "--num-groups", "8", "--epochs", "1",
+                          "--output-dir", str(tmp_path / "g8")), "--num-groups 8", "7 classes")
+
+
+def parse(*argv, world_size=1):
+    sys.path.insert(0, str(ROOT))
+    import train as T
+    args = T.get_args_parser().parse_args(list(argv))
+    args.world_size = world_size
+    T.fill_defaults(args)
+    return T, args
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gac-fill", "0"], "--gac-fill"), (["--gac-fill", "1.5"], "--gac-fill"),
+    (["--sketch-dim", "-1"], "--sketch-dim"), (["--grad-max-per-class", "0"], "--grad-max-per-class"),
+    (["--num-groups", "0"], "--num-groups"), (["--eval-every", "0"], "--eval-every"),
+    (["--batch-size", "0"], "--batch-size"), (["--lr-drops", "180", "160"], "--lr-drops"),
+    (["--epochs", "0"], "--epochs"), (["--preset", "release", "--dataset", "imagenet-lt"], "--preset release"),
+    (["--resume", "x.pth"], "--resume"), (["--eval"], "--eval")])
+def test_bad_flags_name_the_flag(argv, words):
+    """Flags that gbg.py would reject (with a ValueError and a traceback) or that would divide by
+    zero are refused up front, in one line naming the flag."""
+    sys.path.insert(0, str(ROOT))
+    import data_lt
+    with pytest.raises(data_lt.UserError, match=words) as e:
+        parse(*argv)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_gbg_argument_is_one_line(tmp_path):
+    _one_clear_line(train(*TINY, "--gac-fill", "1.5", "--epochs", "1", "--output-dir", str(tmp_path)), "--gac-fill")
+
+
+def test_workers_default_to_the_cores_this_process_may_use():
+    _, args = parse()
+    assert args.workers == min(len(os.sched_getaffinity(0)), 8)
+    assert parse("--workers", "3")[1].workers == 3
+
+
+def test_training_seed_does_not_change_the_data(monkeypatch, tmp_path):
+    """build_data gets --data-seed (default 0, the LDAM-DRW / BCL subset), never --seed."""
+    _, args = parse()
+    T = sys.modules["train"]
+    import data_lt
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_data(*a, **k):
+        seen.append(k["seed"])
+        raise Stop
+    monkeypatch.setattr(data_lt, "build_data", fake_build_data)
+    for argv in (["--seed", "5"], ["--seed", "5", "--data-seed", "3"]):
+        args = T.get_args_parser().parse_args(argv + ["--device", "cpu", "--dataset", "synthetic-lt",
+                                                      "--output-dir", str(tmp_path)])
+        with pytest.raises(Stop):
+            T.main(args)
+    assert seen == [0, 3]
+
+
+def test_release_preset_and_recipes():
+    """--preset release: the authors' CIFAR script, field by field; explicit flags still win."""
+    T, args = parse("--preset", "release")
+    want = dict(loss="bcl", imb_factor=50, epochs=300, lr=0.1, wd=5e-4, warmup_epochs=5, lr_drops=[160, 180],
+                sampler="random", group_loss="sample", bcl_group_loss="ce", normalize="loss+", moo_update="raw",
+                moo_gram="backbone", arch="resnet32", batch_size=256, num_groups=4, group_epoch=0, grouping="gbg",
+                recalibrate_bn=False, moo_grad="exact", moo_every=1)
+    assert {k: getattr(args, k) for k in want} == want
+    # adjust_lr of the release: x0.1 after epoch 160, x0.01 after 180, flat to 300
+    assert [T.lr_at(e, args) for e in (100, 159.9, 160, 179.9, 180, 299.9)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert parse("--preset", "release", "--epochs", "10", "--normalize", "l2")[1].epochs == 10
+    # without the preset: the paper's defaults
+    _, plain = parse()
+    assert (plain.loss, plain.imb_factor, plain.normalize, plain.group_loss, plain.bcl_group_loss,
+            plain.moo_update, plain.moo_gram, plain.sampler, plain.recalibrate_bn) == (
+        "ce", 100, "l2", "class", "la", "scaled", "all", "gac", True)
+    # BCL's recipes: no warm-up on ImageNet-LT and iNat, lr 0.2 on iNat
+    _, inet = parse("--dataset", "imagenet-lt")
+    _, inat = parse("--dataset", "inat2018")
+    assert (inet.lr, inet.warmup_epochs, inet.epochs, inet.schedule) == (0.1, 0, 90, "cosine")
+    assert (inat.lr, inat.warmup_epochs, inat.epochs, inat.wd) == (0.2, 0, 100, 1e-4)
+    assert parse("--dataset", "inat2018", "--lr", "0.1", "--warmup-epochs", "5")[1].warmup_epochs == 5
+    # --grouping none: plain batches unless asked
+    assert parse("--grouping", "none")[1].sampler == "random"
+    assert parse("--grouping", "none", "--sampler", "gac")[1].sampler == "gac"
