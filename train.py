@@ -35,6 +35,8 @@ import torchvision
 import data_lt
 import gbg
 
+
+# --- Defaults and arguments -----------------------------------------------------------------------
 # Defaults. A flag left at None is filled by fill_defaults, first match wins: the command line,
 # then --preset, then the data set's recipe (RECIPES), then BASE. Sources (line numbers approximate):
 #   [paper]  Li et al., AAAI 2024, Sec. 4 (implementation details).
@@ -167,11 +169,52 @@ def get_args_parser():
     return p
 
 
-# ------------------------------------------------------------------------------------------
-# Models: ResNet-32 for CIFAR (He et al. 2016, option-A shortcuts), torchvision's ResNet-50 and
+def fill_defaults(args):
+    """Fill the flags left at None (command line > --preset > data set recipe > BASE) and check
+    the flags, each with one line naming the flag and the fix."""
+    if args.preset == "release" and args.dataset not in ("cifar10-lt", "cifar100-lt"):
+        raise data_lt.UserError(f"--preset release is the authors' CIFAR configuration; use it with --dataset "
+                                f"cifar10-lt or cifar100-lt (not {args.dataset})")
+    layers = [PRESETS.get(args.preset, {}), RECIPES.get(args.dataset, RECIPES["cifar"]), BASE]
+    for layer in layers:
+        for k, v in layer.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.sampler is None:  # every class its own objective: plain batches (see --sampler)
+        args.sampler = "random" if args.grouping == "none" else "gac"
+    if args.workers is None:
+        args.workers = default_workers()
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % args.world_size == 0,
+         f"--batch-size {args.batch_size} does not split over the {args.world_size} process(es); "
+         f"pick a positive multiple of {args.world_size}"),
+        (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
+        (args.lr > 0, f"--lr {args.lr} must be positive"),
+        (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
+        (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
+         f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
+        (args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
+        (args.group_epoch >= 0 and args.regroup_every >= 0,
+         "--group-epoch and --regroup-every must be >= 0 (0: group at the start, never regroup)"),
+        (0 < args.gac_fill <= 1, f"--gac-fill {args.gac_fill} must be in (0, 1], a fraction of the batch"),
+        (args.sketch_dim >= 0, f"--sketch-dim {args.sketch_dim} must be >= 0 (0: decided from the model size)"),
+        (args.grad_max_per_class is None or args.grad_max_per_class >= 1,
+         f"--grad-max-per-class {args.grad_max_per_class} must be at least 1 (or left out: every sample)"),
+        (args.eval_every >= 1 and args.print_freq >= 1, "--eval-every and --print-freq must be at least 1"),
+        (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
+        (args.eval == (args.resume is not None),
+         "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
+         "from checkpoint.pth in --output-dir"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise data_lt.UserError(message)
+
+
+# --- Models ---------------------------------------------------------------------------------------
+# ResNet-32 for CIFAR (He et al. 2016, option-A shortcuts), torchvision's ResNet-50 and
 # ResNeXt-50 for ImageNet-LT / iNat. Every model is backbone -> features z -> fc, so that the
 # backbone is what class gradients are taken over and z is what MGDA-UB differentiates.
-# ------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -234,57 +277,9 @@ def build_model(arch, num_classes):
     return Net(backbone, feat_dim, num_classes)
 
 
-class SumOverRanks(torch.autograd.Function):
-    """all_reduce(SUM) with a backward: each rank's loss depends on the sum, so the gradient
-    w.r.t. a rank's input is the sum over ranks of the gradients w.r.t. the sum."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return all_reduce_(t.clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_(grad.clone())
-
-
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are taken over the batches of all processes.
-    nn.SyncBatchNorm only runs on GPUs; this one also runs on the CPU with gloo, through the
-    differentiable all_reduce, so that the CPU tests check the multi-process run exactly."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), n_local]))
-        n, mean = stats[-1], stats[:-1] / stats[-1]
-        # Two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly in float32.
-        var = SumOverRanks.apply(((x - mean[None, :, None, None]) ** 2).sum((0, 2, 3))) / n
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-
-
-def convert_sync_bn(module, device):
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
-        else:
-            convert_sync_bn(child, device)
-    return module
-
-
-# ------------------------------------------------------------------------------------------
-# Distributed helpers: no DDP wrapper, since the GBG step takes several gradients per step;
-# instead every process adds up the same sums, so all apply the update of the global batch.
-# ------------------------------------------------------------------------------------------
+# --- Distributed helpers and output ---------------------------------------------------------------
+# No DDP wrapper, since the GBG step takes several gradients per step; instead every process adds
+# up the same sums, so all apply the update of the global batch. Rank 0 alone writes files.
 def init_distributed(args):
     args.rank, args.world_size, args.local_rank = 0, 1, 0
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -338,6 +333,53 @@ def average_bn_buffers(model, args):
             b.copy_(chunk.view_as(b))
 
 
+class SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with a backward: each rank's loss depends on the sum, so the gradient
+    w.r.t. a rank's input is the sum over ranks of the gradients w.r.t. the sum."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return all_reduce_(t.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.clone())
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken over the batches of all processes.
+    nn.SyncBatchNorm only runs on GPUs; this one also runs on the CPU with gloo, through the
+    differentiable all_reduce, so that the CPU tests check the multi-process run exactly."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), n_local]))
+        n, mean = stats[-1], stats[:-1] / stats[-1]
+        # Two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly in float32.
+        var = SumOverRanks.apply(((x - mean[None, :, None, None]) ** 2).sum((0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def convert_sync_bn(module, device):
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_sync_bn(child, device)
+    return module
+
+
 def log(args, *msg):
     if is_main(args):
         print(*msg, flush=True)
@@ -355,11 +397,11 @@ def write_json(path, obj, mode="w"):
         f.write(json.dumps(obj) + "\n")
 
 
-# ------------------------------------------------------------------------------------------
-# BCL: balanced contrastive learning (Zhu et al. 2022), the base method of the paper's best
-# numbers (--loss bcl). Its design (the two branches, the three views, how its loss meets GBG's
-# step and several processes) is described in README, "BCL as the base method".
-# ------------------------------------------------------------------------------------------
+# --- BCL: balanced contrastive learning (Zhu et al. 2022) -----------------------------------------
+# The base method of the paper's best numbers (--loss bcl). Its design (the two branches, the
+# three views, how its loss meets GBG's step and several processes) is described in README,
+# "BCL as the base method".
+#
 # la_weight / bcl_weight / bcl_temp (line numbers approximate): ImageNet-LT and iNat 1.0 / 0.35 /
 # 0.07, BCL's release (FlamieZhu/Balanced-Contrastive-Learning main.py l.30, l.55-56); CIFAR
 # 2.0 / 1.6 / 0.1, the authors' CIFAR release (WickyLee1998/GBG_v1 cifar_Group_full.py l.45,
@@ -458,11 +500,10 @@ def add_contrast_grad(contrast, params, la_weight):
         p.grad = g.view_as(p).clone() if p.grad is None else p.grad.mul_(la_weight).add_(g.view_as(p))
 
 
-# ------------------------------------------------------------------------------------------
-# Learning rate: linear warm-up, then step (x0.1 at each of --lr-drops, by default 80 % and 90 % of
+# --- Learning rate --------------------------------------------------------------------------------
+# Linear warm-up, then step (x0.1 at each of --lr-drops, by default 80 % and 90 % of
 # the epochs: 160/180 of 200, the CIFAR recipe) or cosine decay. A function of the epoch alone, so
 # resume is exact.
-# ------------------------------------------------------------------------------------------
 def lr_at(epoch, args):
     if epoch < args.warmup_epochs:
         return args.lr * (epoch + 1e-3) / args.warmup_epochs
@@ -473,9 +514,7 @@ def lr_at(epoch, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-# ------------------------------------------------------------------------------------------
-# Stage 1: grouping (Algorithm 1)
-# ------------------------------------------------------------------------------------------
+# --- Stage 1: grouping (Algorithm 1) --------------------------------------------------------------
 def make_groups(model, data, args, device):
     """Class -> group ids (np.int64[K]) by --grouping, identical on every process, and the
     affinity of the grouped classes (gbg only). Only the classes with training images are grouped:
@@ -542,9 +581,7 @@ def make_sampler(data, groups, args):
         raise data_lt.UserError(f"--sampler gac: {e} (flags: --num-groups, --gac-fill, --sampler random)") from None
 
 
-# ------------------------------------------------------------------------------------------
-# Stage 2: training (Algorithm 2) and evaluation
-# ------------------------------------------------------------------------------------------
+# --- Stage 2: training (Algorithm 2) and evaluation -----------------------------------------------
 def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -650,6 +687,15 @@ def evaluate(model, loader, class_counts, device, args):
     return out
 
 
+def eval_loader(ds, args, device):
+    """Each process evaluates its own share of the split; the per-class counts are summed."""
+    idx = np.arange(len(ds))[args.rank::args.world_size]
+    bs = max(args.batch_size // args.world_size, 1)
+    return data_lt.make_loader(ds, [idx[i:i + bs].tolist() for i in range(0, len(idx), bs)],
+                               train=False, device=device, num_workers=args.workers)
+
+
+# --- Main: evaluation of a checkpoint, reporting, the run -----------------------------------------
 # What each accuracy in results.json is, so that a reader compares like with like.
 PROTOCOLS = {
     "last": "test top-1 after the final epoch",
@@ -709,61 +755,8 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
     return results
 
 
-def eval_loader(ds, args, device):
-    """Each process evaluates its own share of the split; the per-class counts are summed."""
-    idx = np.arange(len(ds))[args.rank::args.world_size]
-    bs = max(args.batch_size // args.world_size, 1)
-    return data_lt.make_loader(ds, [idx[i:i + bs].tolist() for i in range(0, len(idx), bs)],
-                               train=False, device=device, num_workers=args.workers)
-
-
-# ------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------
-def fill_defaults(args):
-    """Fill the flags left at None (command line > --preset > data set recipe > BASE) and check
-    the flags, each with one line naming the flag and the fix."""
-    if args.preset == "release" and args.dataset not in ("cifar10-lt", "cifar100-lt"):
-        raise data_lt.UserError(f"--preset release is the authors' CIFAR configuration; use it with --dataset "
-                                f"cifar10-lt or cifar100-lt (not {args.dataset})")
-    layers = [PRESETS.get(args.preset, {}), RECIPES.get(args.dataset, RECIPES["cifar"]), BASE]
-    for layer in layers:
-        for k, v in layer.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    if args.sampler is None:  # every class its own objective: plain batches (see --sampler)
-        args.sampler = "random" if args.grouping == "none" else "gac"
-    if args.workers is None:
-        args.workers = default_workers()
-    checks = [
-        (args.batch_size >= 1 and args.batch_size % args.world_size == 0,
-         f"--batch-size {args.batch_size} does not split over the {args.world_size} process(es); "
-         f"pick a positive multiple of {args.world_size}"),
-        (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
-        (args.lr > 0, f"--lr {args.lr} must be positive"),
-        (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
-        (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
-         f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
-        (args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
-        (args.group_epoch >= 0 and args.regroup_every >= 0,
-         "--group-epoch and --regroup-every must be >= 0 (0: group at the start, never regroup)"),
-        (0 < args.gac_fill <= 1, f"--gac-fill {args.gac_fill} must be in (0, 1], a fraction of the batch"),
-        (args.sketch_dim >= 0, f"--sketch-dim {args.sketch_dim} must be >= 0 (0: decided from the model size)"),
-        (args.grad_max_per_class is None or args.grad_max_per_class >= 1,
-         f"--grad-max-per-class {args.grad_max_per_class} must be at least 1 (or left out: every sample)"),
-        (args.eval_every >= 1 and args.print_freq >= 1, "--eval-every and --print-freq must be at least 1"),
-        (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
-        (args.eval == (args.resume is not None),
-         "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
-         "from checkpoint.pth in --output-dir"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise data_lt.UserError(message)
-
-
 def main(args):
-    # ---------------------------------------------------------------- setup
+    # --- setup ------------------------------------------------------------------------------------
     init_distributed(args)
     ckpt = load_for_eval(args) if args.eval else None  # takes the model's options from the checkpoint
     fill_defaults(args)
@@ -786,7 +779,7 @@ def main(args):
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}{f'; preset {args.preset}' if args.preset else ''}")
 
-    # ---------------------------------------------------------------- data
+    # --- data -------------------------------------------------------------------------------------
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
     K, present = data.num_classes, np.flatnonzero(data.class_counts > 0)
     if args.grouping != "none" and not args.eval and not 1 <= args.num_groups <= present.size:
@@ -802,7 +795,7 @@ def main(args):
               f"smallest {data.class_counts[present].min()}), {len(data.test)} test images"
               f"{f'; {K - present.size} classes have no training image' if present.size < K else ''}")
 
-    # ---------------------------------------------------------------- model
+    # --- model ------------------------------------------------------------------------------------
     model = build_model(args.arch, K)
     if args.loss == "bcl":
         model = make_bcl_model(model, data.class_counts)
@@ -819,7 +812,7 @@ def main(args):
         return evaluate_checkpoint(model, ckpt, data, args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
 
-    # ---------------------------------------------------------------- resume
+    # --- resume -----------------------------------------------------------------------------------
     start_epoch, groups, best, ckpt_path = 0, None, None, out / "checkpoint.pth"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -841,7 +834,7 @@ def main(args):
         groups[present] = np.arange(present.size)
     best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
 
-    # ---------------------------------------------------------------- train
+    # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
     t_start = time.time()
@@ -884,7 +877,7 @@ def main(args):
         if args.exit_after_epoch is not None and epoch >= args.exit_after_epoch:
             return None
 
-    # ---------------------------------------------------------------- results
+    # --- results ----------------------------------------------------------------------------------
     last = [json.loads(line) for line in open(out / "log.txt")][-1] if is_main(args) else {}
     results = {"last": {"epoch": last.get("epoch"), **{k[5:]: v for k, v in last.items() if k.startswith("test_")}},
                "best_on_val": best, "best_test": best_test, "protocols": PROTOCOLS,
