@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 
 
-# --- 1. Class gradients and their affinity (Eq. 7) -----------------------------------------
+# --- 1. Class gradients and their affinity (Eq. 7) ------------------------------------------------
 
 def _dataset_labels(dataset):
     """Labels of a map-style dataset: `dataset.targets` if it has one, else one pass over it."""
@@ -241,7 +241,7 @@ def affinity(class_grads):
     return A
 
 
-# --- 2. Normalised-cut grouping of the affinity graph (Eq. 8-9) ----------------------------
+# --- 2. Normalised-cut grouping of the affinity graph (Eq. 8-9) -----------------------------------
 
 def _check_num_groups(num_groups, num_classes):
     if not 1 <= num_groups <= num_classes:
@@ -344,7 +344,7 @@ def ncut_value(affinity, groups):
     return float(total)
 
 
-# --- 3. Group-Aware Completion (GAC) sampler -----------------------------------------------
+# --- 3. Group-Aware Completion (GAC) sampler ------------------------------------------------------
 
 def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
     """P_j: the probability that a completion of group i draws class j (sums to 1 per group).
@@ -488,7 +488,7 @@ class GACBatchSampler:
         return total // self.global_batch if self.drop_last else math.ceil(total / self.global_batch)
 
 
-# --- 4. Per-group losses (Eq. 10) ---
+# --- 4. Per-group losses (Eq. 10) -----------------------------------------------------------------
 
 def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", class_counts=None):
     """The G objectives of Eq. (10): one cross-entropy loss per group of classes.
@@ -535,7 +535,7 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
     return losses, present
 
 
-# --- 5. Min-norm weights (Eq. 11, MGDA) ---
+# --- 5. Min-norm weights (Eq. 11, MGDA) -----------------------------------------------------------
 
 def _frank_wolfe(M, max_iter, tol):
     """Frank-Wolfe with exact line search on the rescaled Gram M (Sener & Koltun Alg. 2), in its
@@ -668,7 +668,7 @@ def min_norm_weights(gram, *, max_iter=2000, tol=1e-12, polish_steps=50):
     return torch.as_tensor(a).to(**out)
 
 
-# --- 6. The Pareto descent step (Eq. 12) ---
+# --- 6. The Pareto descent step (Eq. 12) ----------------------------------------------------------
 #
 # Every step below builds d = sum_i w_i g_i from the RAW group gradients g_i, with weights w_i
 # derived from the min-norm alpha of the normalised gradients g_i / n_i (update rules):
