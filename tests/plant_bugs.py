@@ -3,6 +3,7 @@ catch each of them.
 
     python tests/plant_bugs.py                 # every bug (a few minutes on 2 CPU cores)
     python tests/plant_bugs.py ncut_restarts   # only the named bugs
+    python tests/plant_bugs.py -j 4            # four bugs at a time, each in its own copy
     python tests/plant_bugs.py --list
 
 The repository (tracked and untracked, non-ignored files) is copied to a temporary folder; the
@@ -16,7 +17,9 @@ OMP_NUM_THREADS=1, and the file is restored. One line per bug:
 Exits non-zero unless every bug is caught. Not part of the test suite (not named test_*.py).
 """
 import argparse
+import concurrent.futures
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -112,6 +115,14 @@ BUGS = [
     ("log_not_truncated_on_resume", "train.py",
      'lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]',
      'lines = list(open(out / "log.txt"))', [PT + "test_resume_after_a_kill_between_log_and_checkpoint"]),
+    # two processes against one (float64, 1e-10)
+    ("global_bn_biased_running_var", "train.py",
+     "self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)",
+     "self.running_var.lerp_(var.detach(), self.momentum)",
+     ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]),
+    ("evaluate_counts_not_summed_over_processes", "train.py",
+     "correct, total = all_reduce_(correct).cpu(), all_reduce_(total).cpu()", "correct, total = correct.cpu(), total.cpu()",
+     ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]),
     # the GPU reproduction script
     ("gpu_repro_python_on_path", "tests/gpu_repro.sh",
      'timeout "$TIME_LIMIT" "$PY" train.py', 'timeout "$TIME_LIMIT" python train.py',
@@ -145,48 +156,63 @@ def main():
     ap.add_argument("--list", action="store_true", help="list the bugs and exit")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per pytest run")
     ap.add_argument("--verbose", action="store_true", help="show pytest's output for bugs not caught")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="bugs checked in parallel, each in its own copy")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running the tests on the unchanged code")
     a = ap.parse_args()
     names = [b[0] for b in BUGS]
     assert len(set(names)) == len(names), "duplicate bug names"
     if a.list:
         for name, file, *_ in BUGS:
-            print(f"{name:40} {file}")
+            print(f"{name:44} {file}")
         return 0
     unknown = set(a.names) - set(names)
     if unknown:
         sys.exit(f"plant_bugs.py: error: unknown bug(s) {sorted(unknown)}; see --list")
     bugs = [b for b in BUGS if not a.names or b[0] in a.names]
 
-    failed = 0
     with tempfile.TemporaryDirectory(prefix="plant_bugs_") as tmp:
-        repo = Path(tmp)
-        copy_repo(repo)
-        ids = list(dict.fromkeys(i for b in bugs for i in b[4]))
-        t0 = time.time()
-        rc, out = run_tests(repo, ids, a.timeout * 2)
-        if rc != 0:
-            print(out)
-            sys.exit(f"plant_bugs.py: error: the tests fail on the unchanged code (exit {rc}); fix them first")
-        print(f"baseline: {len(ids)} test ids pass on the unchanged code ({time.time() - t0:.0f} s)", flush=True)
-        for name, file, old, new, tests in bugs:
-            path = repo / file
-            text = path.read_text()
-            n = text.count(old)
-            if n != 1:
-                status, out, took = ("SNIPPET NOT FOUND" if n == 0 else f"SNIPPET FOUND {n} TIMES"), "", 0.0
-            else:
+        repos = [Path(tmp) / f"w{i}" for i in range(max(a.jobs, 1))]
+        for repo in repos:
+            repo.mkdir()
+            copy_repo(repo)
+        if not a.no_baseline:
+            ids = list(dict.fromkeys(i for b in bugs for i in b[4]))
+            t0 = time.time()
+            rc, out = run_tests(repos[0], ids, a.timeout * 2)
+            if rc != 0:
+                print(out)
+                sys.exit(f"plant_bugs.py: error: the tests fail on the unchanged code (exit {rc}); fix them first")
+            print(f"baseline: {len(ids)} test ids pass on the unchanged code ({time.time() - t0:.0f} s)", flush=True)
+        free = queue.Queue()
+        for repo in repos:
+            free.put(repo)
+
+        def plant(bug):
+            name, file, old, new, tests = bug
+            repo = free.get()
+            try:
+                path = repo / file
+                text = path.read_text()
+                n = text.count(old)
+                if n != 1:
+                    return ("SNIPPET NOT FOUND" if n == 0 else f"SNIPPET FOUND {n} TIMES"), "", 0.0
                 t0 = time.time()
                 path.write_text(text.replace(old, new))
                 try:
                     rc, out = run_tests(repo, tests, a.timeout)
                 finally:
                     path.write_text(text)
-                took = time.time() - t0
-                status = {1: "caught", 0: "SURVIVED"}.get(rc, f"ERROR (pytest exit {rc})")
-            failed += status != "caught"
-            print(f"{status:22} {name:40} {file:20} {took:5.0f} s", flush=True)
-            if a.verbose and status not in ("caught",) and out:
-                print(out)
+                return {1: "caught", 0: "SURVIVED"}.get(rc, f"ERROR (pytest exit {rc})"), out, time.time() - t0
+            finally:
+                free.put(repo)
+
+        failed = 0
+        with concurrent.futures.ThreadPoolExecutor(max(a.jobs, 1)) as pool:
+            for (name, file, *_), (status, out, took) in zip(bugs, pool.map(plant, bugs)):
+                failed += status != "caught"
+                print(f"{status:22} {name:44} {file:20} {took:5.0f} s", flush=True)
+                if a.verbose and status != "caught" and out:
+                    print(out)
     print(f"{len(bugs) - failed} of {len(bugs)} planted bugs caught")
     return 1 if failed else 0
 
