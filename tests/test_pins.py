@@ -3,17 +3,13 @@ bug (see tests/plant_bugs.py, which plants them one at a time), against a refere
 not share the code under test: exhaustive search over partitions, values derived by hand, a hand
 count, an uninterrupted run, a direct autograd computation."""
 import argparse
-import json
-import math
-import re
-import warnings
+import inspect
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-import data_lt
 import gbg
 import train as T
 
@@ -227,6 +223,7 @@ def test_defaults_quoted_in_readme():
     a = _defaults()
     assert (a.normalize, a.group_loss, a.moo_grad) == ("l2", "class", "params")
     assert (a.num_groups, a.grouping, a.sampler, a.gac_fill, a.group_epoch, a.regroup_every) == (4, "gbg", "gac", 0.1, 0, 0)
+    assert (a.dataset, a.imb_factor, a.batch_size, a.loss, a.moo) == ("cifar10-lt", 100, 256, "ce", "mgda")
     # CIFAR: 200 epochs, lr 0.1, 5 warm-up epochs, x0.1 at 160 and 180, wd 5e-4, ResNet-32
     assert (a.arch, a.epochs, a.lr, a.warmup_epochs, a.schedule, a.wd, a.momentum) == \
         ("resnet32", 200, 0.1, 5, "step", 5e-4, 0.9)
@@ -243,7 +240,6 @@ def test_defaults_quoted_in_readme():
     a = _defaults("--loss", "bcl", "--la-weight", "2", "--bcl-weight", "0.6")  # flags win over presets
     assert (a.la_weight, a.bcl_weight, a.bcl_temp) == (2.0, 0.6, 0.1)
     # the GAC sampler's rho = 0.9999, lam = 1e-5; NCut: 10 k-means restarts
-    import inspect
     sig = inspect.signature(gbg.gac_class_probs).parameters
     assert (sig["rho"].default, sig["lam"].default) == (0.9999, 1e-5)
     assert inspect.signature(gbg.ncut_groups).parameters["n_init"].default == 10
