@@ -452,7 +452,7 @@ def make_bcl_model(model, class_counts):
     hidden, out = (D, 1024) if D >= 2048 else (512, 128)
     model.fc = CosineClassifier(D, K)
     model.head, model.head_fc = mlp_head(D, hidden, out), mlp_head(D, hidden, out)
-    counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float32).clamp(min=1)  # no log 0
+    counts = torch.as_tensor(np.asarray(class_counts), dtype=model.fc.weight.dtype).clamp(min=1)  # no log 0
     model.register_buffer("log_prior", torch.log(counts / counts.sum()), persistent=False)
     return model
 
@@ -484,7 +484,7 @@ def bcl_loss(features, targets, prototypes, temperature):
 def bcl_contrast(model, z_views, targets, temperature):
     """BCL loss of the backbone features z_views [V*B, D] of V contrastive views (stacked view
     by view) of the samples with labels targets [B]."""
-    emb = F.normalize(model.head(z_views.to(model.fc.weight.dtype)), dim=1)
+    emb = F.normalize(model.head(z_views.to(model.fc.weight.dtype)), dim=1)  # bf16 autocast -> the heads' dtype
     prototypes = F.normalize(model.head_fc(model.fc.weight), dim=1)
     return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
 

@@ -3,6 +3,7 @@ the CIFAR-10 copy's layout (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg)."""
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -28,11 +29,20 @@ def test_gpu_repro_script_runs_one_epoch_on_cpu(tmp_path):
         for split in ("train", "test"):
             tar.add(src / split, arcname=split)
     out = tmp_path / "out"
+    # A decoy `python` first on PATH: the script must run every step under the interpreter it is
+    # given (PYTHON, here the one running the tests), never whatever `python` the PATH finds.
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    for name in ("python", "python3"):
+        (decoy / name).write_text("#!/bin/sh\necho decoy python ran >&2\nexit 3\n")
+        (decoy / name).chmod(0o755)
     env = dict(os.environ, EPOCHS="1", DEVICE="cpu", TARBALL=str(tarball), DATA=str(tmp_path / "data"),
-               OUTDIR=str(out), EXTRA="--arch resnet8 --batch-size 64", OMP_NUM_THREADS="1")
+               OUTDIR=str(out), EXTRA="--arch resnet8 --batch-size 64", OMP_NUM_THREADS="1",
+               PYTHON=sys.executable, PATH=f"{decoy}{os.pathsep}{os.environ.get('PATH', '')}")
     r = subprocess.run(["bash", str(ROOT / "tests" / "gpu_repro.sh")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "decoy" not in r.stdout + r.stderr
     for name in ("ce", "gbg"):
         wall = json.load(open(out / name / "wall.json"))
         assert wall["exit_code"] == 0 and wall["wall_s"] > 0

@@ -1,0 +1,238 @@
+"""Plant small, realistic bugs one at a time in a copy of the repository and check that the tests
+catch each of them.
+
+    python tests/plant_bugs.py                 # every bug (a few minutes on 2 CPU cores)
+    python tests/plant_bugs.py ncut_restarts   # only the named bugs
+    python tests/plant_bugs.py -j 4            # four bugs at a time, each in its own copy
+    python tests/plant_bugs.py --list
+
+The repository (tracked and untracked, non-ignored files) is copied to a temporary folder; the
+named tests are first run there unchanged (they must pass, else nothing can be concluded), then
+for each bug the file is edited (the exact `old` snippet must occur once), its tests run with
+OMP_NUM_THREADS=1, and the file is restored. One line per bug:
+    caught              a test failed
+    SURVIVED            every test passed: a behaviour no test pins
+    SNIPPET NOT FOUND   the code changed: update the snippet, so the list stays in step
+    ERROR               pytest could not run the tests (a stale test id, a broken plant)
+Exits non-zero unless every bug is caught. Not part of the test suite (not named test_*.py).
+"""
+import argparse
+import concurrent.futures
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+P = "tests/test_pins.py::"
+PT = "tests/test_pins_train.py::"
+NCUT = [P + "test_ncut_value_by_hand", P + "test_ncut_reaches_the_exhaustive_optimum_on_hard_cases"]
+FW = [P + "test_frank_wolfe_first_step_is_the_exact_line_search", P + "test_frank_wolfe_alone_descends_to_the_optimum"]
+BCL_STEP = [PT + "test_bcl_step_matches_a_direct_computation"]
+
+# (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
+# be rewritten; the ones inside train_one_epoch are kept to a single expression.
+BUGS = [
+    # NCut (Eq. 8-9)
+    ("ncut_no_plus_one_shift", "gbg.py",
+     "return np.clip((A + A.T) / 2 + 1.0, 0.0, None)",
+     "return np.clip((A + A.T) / 2, 0.0, None)", NCUT),
+    ("ncut_groups_without_shift", "gbg.py",
+     "    W = _graph_weights(affinity)\n    K = W.shape[0]",
+     "    W = np.clip(_graph_weights(affinity) - 1.0, 0.0, None)\n    K = W.shape[0]", NCUT),
+    ("ncut_no_unit_rows", "gbg.py",
+     "    U = U / np.maximum(np.linalg.norm(U, axis=1, keepdims=True), 1e-12)\n", "", NCUT),
+    ("ncut_restarts", "gbg.py",
+     "for _ in range(max(n_init, 1)):", "for _ in range(1):", NCUT),
+    # Frank-Wolfe alone (the active-set polish would hide these)
+    ("fw_curvature_sign", "gbg.py",
+     "curv = M[s, s] + M[v, v] - 2.0 * M[s, v]", "curv = M[s, s] + M[v, v] + 2.0 * M[s, v]", FW),
+    ("fw_line_search_half_step", "gbg.py",
+     "gamma = min(a[v], gap / curv) if curv > 0 else a[v]",
+     "gamma = min(a[v], 0.5 * gap / curv) if curv > 0 else a[v]", FW),
+    ("fw_stale_gradient", "gbg.py",
+     "Ma += gamma * (M[s] - M[v])", "Ma += gamma * (M[s] - M[v]) * 0.5", FW),
+    # GAC beta (README's reading of the appendix)
+    ("gac_delta_not_relative", "gbg.py",
+     "delta = math.log(n.max() / n.min()) / log_span if log_span > 0 else 0.0",
+     "delta = math.log(n.max() / n.min()) if log_span > 0 else 0.0", [P + "test_gac_class_probs_by_hand"]),
+    ("gac_beta_formula", "gbg.py",
+     "beta = rho + lam * delta", "beta = rho * (1 + lam * delta)", [P + "test_gac_class_probs_by_hand"]),
+    # Many / Medium / Few
+    ("shots_divide_by_whole_split", "train.py",
+     "correct[m].sum().item() / total[m].sum().item()", "correct[m].sum().item() / total.sum().item()",
+     [P + "test_evaluate_many_medium_few_against_a_hand_count"]),
+    # model selection
+    ("best_on_test_epoch", "train.py",
+     'stats["val_top1"] > best["val_top1"]', 'stats["test_top1"] > best["test_top1"]',
+     [PT + "test_best_on_val_is_the_val_argmax_not_the_test_one"]),
+    # BCL's step
+    ("bcl_no_logit_adjustment", "train.py",
+     "adjusted = logits + model.log_prior", "adjusted = logits", BCL_STEP),
+    ("bcl_la_weight_not_on_direction", "train.py",
+     "p.grad.mul_(la)", "p.grad.mul_(1.0)", BCL_STEP),
+    ("bcl_cosine_scale", "train.py",
+     "def __init__(self, in_features, out_features, scale=30.0):",
+     "def __init__(self, in_features, out_features, scale=16.0):", BCL_STEP),
+    ("bcl_contrast_not_divided_by_processes", "train.py",
+     "bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size",
+     "bcl_contrast(model, z[len(y):], y, args.bcl_temp)", BCL_STEP),
+    # defaults
+    ("default_normalize", "train.py",
+     '    normalize="l2",', '    normalize="none",',
+     [P + "test_defaults_quoted_in_readme"]),
+    ("default_group_loss", "train.py",
+     '    group_loss="class",', '    group_loss="sample",',
+     [P + "test_defaults_quoted_in_readme"]),
+    ("preset_inat_wd", "train.py",
+     '"inat2018": dict(arch="resnet50", epochs=100, lr=0.2, wd=1e-4,',
+     '"inat2018": dict(arch="resnet50", epochs=100, lr=0.2, wd=5e-4,', [P + "test_defaults_quoted_in_readme"]),
+    ("preset_bcl_cifar_weight", "train.py",
+     '"cifar": dict(la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1)',
+     '"cifar": dict(la_weight=2.0, bcl_weight=0.6, bcl_temp=0.1)', [P + "test_defaults_quoted_in_readme"]),
+    # grouping schedule and kind
+    ("regroup_every_off_by_one", "train.py",
+     "(epoch - args.group_epoch) % args.regroup_every == 0", "(epoch - args.group_epoch) % (args.regroup_every + 1) == 0",
+     [PT + "test_group_epoch_and_regroup_every_end_to_end"]),
+    ("group_epoch_ignored", "train.py",
+     "due = epoch == args.group_epoch or", "due = epoch == 0 or",
+     [PT + "test_group_epoch_and_regroup_every_end_to_end"]),
+    ("sketch_threshold_20_gb", "train.py",
+     "None if K * P * 4 <= 2e9 else 16384", "None if K * P * 4 <= 2e10 else 16384",
+     [P + "test_sketch_switches_on_above_2_gb"]),
+    ("sketch_size", "train.py",
+     "None if K * P * 4 <= 2e9 else 16384", "None if K * P * 4 <= 2e9 else 8192",
+     [P + "test_sketch_switches_on_above_2_gb"]),
+    ("grouping_random_runs_ncut", "train.py",
+     'if args.grouping == "random":', 'if args.grouping == "random-partition":',
+     [PT + "test_random_grouping_end_to_end"]),
+    # resume
+    ("log_not_truncated_on_resume", "train.py",
+     'lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]',
+     'lines = list(open(out / "log.txt"))', [PT + "test_resume_after_a_kill_between_log_and_checkpoint"]),
+    # two processes against one (float64, 1e-10)
+    ("global_bn_biased_running_var", "train.py",
+     "self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)",
+     "self.running_var.lerp_(var.detach(), self.momentum)",
+     ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]),
+    ("evaluate_counts_not_summed_over_processes", "train.py",
+     "correct, total = all_reduce_(correct).cpu(), all_reduce_(total).cpu()", "correct, total = correct.cpu(), total.cpu()",
+     ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]),
+    # the MGDA step's update rule and the grouping's BatchNorm recalibration
+    ("update_rule_not_scaled", "gbg.py",
+     "w = (alpha / n) / (alpha / n).sum().clamp(min=1e-300)", "w = alpha / n",
+     ["tests/test_moo.py::test_update_size_equal_gradients_give_that_gradient",
+      "tests/test_moo.py::test_mgda_backward_exact_matches_separate_backwards"]),
+    ("recalibration_keeps_old_statistics", "gbg.py",
+     "        m.reset_running_stats()\n", "",
+     ["tests/test_grouping.py::test_recalibrated_bn_equals_exact_statistics_and_is_restored"]),
+    ("recalibration_not_restored", "gbg.py",
+     "            _restore_bn(saved_bn)", "            pass",
+     ["tests/test_grouping.py::test_recalibrated_bn_equals_exact_statistics_and_is_restored"]),
+    ("moo_every_ignored", "train.py",
+     "if step % args.moo_every == 0 or", "if True or",
+     ["tests/test_step.py::test_moo_every_reuses_the_weights_until_the_groups_change"]),
+    ("min_norm_absolute_tolerance", "gbg.py",
+     "if gap <= tol * (a @ Ma):", "if gap <= tol:",
+     ["tests/test_moo.py::test_min_norm_relative_to_the_optimum_when_norms_span_eight_orders"]),
+    # the GPU reproduction script
+    ("gpu_repro_python_on_path", "tests/gpu_repro.sh",
+     'timeout "$TIME_LIMIT" "$PY" train.py', 'timeout "$TIME_LIMIT" python train.py',
+     ["tests/test_gpu_repro.py::test_gpu_repro_script_runs_one_epoch_on_cpu"]),
+]
+
+
+def copy_repo(dst):
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+def run_tests(repo, ids, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *ids]
+    try:
+        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    return r.returncode, (r.stdout + r.stderr)[-2000:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="only these bugs (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the bugs and exit")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per pytest run")
+    ap.add_argument("--verbose", action="store_true", help="show pytest's output for bugs not caught")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="bugs checked in parallel, each in its own copy")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running the tests on the unchanged code")
+    a = ap.parse_args()
+    names = [b[0] for b in BUGS]
+    assert len(set(names)) == len(names), "duplicate bug names"
+    if a.list:
+        for name, file, *_ in BUGS:
+            print(f"{name:44} {file}")
+        return 0
+    unknown = set(a.names) - set(names)
+    if unknown:
+        sys.exit(f"plant_bugs.py: error: unknown bug(s) {sorted(unknown)}; see --list")
+    bugs = [b for b in BUGS if not a.names or b[0] in a.names]
+
+    with tempfile.TemporaryDirectory(prefix="plant_bugs_") as tmp:
+        repos = [Path(tmp) / f"w{i}" for i in range(max(a.jobs, 1))]
+        for repo in repos:
+            repo.mkdir()
+            copy_repo(repo)
+        if not a.no_baseline:
+            ids = list(dict.fromkeys(i for b in bugs for i in b[4]))
+            t0 = time.time()
+            rc, out = run_tests(repos[0], ids, a.timeout * 2)
+            if rc != 0:
+                print(out)
+                sys.exit(f"plant_bugs.py: error: the tests fail on the unchanged code (exit {rc}); fix them first")
+            print(f"baseline: {len(ids)} test ids pass on the unchanged code ({time.time() - t0:.0f} s)", flush=True)
+        free = queue.Queue()
+        for repo in repos:
+            free.put(repo)
+
+        def plant(bug):
+            name, file, old, new, tests = bug
+            repo = free.get()
+            try:
+                path = repo / file
+                text = path.read_text()
+                n = text.count(old)
+                if n != 1:
+                    return ("SNIPPET NOT FOUND" if n == 0 else f"SNIPPET FOUND {n} TIMES"), "", 0.0
+                t0 = time.time()
+                path.write_text(text.replace(old, new))
+                try:
+                    rc, out = run_tests(repo, tests, a.timeout)
+                finally:
+                    path.write_text(text)
+                return {1: "caught", 0: "SURVIVED"}.get(rc, f"ERROR (pytest exit {rc})"), out, time.time() - t0
+            finally:
+                free.put(repo)
+
+        failed = 0
+        with concurrent.futures.ThreadPoolExecutor(max(a.jobs, 1)) as pool:
+            for (name, file, *_), (status, out, took) in zip(bugs, pool.map(plant, bugs)):
+                failed += status != "caught"
+                print(f"{status:22} {name:44} {file:20} {took:5.0f} s", flush=True)
+                if a.verbose and status != "caught" and out:
+                    print(out)
+    print(f"{len(bugs) - failed} of {len(bugs)} planted bugs caught")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

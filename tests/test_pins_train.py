@@ -1,0 +1,291 @@
+"""Pins on train.py end to end (synthetic-lt, CPU): model selection on val, --group-epoch and
+--regroup-every, --grouping random, the log after a kill between the log write and the checkpoint
+write, and BCL's training step (one and two processes) against a direct float64 computation."""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data_lt
+import gbg
+import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--dataset", "synthetic-lt", "--arch", "resnet8", "--device", "cpu", "--batch-size", "128",
+        "--print-freq", "1000", "--workers", "0"]
+PLAIN = ["--grouping", "none", "--moo", "none", "--sampler", "random"]
+
+
+def train(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / "log.txt")]
+
+
+def weights(out):
+    return torch.load(Path(out) / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+
+
+def group_epochs(stdout):
+    return [int(e) for e in re.findall(r"groups \(epoch (\d+)\)", stdout)]
+
+
+# ----------------------------------------------------------------------------- model selection
+
+def test_best_on_val_is_the_val_argmax_not_the_test_one(tmp_path, monkeypatch):
+    """A val split whose accuracy peaks at another epoch than the test accuracy: results.json's
+    best_on_val must be the val argmax (epoch 1), with that epoch's test numbers, never the best
+    test epoch (2). The accuracies are scripted (evaluate is replaced); the run is real."""
+    build = data_lt.build_data
+
+    def with_val(*a, **kw):
+        data = build(*a, **kw)
+        t = data.test
+        data.val = data_lt.TensorImages(t.images[:37], t.targets[:37], t.mean, t.std)
+        return data
+
+    val_top1, test_top1 = [10.0, 40.0, 20.0, 30.0], [50.0, 10.0, 60.0, 5.0]
+    calls = {"val": 0, "test": 0}
+
+    def scripted(model, loader, class_counts, device, args):
+        split = "val" if sum(len(y) for _, y in loader) == 37 else "test"
+        top1 = (val_top1 if split == "val" else test_top1)[calls[split]]
+        calls[split] += 1
+        return {"top1": top1, "many": top1 + 1, "medium": top1 + 2, "few": top1 + 3}
+
+    monkeypatch.setattr(data_lt, "build_data", with_val)
+    monkeypatch.setattr(T, "evaluate", scripted)
+    args = argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(
+        [*FAST, *PLAIN, "--batch-size", "512", "--epochs", "4", "--output-dir", str(tmp_path)])
+    T.main(args)
+    assert calls == {"val": 4, "test": 4}
+    results = json.load(open(tmp_path / "results.json"))
+    best = results["best_on_val"]
+    assert best["epoch"] == 1
+    assert (best["val_top1"], best["test_top1"], best["test_few"]) == (40.0, 10.0, 13.0)
+    assert results["last"]["top1"] == 5.0
+    assert [e["val_top1"] for e in read_log(tmp_path)] == val_top1
+
+
+# ----------------------------------------------------------------------------- grouping schedule
+
+def reference_groups(checkpoint_dir, num_groups):
+    """NCut groups of the checkpointed model, computed here from gbg's public functions: exact
+    class gradients of the backbone over the training set, cosine affinity, NCut with seed 0."""
+    data = data_lt.build_data("synthetic-lt", "./data", imb_factor=100, seed=0)
+    model = T.build_model("resnet8", data.num_classes)
+    model.load_state_dict(weights(checkpoint_dir))
+    grads = gbg.class_gradients(model, data.train_eval, data.num_classes, list(model.backbone.parameters()),
+                                recalibrate_bn=True)  # train.py's default
+    groups = gbg.ncut_groups(gbg.affinity(grads), num_groups, seed=0)
+    return [np.flatnonzero(groups == g).tolist() for g in range(num_groups)]
+
+
+def test_group_epoch_and_regroup_every_end_to_end(tmp_path):
+    """--group-epoch 1 --regroup-every 2 over 4 epochs: epoch 0 is plain CE (no groups, no MGDA),
+    groups are made at epochs 1 and 3, each from the model trained so far (checked against the
+    NCut of the checkpoint written just before epoch 3, taken through a stop and resume)."""
+    args = [*FAST, "--group-epoch", "1", "--regroup-every", "2", "--epochs", "4", "--output-dir", str(tmp_path)]
+    first = train(*args, "--exit-after-epoch", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert group_epochs(first.stdout) == [1]
+    assert json.load(open(tmp_path / "groups.json"))["epoch"] == 1
+    want = reference_groups(tmp_path, 4)
+    second = train(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert group_epochs(second.stdout) == [3]
+    info = json.load(open(tmp_path / "groups.json"))
+    assert info["epoch"] == 3 and info["groups"] == want
+    log = read_log(tmp_path)
+    assert [e["epoch"] for e in log] == [0, 1, 2, 3]
+    assert "alpha_mean" not in log[0] and all(len(e["alpha_mean"]) == 4 for e in log[1:])
+
+
+def test_random_grouping_end_to_end(tmp_path):
+    r = train(*FAST, "--grouping", "random", "--num-groups", "3", "--seed", "2", "--epochs", "1",
+              "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = gbg.random_groups(10, 3, seed=2)
+    counts = data_lt.build_data("synthetic-lt", "./data", imb_factor=100, seed=2).class_counts
+    assert not np.array_equal(want, gbg.count_groups(counts, 3))  # the baselines differ here
+    info = json.load(open(tmp_path / "groups.json"))
+    assert info["grouping"] == "random" and info["ncut"] is None
+    assert info["groups"] == [np.flatnonzero(want == g).tolist() for g in range(3)]
+    assert "class gradients" not in r.stdout  # no gradient pass for a random partition
+    assert len(read_log(tmp_path)[0]["alpha_mean"]) == 3
+
+
+# ----------------------------------------------------------------------------- resume and the log
+
+def test_resume_after_a_kill_between_log_and_checkpoint(tmp_path):
+    """Epoch 1's log line is written but its checkpoint is not (the run died in between): the
+    resumed run redoes epoch 1 and its log equals the uninterrupted run's, one line per epoch."""
+    args = [*FAST, *PLAIN, "--batch-size", "256", "--epochs", "2"]
+    ref = train(*args, "--output-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "cut"
+    assert train(*args, "--output-dir", str(out), "--exit-after-epoch", "0").returncode == 0
+    shutil.copy(out / "checkpoint.pth", tmp_path / "epoch0.pth")
+    assert train(*args, "--output-dir", str(out)).returncode == 0
+    assert [e["epoch"] for e in read_log(out)] == [0, 1]
+    shutil.copy(tmp_path / "epoch0.pth", out / "checkpoint.pth")  # as if killed before epoch 1's checkpoint
+    (out / "results.json").unlink()
+    again = train(*args, "--output-dir", str(out))
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    a, b = read_log(tmp_path / "ref"), read_log(out)
+    assert [e["epoch"] for e in b] == [0, 1]
+    for x, y in zip(a, b):
+        for k in ("train_loss", "test_top1", "test_many", "test_few", "lr"):
+            assert x[k] == y[k], (x["epoch"], k)
+    assert json.load(open(out / "results.json"))["last"] == json.load(open(tmp_path / "ref" / "results.json"))["last"]
+    wa, wb = weights(tmp_path / "ref"), weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------- BCL's step
+
+BCL_WRAPPER = """
+import argparse, sys
+import torch, torch.nn as nn
+sys.path.insert(0, {root!r})
+torch.set_default_dtype(torch.float64)
+import train
+
+
+class ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def small_model(arch, num_classes):
+    backbone = nn.Sequential(ToDouble(), nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return train.Net(backbone, 16, num_classes)
+
+
+_epoch = train.train_one_epoch
+
+
+def record_step(model, loader, optimizer, epoch, args, *rest, **kw):
+    batches = list(loader)  # the views are seeded per sample: iterating again gives the same batches
+    init = {{k: v.clone() for k, v in model.state_dict().items()}}
+    stats = _epoch(model, batches, optimizer, epoch, args, *rest, **kw)
+    grads = {{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    torch.save(dict(init=init, batches=batches, grads=grads), f"{{args.output_dir}}/step-rank{{args.rank}}.pth")
+    return stats
+
+
+train.build_model, train.train_one_epoch = small_model, record_step
+train.main(argparse.ArgumentParser(parents=[train.get_args_parser()]).parse_args())
+"""
+
+# One group (MGDA's direction is then the group's gradient), one step of the whole set (492
+# images <= batch 512), --normalize none: p.grad = la_weight * grad(LA) + grad(bcl_weight * BCL).
+BCL_FLAGS = ["--dataset", "synthetic-lt", "--device", "cpu", "--batch-size", "512", "--epochs", "1",
+             "--loss", "bcl", "--grouping", "random", "--num-groups", "1", "--moo", "mgda", "--normalize", "none",
+             "--sampler", "random", "--sync-bn", "--workers", "0", "--print-freq", "1000"]
+
+
+def small_bcl_model(num_classes, class_counts):
+    torch.set_default_dtype(torch.float64)
+    try:
+        backbone = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+                                       torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                       torch.nn.Conv2d(8, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16),
+                                       torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        return T.make_bcl_model(T.Net(backbone, 16, num_classes), class_counts)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, temperature=0.1):
+    """The gradient of one BCL+GBG step with one group, written from BCL's definition:
+    la_weight * LA + bcl_weight * (mean over processes of each process's BCL loss), where
+    LA = mean over the classes present of the class-mean CE of the logit-adjusted cosine logits
+    30 cos(z, w_k) + log(N_k / N), over the global batch; the backbone's BatchNorm sees every
+    process's views (--sync-bn); each process's contrastive loss sees its own views."""
+    model = small_bcl_model(len(class_counts), class_counts)
+    model.load_state_dict(ranks[0]["init"])
+    model.train()
+    parts = [(torch.cat(r["batches"][0][0]).double(), r["batches"][0][1]) for r in ranks]
+    z = model.backbone(torch.cat([x for x, _ in parts]))
+    log_prior = torch.log(torch.as_tensor(class_counts, dtype=torch.float64) / float(np.sum(class_counts)))
+    w = model.fc.weight
+    cls_z, cls_y, contrast, offset = [], [], 0.0, 0
+    for x, y in parts:
+        zr = z[offset:offset + len(x)]
+        offset += len(x)
+        B = len(y)
+        cls_z.append(zr[:B])
+        cls_y.append(y)
+        emb = F.normalize(model.head(zr[B:]), dim=1)
+        protos = F.normalize(model.head_fc(w), dim=1)
+        contrast = contrast + T.bcl_loss(emb, y.repeat(2), protos, temperature) / len(parts)
+    zc, y = torch.cat(cls_z), torch.cat(cls_y)
+    logits = 30.0 * F.normalize(zc, dim=1) @ F.normalize(w, dim=1).T + log_prior
+    per_sample = -torch.log_softmax(logits, dim=1)[torch.arange(len(y)), y]
+    la = torch.stack([per_sample[y == c].mean() for c in torch.unique(y)]).mean()
+    loss = la_weight * la + bcl_weight * contrast
+    names = [n for n, p in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+
+
+@pytest.fixture(scope="module")
+def bcl_steps(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bcl_step")
+    wrapper = tmp / "record.py"
+    wrapper.write_text(BCL_WRAPPER.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for n in (1, 2):
+        cmd = [sys.executable, str(wrapper), *BCL_FLAGS, "--output-dir", str(tmp / f"p{n}")]
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] + cmd[1:]
+        procs[n] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for n, p in procs.items():
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, f"{n} process(es):\n{log[-3000:]}"
+    counts = data_lt.build_data("synthetic-lt", "./data", imb_factor=100, seed=0).class_counts
+    return {n: [torch.load(tmp / f"p{n}" / f"step-rank{r}.pth", weights_only=False) for r in range(n)]
+            for n in (1, 2)}, counts
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_bcl_step_matches_a_direct_computation(bcl_steps, nproc):
+    steps, counts = bcl_steps
+    ranks = steps[nproc]
+    assert len(ranks[0]["batches"]) == 1 and sum(len(r["batches"][0][1]) for r in ranks) == counts.sum()
+    want = direct_bcl_grads(ranks, counts)
+    assert set(want) == set(ranks[0]["grads"])
+    for r in ranks:
+        for k, g in want.items():
+            got = r["grads"][k]
+            assert got.dtype == torch.float64
+            err = (got - g).abs().max().item()
+            assert err <= 1e-10 * max(g.abs().max().item(), 1e-3), (nproc, r is ranks[0], k, err)
+
+
+def test_two_processes_step_like_one(bcl_steps):
+    """The same samples, split over two processes: the classification part of the gradient is
+    the one-process gradient, the contrastive part the mean of the processes' own losses (so
+    the two runs' gradients differ only there; both match the direct computation above)."""
+    steps, counts = bcl_steps
+    one, two = steps[1][0], steps[2]
+    ys = torch.cat([r["batches"][0][1] for r in two])
+    assert torch.equal(ys.sort().values, one["batches"][0][1].sort().values)
+    for k in one["grads"]:
+        assert torch.equal(two[0]["grads"][k], two[1]["grads"][k]), k
