@@ -57,7 +57,7 @@ def _count_sketch_hashes(num_params, sketch_dim, seed):
 
 
 def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256, max_per_class=None,
-                    sketch_dim=None, device=None, seed=0, classes=None, num_workers=0):
+                    sketch_dim=None, device=None, seed=0, classes=None, num_workers=0, worker_init_fn=None):
     """Mean per-sample cross-entropy gradient of each class, as a float32 CPU tensor [K, D].
 
     The model runs in eval mode (BatchNorm uses its running statistics, so a sample's gradient
@@ -137,7 +137,8 @@ def class_gradients(model, dataset, num_classes, *, params=None, batch_size=256,
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                             worker_init_fn=worker_init_fn)
         running, current = None, None
         for k, batch in zip(batch_class, loader):
             if k != current:  # batches of a class are consecutive: flush the finished class

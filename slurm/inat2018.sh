@@ -6,10 +6,14 @@
 # 8 GPUs; --nodes 2 halves the time (keep the global batch at 256).
 # Edit the variables and the line below; flags added to this script reach the run:
 #   bash slurm/inat2018.sh --dry-run                 # show the sbatch script, submit nothing
+# Cluster defaults: 8 GPUs per node (--gpus-per-node N, or --gres gpu:TYPE:N where the cluster
+# wants a GPU type), 24 h limits (most partitions allow 24-48 h; the job is requeued before the
+# limit and resumes), CPUs per task from the partition's nodes (sinfo), all of a node's memory
+# (--mem-gb 0). Any other sbatch option: --slurm-opt KEY=VALUE (e.g. --slurm-opt exclusive).
 set -euo pipefail
 DATA_ROOT=/datasets/iNat2018  # iNaturalist18_{train,val}.txt and the images they list
 PARTITION=gpu
 cd "$(dirname "$0")/.."
 
-python slurm/submit.py --dataset inat2018 --data-root "$DATA_ROOT" --arch resnet50 --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+python slurm/submit.py --dataset inat2018 --data-root "$DATA_ROOT" --arch resnet50 --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --workers 8 --timeout 1440 --partition "$PARTITION" "$@"
 # For CE as the base method (the paper's ablations), replace --loss bcl by --loss ce.
