@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,11 @@ class SubmitError(Exception):
 # ------------------------------------------------------------------------------------------
 # What runs on the nodes
 # ------------------------------------------------------------------------------------------
+def leave_signals_to_parent():
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Trainer:
     """The submitted callable, run once per task (process). Picklable: it holds the args and the
     folder of the code snapshot (None: the checkout, as with --cluster debug)."""
@@ -112,6 +118,13 @@ class Trainer:
 
     def __call__(self):
         env = submitit.JobEnvironment()
+        if env.cluster != "debug":
+            # submitit has set this process's USR2 (checkpoint and requeue) and TERM handlers;
+            # a forked child (a DataLoader worker) would inherit them and, signalled with the
+            # rest of the job, checkpoint and requeue too, or exit under the task's loader.
+            # Children leave the signals to the task from their first instruction on, before a
+            # worker_init_fn (data_lt.worker_init does the same for runs without submitit) runs.
+            os.register_at_fork(after_in_child=leave_signals_to_parent)
         args = copy.deepcopy(self.args)
         folder = args.job_dir.replace("%j", str(env.job_id))
         train_py = self.import_train(folder)
@@ -129,6 +142,8 @@ class Trainer:
         threads = max(1, cores - args.workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+        print(f"task {env.global_rank}: {threads} thread(s) (OMP_NUM_THREADS) for {cores} core(s) and "
+              f"{args.workers} DataLoader worker(s); code from {os.path.dirname(train_py.__file__)}", flush=True)
         if env.num_tasks > 1:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for init_process_group("env://");
             # every task keeps the GPUs it was given and train.py takes LOCAL_RANK modulo their count.
@@ -400,7 +415,7 @@ def main(args):
     check_request(args)
     if args.cluster == "slurm" and submitit.SlurmExecutor.affinity() < 0:
         raise SubmitError("no srun here: submit from a SLURM login node, or use --cluster local or --dry-run")
-    if args.workers > args.cpus_per_task:
+    if args.cluster == "slurm" and args.workers > args.cpus_per_task:
         print(f"submit.py: warning: --workers {args.workers} leaves no core of the {args.cpus_per_task} per task "
               f"to the training process; lower --workers or raise --cpus-per-task", file=sys.stderr)
     parent = Path(args.job_dir.split("%j")[0])
