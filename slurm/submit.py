@@ -104,9 +104,19 @@ class SubmitError(Exception):
 # ------------------------------------------------------------------------------------------
 # What runs on the nodes
 # ------------------------------------------------------------------------------------------
-def leave_signals_to_parent():
+def leave_signals_to_task():
+    """Make submitit's USR2 (checkpoint and requeue) and TERM handlers act in this process only.
+
+    SLURM signals every process of the job, and a forked child (a DataLoader worker) inherits
+    the handlers: it would checkpoint and requeue too, or exit under the task's loader. Loaders
+    reset the signals in their workers (data_lt.worker_init), but only once the worker has
+    started; this guard covers the moment between the fork and then, and any other child."""
+    task = os.getpid()
     for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, lambda signum, frame, handler=handler: handler(signum, frame)
+                          if os.getpid() == task else None)
 
 
 class Trainer:
@@ -119,15 +129,10 @@ class Trainer:
     def __call__(self):
         env = submitit.JobEnvironment()
         if env.cluster != "debug":
-            # submitit has set this process's USR2 (checkpoint and requeue) and TERM handlers;
-            # a forked child (a DataLoader worker) would inherit them and, signalled with the
-            # rest of the job, checkpoint and requeue too, or exit under the task's loader.
-            # Children leave the signals to the task from their first instruction on, before a
-            # worker_init_fn (data_lt.worker_init does the same for runs without submitit) runs.
-            os.register_at_fork(after_in_child=leave_signals_to_parent)
+            leave_signals_to_task()
         args = copy.deepcopy(self.args)
         folder = args.job_dir.replace("%j", str(env.job_id))
-        train_py = self.import_train(folder)
+        train_py = self.import_train(str(env.job_id))
         # The folder name holds the job id, which a requeued job keeps: it resumes in place.
         args.output_dir = args.output_dir or folder
         if env.cluster == "local" and "%j" in args.job_dir:
@@ -152,11 +157,11 @@ class Trainer:
                 os.environ["MASTER_ADDR"] = "127.0.0.1"
         return train_py.main(args)
 
-    def import_train(self, folder):
+    def import_train(self, job_id):
         """train.py from the job's code snapshot (from the checkout without one)."""
         code = ROOT
         if self.code_dir is not None:
-            code = self.code_dir.replace("%j", os.path.basename(folder))
+            code = self.code_dir.replace("%j", job_id)
             # submit.py moves the snapshot into the job folder right after sbatch answers; a job
             # that starts at once can be a moment ahead of it
             deadline = time.time() + 300
@@ -166,7 +171,7 @@ class Trainer:
                 time.sleep(0.5)
         for name in ("train", "gbg", "data_lt"):  # never a copy imported from elsewhere
             module = sys.modules.get(name)
-            if module is not None and os.path.dirname(os.path.abspath(module.__file__)) != code:
+            if module is not None and os.path.dirname(os.path.realpath(module.__file__)) != os.path.realpath(code):
                 del sys.modules[name]
         sys.path.insert(0, code)
         import train as train_py  # imported here, so that unpickling the Trainer needs no sys.path

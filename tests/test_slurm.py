@@ -23,10 +23,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-# Two CPU processes (the gloo path), CE on synthetic-lt, GAC over count groups: ~3 s an epoch.
-TINY = ["--dataset", "synthetic-lt", "--device", "cpu", "--gpus-per-node", "0", "--tasks-per-node", "2",
-        "--batch-size", "64", "--epochs", "2", "--grouping", "count", "--moo", "none", "--sampler", "gac",
-        "--eval-every", "2", "--print-freq", "1000", "--workers", "0"]
 
 
 def env(**extra):
@@ -292,8 +288,11 @@ def test_local_job_survives_usr2_to_every_process_a_lost_checkpoint_and_an_edite
         time.sleep(0.01)
     pids = task_pids(job_dir)
     assert len(pids) == 2
-    while time.time() < deadline and len(descendants(pids)) < 2:  # epoch 2's workers have started
+    while time.time() < deadline and len(descendants(pids)) < 4:  # epoch 2's workers have started
         time.sleep(0.01)
+    # (not while the tasks fork: CPython drops an exception raised in a signal handler that runs
+    # in the parent's at-fork hooks, so submitit's exit to requeue a local job would be lost)
+    time.sleep(0.2)
     newest.write_bytes(b"")
     for name in ["train.py", "gbg.py"]:
         with open(checkout / name, "a") as f:
@@ -374,22 +373,27 @@ def test_every_loader_leaves_usr2_and_term_to_the_training_process(tmp_path):
             folder = tmp_path / name
             folder.mkdir()
             before = set(descendants([os.getpid()]))
-            make(folder)
+            kept = make(folder)  # the loader, still referenced, as train.py keeps its test loader
             reports = [p.read_text() for p in folder.iterdir()]
             assert len(reports) == 2 and set(reports) == {"ignored ignored"}, (name, reports)
             # no idle workers stay behind once a pass is over (evaluation loaders used to keep theirs)
             assert set(descendants([os.getpid()])) <= before, name
+            del kept
+
+        def one_pass(loader):
+            list(loader)
+            return loader
 
         batches = [[0, 1], [2, 3]]
         for train_mode in (True, False):
-            workers_of(lambda f: list(data_lt.make_loader(SignalReport(f), batches, train=train_mode, device="cpu",
-                                                          num_workers=2)), f"train={train_mode}")
+            workers_of(lambda f: one_pass(data_lt.make_loader(SignalReport(f), batches, train=train_mode, device="cpu",
+                                                              num_workers=2)), f"train={train_mode}")
         # BCL's views of image files
         files = image_folder(tmp_path / "images", size=8, per_class=(2, 1), classes=2)
         ds = data_lt.ImageList(str(files), None, 2, samples=[(f"train/c{i % 2}/{i // 2}.png", i % 2) for i in range(4)])
         view = lambda f: (lambda img: (report_signals(f), torch.zeros(1))[1])
-        workers_of(lambda f: list(data_lt.make_loader(ds, batches, train=True, device="cpu", num_workers=2, seed=1,
-                                                      views=[view(f), view(f)])), "views")
+        workers_of(lambda f: one_pass(data_lt.make_loader(ds, batches, train=True, device="cpu", num_workers=2, seed=1,
+                                                          views=[view(f), view(f)])), "views")
         # grouping: train.make_groups -> gbg.class_gradients, with its own DataLoader
         args = SimpleNamespace(num_groups=2, grouping="gbg", sketch_dim=0, grad_max_per_class=None, seed=0, rank=0,
                                world_size=1, distributed=False, workers=2)
@@ -401,6 +405,31 @@ def test_every_loader_leaves_usr2_and_term_to_the_training_process(tmp_path):
         for s, h in old.items():
             signal.signal(s, h)
     assert calls == []
+
+
+def test_forked_children_leave_the_task_signals_to_it(tmp_path):
+    # submitit's handlers stand-in, then the guard a task installs over them: a child forked at
+    # any moment (before a loader's worker_init_fn runs, or not a worker at all) does nothing.
+    submit_py = load_submit()
+    ran = tmp_path / "ran"
+    record = lambda signum, frame: ran.open("a").write(f"{os.getpid()} {signum}\n")
+    old = {s: signal.signal(s, record) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        submit_py.leave_signals_to_task()
+        child = os.fork()
+        if child == 0:  # the child: signalled with the rest of the job
+            for s in (signal.SIGUSR2, signal.SIGTERM):
+                os.kill(os.getpid(), s)
+            time.sleep(0.05)
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        assert not ran.exists()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert ran.read_text() == f"{os.getpid()} {int(signal.SIGUSR2)}\n"  # the task's own still acts
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def test_each_task_takes_its_own_gpu_among_those_it_sees(monkeypatch):
@@ -489,6 +518,13 @@ def test_bad_cluster_input_fails_before_training_with_one_line(tmp_path, monkeyp
         "no data root": (local + ["--dataset", "imagenet-lt", "--data-root", missing], [missing, "--data-root"]),
         "batch not divisible": (local + ["--tasks-per-node", "3", "--batch-size", "64"], ["--batch-size"]),
         "two nodes locally": (local + ["--nodes", "2"], ["--nodes 1"]),
+        "gres without a count": (["--dry-run", "--job-dir", "/shared/x/%j", "--gres", "gpu:a100"],
+                                 ["--gres gpu:a100", "gpu:TYPE:N"]),
+        "gres against gpus": (["--dry-run", "--job-dir", "/shared/x/%j", "--gres", "gpu:2", "--gpus-per-node", "4"],
+                              ["--gres gpu:2", "--gpus-per-node"]),
+        "bad sbatch option": (["--dry-run", "--job-dir", "/shared/x/%j", "--slurm-opt", "mail type=END"],
+                              ["--slurm-opt 'mail type=END'", "KEY=VALUE"]),
+        "empty sbatch value": (["--dry-run", "--job-dir", "/shared/x/%j", "--slurm-opt", "qos="], ["--slurm-opt 'qos='"]),
     }
     if shutil.which("srun"):  # on a SLURM login node that line would really submit
         del cases["no srun"]
