@@ -32,6 +32,7 @@ by (epoch seed, sample index) alone, for either kind.
 """
 import math
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -512,6 +513,17 @@ class SeededViews(Dataset):
 
 # --- Loaders --------------------------------------------------------------------------------------
 
+def worker_init(worker_id):
+    """worker_init_fn of every DataLoader here: the workers leave SIGUSR2 and SIGTERM to the
+    training process. SLURM signals every process of a job step before a time limit or a
+    preemption, and forked workers inherit the task's handlers (submitit's checkpoint-and-requeue
+    on USR2): several processes then checkpoint and requeue at once, and a worker that exits makes
+    the task's loader fail. Ignored here, the task decides; a worker still ends with its parent.
+    (PyTorch already ignores SIGINT in workers, for the same reason.)"""
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Loader:
     """Re-iterable batches: each iter() is one epoch; len() is the number of batches."""
 
@@ -540,7 +552,7 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
     if views is not None and train:
         base = ds.to("cpu") if isinstance(ds, TensorImages) else ds
         view_loader = DataLoader(SeededViews(base, views, seed), batch_sampler=batch_sampler, num_workers=num_workers,
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=device.type == "cuda", worker_init_fn=worker_init)
 
         def view_epoch():
             for xs, y in view_loader:
@@ -565,9 +577,10 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
         return Loader(epoch, lambda: len(batch_sampler))
 
     cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+    # Workers end with each pass (no persistent_workers): a rank's training, validation and test
+    # loaders then never hold --workers idle processes each at once, only the one in use does.
     loader = DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                        generator=cpu_generator)
+                        pin_memory=device.type == "cuda", generator=cpu_generator, worker_init_fn=worker_init)
 
     def epoch():
         for x, y in loader:

@@ -302,8 +302,10 @@ def init_distributed(args):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and args.world_size > 1:
-        # one GPU per process; a launcher that binds GPUs to tasks leaves each process just one
-        gpu = args.local_rank if torch.cuda.device_count() > 1 else 0
+        # One GPU per process. A cluster may show each task all of the node's GPUs, one, or a
+        # subset (srun --gpu-bind=closest: those of its socket); local_rank modulo what the task
+        # sees picks its own in each case (as DeiT's and DINO's init_distributed_mode).
+        gpu = args.local_rank % torch.cuda.device_count()
         args.device = f"cuda:{gpu}"
         torch.cuda.set_device(gpu)
     if args.world_size > 1 and not dist.is_initialized():
@@ -389,11 +391,79 @@ def log(args, *msg):
         print(*msg, flush=True)
 
 
+def previous_checkpoint(path):
+    """checkpoint.pth -> checkpoint.prev.pth: the one before, kept by save_atomic."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never loses the last checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    """Write to a temporary file, fsync it, keep the current file as checkpoint.prev.pth, rename
+    the new one into place and fsync the folder. A rename alone is not durable: after a node
+    failure the file system may hold the new name with no data yet, and every requeue then fails;
+    with the fsyncs the data is on disk before the name points at it, and if the newest file is
+    still unreadable the previous one is there to fall back to (see load_resume_checkpoint)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, previous_checkpoint(path))
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves
+    finally:
+        os.close(fd)
+
+
+def load_resume_checkpoint(ckpt_path, args):
+    """(checkpoint, its path) to resume from, or (None, None) to start afresh; all processes get
+    the same one.
+
+    Rank 0 reads checkpoint.pth, falling back (with a warning) to checkpoint.prev.pth when the
+    newest cannot be read, and broadcasts which file and epoch it took; the others read that file
+    and check that they see the same epoch (a shared file system can show a node a stale file)."""
+    candidates = [Path(ckpt_path), previous_checkpoint(ckpt_path)]
+    choice, ckpt = torch.tensor([-1, -1], dtype=torch.long), None  # [file index, epoch]
+    if is_main(args):
+        failed = []
+        for i, path in enumerate(candidates):
+            if not path.exists():
+                continue
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                choice = torch.tensor([i, ckpt["epoch"]], dtype=torch.long)
+                break
+            except Exception as e:  # truncated, empty or corrupt: every kind of unreadable
+                failed.append(f"{path} ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+                ckpt = None
+        if failed and ckpt is not None:
+            print(f"train.py: warning: cannot read {failed[0]}; resuming from {candidates[choice[0]]} "
+                  f"(epoch {int(choice[1])}) instead", file=sys.stderr, flush=True)
+        elif failed:
+            choice[0] = -2
+    if args.distributed:  # gloo takes CPU tensors, nccl device tensors
+        on = torch.device(args.device) if dist.get_backend() == "nccl" else torch.device("cpu")
+        choice = choice.to(on)
+        dist.broadcast(choice, 0)
+        choice = choice.cpu()
+    index, epoch = int(choice[0]), int(choice[1])
+    if index == -2:  # never start afresh over a run's checkpoints: that would overwrite them
+        why = "; ".join(failed) if is_main(args) else "rank 0 could not read them"
+        raise data_lt.UserError(f"no readable checkpoint in {Path(ckpt_path).parent}: {why}; move checkpoint*.pth "
+                              f"away to start over, or restore one from a backup")
+    if index < 0:
+        return None, None
+    if not is_main(args):
+        ckpt = torch.load(candidates[index], map_location="cpu", weights_only=False)
+        if ckpt["epoch"] != epoch:
+            raise data_lt.UserError(f"rank {args.rank} reads epoch {ckpt['epoch']} from {candidates[index]} but "
+                                  f"rank 0 read epoch {epoch}; the nodes see different files: put --output-dir "
+                                  f"on a file system that every node sees the same")
+    return ckpt, candidates[index]
 
 
 def write_json(path, obj, mode="w"):
@@ -533,7 +603,7 @@ def make_groups(model, data, args, device):
         grads, info = gbg.class_gradients(model, data.train_eval, K, backbone, classes=mine,
                                           sketch_dim=sketch, max_per_class=args.grad_max_per_class,
                                           device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
-                                          return_info=True,
+                                          return_info=True, worker_init_fn=data_lt.worker_init,
                                           num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
         grads = grads.to(device)
         confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
@@ -884,15 +954,15 @@ def main(args):
 
     # --- resume -----------------------------------------------------------------------------------
     start_epoch, groups, best, ckpt_path = 0, None, None, out / "checkpoint.pth"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt, resume_path = load_resume_checkpoint(ckpt_path, args)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, groups, best = ckpt["epoch"] + 1, ckpt["groups"], ckpt["best"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
-        log(args, f"resumed from {ckpt_path} at epoch {start_epoch}")
+        log(args, f"resumed from {resume_path} at epoch {start_epoch}")
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
             lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
             (out / "log.txt").write_text("".join(lines))

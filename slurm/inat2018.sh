@@ -10,10 +10,14 @@
 # DataParallel runs normalise each GPU's share (BCL main.py l.118, GBG_v1 Group_main_full.py
 # l.136; line numbers approximate); train.py averages the running statistics over the GPUs after
 # every epoch. Add --sync-bn for statistics over the global batch (then the run equals one process).
+# Cluster defaults: 8 GPUs per node (--gpus-per-node N, or --gres gpu:TYPE:N where the cluster
+# wants a GPU type), 24 h limits (most partitions allow 24-48 h; the job is requeued before the
+# limit and resumes), CPUs per task from the partition's nodes (sinfo), all of a node's memory
+# (--mem-gb 0). Any other sbatch option: --slurm-opt KEY=VALUE (e.g. --slurm-opt exclusive).
 set -euo pipefail
 DATA_ROOT=/datasets/iNat2018  # iNaturalist18_{train,val}.txt and the images they list
 PARTITION=gpu
 cd "$(dirname "$0")/.."
 
-python slurm/submit.py --dataset inat2018 --data-root "$DATA_ROOT" --arch resnet50 --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --gpus-per-node 8 --cpus-per-task 10 --workers 8 --timeout 4320 --partition "$PARTITION" "$@"
+python slurm/submit.py --dataset inat2018 --data-root "$DATA_ROOT" --arch resnet50 --loss bcl --batch-size 256 --num-groups 4 --grouping gbg --moo mgda --sampler gac --amp --nodes 1 --workers 8 --timeout 1440 --partition "$PARTITION" "$@"
 # For CE as the base method (the paper's ablations), replace --loss bcl by --loss ce.

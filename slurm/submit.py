@@ -8,12 +8,17 @@
 
 Every train.py flag works here too (the parser extends train.py's). The job folder (--job-dir,
 default $GBG_JOB_ROOT, $SCRATCH or /checkpoint/$USER, then gbg/%j with %j the job id) holds
-submitit's logs and pickles and train.py's outputs (log.txt, groups.json, checkpoint.pth,
-results.json). It must be on a file system that every node sees.
+submitit's logs and pickles, a copy of the code taken at submission (code/: every run and
+requeue of the job runs it, not the checkout) and train.py's outputs (log.txt, groups.json,
+checkpoint.pth and checkpoint.prev.pth, results.json). It must be on a file system that every
+node sees.
 
-Time limits and preemption: SLURM sends USR2 --signal-delay-s seconds before the limit; submitit
-then calls Trainer.checkpoint() on rank 0, which re-submits the same Trainer, and requeues the
-job under the same id. The requeued job finds checkpoint.pth in the same folder and resumes.
+Time limits and preemption: SLURM sends USR2 --signal-delay-s seconds before the limit to every
+process of the job. submitit's handler runs in every task: on global rank 0 it calls
+Trainer.checkpoint(), which re-submits the same Trainer, and requeues the job under the same id;
+the other ranks log the signal and go on until the requeue stops them. (DataLoader workers ignore
+the signal: data_lt.worker_init.) The requeued job finds checkpoint.pth in the same folder and
+resumes.
 """
 import argparse
 import contextlib
@@ -22,8 +27,14 @@ import getpass
 import io
 import math
 import os
+import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -38,6 +49,11 @@ import train  # noqa: E402
 
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")  # folders other nodes can't see
 NEEDS_DATA_ROOT = ("imagenet-lt", "inat2018", "folder-lt")  # CIFAR downloads; synthetic-lt needs none
+CODE = ["train.py", "gbg.py", "data_lt.py", "slurm/submit.py"]  # what a job runs: copied into <job folder>/code
+# The dry run prints submitit's sbatch template through a private function (sbatch_text); it was
+# checked against these releases (requirements.txt pins them).
+SUBMITIT_TESTED = "1.5."
+CPUS_PER_TASK = 10  # when sinfo can't say: DeiT's and DINO's run_with_submitit (10 per GPU)
 
 
 def get_args_parser():
@@ -48,13 +64,21 @@ def get_args_parser():
                    help="local: the same job on this machine through submitit's LocalExecutor (to try a "
                         "job before queueing it); debug: in this process, one task (pdb works)")
     c.add_argument("--nodes", type=int, default=1)
-    c.add_argument("--gpus-per-node", type=int, default=8)
+    c.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node (default: 8, a common GPU node, or the count in --gres)")
+    c.add_argument("--gres", default=None,
+                   help="ask for the GPUs as a generic resource instead, e.g. gpu:a100:8 (clusters that "
+                        "want a GPU type); the last number is the GPUs per node")
     c.add_argument("--tasks-per-node", type=int, default=None,
                    help="processes per node (default: one per GPU, 1 without GPUs)")
-    c.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per process; keep --workers below it")
-    c.add_argument("--mem-gb", type=float, default=None, help="memory per node (default: 40 GB per GPU, min 16)")
-    c.add_argument("--timeout", type=float, default=72 * 60,
-                   help="time limit in minutes; the job is requeued when it runs out (fractions work locally)")
+    c.add_argument("--cpus-per-task", type=int, default=None,
+                   help=f"CPU cores per process (default: the partition's CPUs per node from sinfo, split "
+                        f"over the tasks; {CPUS_PER_TASK} when sinfo can't tell). --workers should stay below it")
+    c.add_argument("--mem-gb", type=float, default=0,
+                   help="memory per node in GB (default 0: all of the node's memory, sbatch --mem=0)")
+    c.add_argument("--timeout", type=float, default=24 * 60,
+                   help="time limit in minutes (default 1440: most partitions allow 24-48 h, and the job is "
+                        "requeued and resumes when it runs out; fractions work locally)")
     c.add_argument("--signal-delay-s", type=int, default=120,
                    help="USR2 this many seconds before the limit, to save and requeue")
     c.add_argument("--max-timeouts", type=int, default=20, help="requeues after time-outs before giving up")
@@ -62,6 +86,10 @@ def get_args_parser():
     c.add_argument("--account", default=None)
     c.add_argument("--qos", default=None)
     c.add_argument("--constraint", default=None, help="e.g. volta32gb")
+    c.add_argument("--wckey", default=None, help="sbatch --wckey (default: none; submitit's own default is 'submitit')")
+    c.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, repeatable: --slurm-opt exclusive --slurm-opt mail-type=END "
+                        "gives #SBATCH --exclusive and --mail-type=END (it overrides the options set above)")
     c.add_argument("--job-dir", default=None,
                    help="shared folder for logs and checkpoints, %%j = job id (default: $GBG_JOB_ROOT, "
                         "$SCRATCH or /checkpoint/$USER, then gbg/%%j)")
@@ -74,37 +102,140 @@ class SubmitError(Exception):
 
 
 # --- What runs on the nodes -----------------------------------------------------------------------
-class Trainer:
-    """The submitted callable, run once per task (process). Picklable: it only holds the args."""
+def leave_signals_to_task():
+    """Make submitit's USR2 (checkpoint and requeue) and TERM handlers act in this process only.
 
-    def __init__(self, args):
-        self.args = args
+    SLURM signals every process of the job, and a forked child (a DataLoader worker) inherits
+    the handlers: it would checkpoint and requeue too, or exit under the task's loader. Loaders
+    reset the signals in their workers (data_lt.worker_init), but only once the worker has
+    started; this guard covers the moment between the fork and then, and any other child."""
+    task = os.getpid()
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, lambda signum, frame, handler=handler: handler(signum, frame)
+                          if os.getpid() == task else None)
+
+
+class Trainer:
+    """The submitted callable, run once per task (process). Picklable: it holds the args and the
+    folder of the code snapshot (None: the checkout, as with --cluster debug)."""
+
+    def __init__(self, args, code_dir=None):
+        self.args, self.code_dir = args, code_dir
 
     def __call__(self):
-        if ROOT not in sys.path:
-            sys.path.insert(0, ROOT)
-        import train as train_py  # imported here, so that unpickling the Trainer needs no sys.path
-
         env = submitit.JobEnvironment()
+        if env.cluster != "debug":
+            leave_signals_to_task()
         args = copy.deepcopy(self.args)
+        folder = args.job_dir.replace("%j", str(env.job_id))
+        train_py = self.import_train(str(env.job_id))
         # The folder name holds the job id, which a requeued job keeps: it resumes in place.
-        args.output_dir = args.output_dir or args.job_dir.replace("%j", str(env.job_id))
+        args.output_dir = args.output_dir or folder
+        if env.cluster == "local" and "%j" in args.job_dir:
+            # submitit's local controller creates the folder with a literal %j before it starts
+            # the tasks (on every requeue too); nothing goes there, so take the empty folder away
+            with contextlib.suppress(OSError):
+                os.rmdir(args.job_dir)
+        # Intra-op threads of this process: the task's cores less the DataLoader workers (one
+        # core each; PyTorch runs them single-threaded). Set per task here, so that tasks sharing
+        # a node don't each start one thread per core of the whole node.
+        cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or args.cpus_per_task or 1
+        threads = max(1, cores - args.workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        print(f"task {env.global_rank}: {threads} thread(s) (OMP_NUM_THREADS) for {cores} core(s) and "
+              f"{args.workers} DataLoader worker(s); code from {os.path.dirname(train_py.__file__)}", flush=True)
         if env.num_tasks > 1:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for init_process_group("env://");
-            # every task keeps all of the node's GPUs and train.py picks cuda:LOCAL_RANK.
+            # every task keeps the GPUs it was given and train.py takes LOCAL_RANK modulo their count.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             if env.cluster == "local":  # the hostname need not resolve in a container
                 os.environ["MASTER_ADDR"] = "127.0.0.1"
         return train_py.main(args)
 
+    def import_train(self, job_id):
+        """train.py from the job's code snapshot (from the checkout without one)."""
+        code = ROOT
+        if self.code_dir is not None:
+            code = self.code_dir.replace("%j", job_id)
+            # submit.py moves the snapshot into the job folder right after sbatch answers; a job
+            # that starts at once can be a moment ahead of it
+            deadline = time.time() + 300
+            while not os.path.isfile(os.path.join(code, "train.py")):
+                if time.time() > deadline:
+                    raise RuntimeError(f"the code snapshot {code} never appeared; submit the job again")
+                time.sleep(0.5)
+        for name in ("train", "gbg", "data_lt"):  # never a copy imported from elsewhere
+            module = sys.modules.get(name)
+            if module is not None and os.path.dirname(os.path.realpath(module.__file__)) != os.path.realpath(code):
+                del sys.modules[name]
+        sys.path.insert(0, code)
+        import train as train_py  # imported here, so that unpickling the Trainer needs no sys.path
+        return train_py
+
     def checkpoint(self):
-        # Called by submitit on rank 0 when USR2 arrives (time limit or preemption). train.py
-        # writes checkpoint.pth at the end of every epoch and resumes from it on start, so the
-        # requeued job redoes at most the epoch that was running.
-        return submitit.helpers.DelayedSubmission(type(self)(self.args))
+        # Called by submitit on global rank 0 when USR2 arrives (time limit or preemption).
+        # train.py writes checkpoint.pth at the end of every epoch and resumes from it on start,
+        # so the requeued job redoes at most the epoch that was running, with the same code.
+        return submitit.helpers.DelayedSubmission(type(self)(self.args, self.code_dir))
 
 
 # --- What runs on the submitting machine ----------------------------------------------------------
+def parse_gres(args):
+    """--gres and --gpus-per-node -> GPUs per node (--gres gpu:a100:8 -> 8)."""
+    if args.gres is None:
+        return 8 if args.gpus_per_node is None else args.gpus_per_node
+    m = re.fullmatch(r"gpu(:[\w.-]+)?:(\d+)", args.gres)
+    if m is None:
+        raise SubmitError(f"--gres {args.gres}: write the GPUs as gpu:N or gpu:TYPE:N (e.g. gpu:a100:8)")
+    gpus = int(m.group(2))
+    if args.gpus_per_node is not None and args.gpus_per_node != gpus:
+        raise SubmitError(f"--gres {args.gres} asks for {gpus} GPUs per node but --gpus-per-node is "
+                          f"{args.gpus_per_node}; drop --gpus-per-node")
+    return gpus
+
+
+def parse_slurm_opts(args):
+    """--slurm-opt KEY=VALUE / KEY -> {key: value or True}, in submitit's names (_ for -)."""
+    opts = {}
+    for opt in args.slurm_opt:
+        key, eq, value = opt.partition("=")
+        key = key.strip().lstrip("-")
+        if not re.fullmatch(r"[a-zA-Z][\w-]*", key) or (eq and not value):
+            raise SubmitError(f"--slurm-opt {opt!r}: write an sbatch option as KEY=VALUE or KEY "
+                              f"(e.g. --slurm-opt mail-type=END, --slurm-opt exclusive)")
+        opts[key.replace("-", "_")] = value if eq else True
+    return opts
+
+
+def node_cpus(partition):
+    """CPUs per node of the partition (the smallest node's), from sinfo; None if it can't say."""
+    command = ["sinfo", "--noheader", "--format=%c"] + (["--partition", partition] if partition else [])
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    counts = [int(m) for m in re.findall(r"\d+", out)]
+    return min(counts) if counts else None
+
+
+def fill_cluster_defaults(args):
+    """The defaults that depend on the request: GPUs, CPUs per task (with where they came from)."""
+    args.gpus_per_node = parse_gres(args)
+    if args.cpus_per_task is not None:
+        return "--cpus-per-task"
+    tasks = tasks_per_node(args)
+    if args.cluster == "slurm":
+        cpus = node_cpus(args.partition)
+        where = f"sinfo: {cpus} CPUs per node" if cpus else "the default: sinfo gave no CPU count"
+    else:
+        cpus, where = os.cpu_count(), f"{os.cpu_count()} CPUs on this machine"
+    args.cpus_per_task = max(1, cpus // tasks) if cpus else CPUS_PER_TASK
+    return where
+
+
 def tasks_per_node(args):
     return args.tasks_per_node or max(args.gpus_per_node, 1)
 
@@ -134,6 +265,8 @@ def check_request(args):
     world = args.nodes * tasks_per_node(args)
     if min(args.nodes, tasks_per_node(args)) < 1 or args.gpus_per_node < 0:
         raise SubmitError("--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0")
+    if args.mem_gb < 0 or args.cpus_per_task < 1:
+        raise SubmitError("--mem-gb must be >= 0 (0: all of the node's memory) and --cpus-per-task >= 1")
     if args.timeout * 60 <= args.signal_delay_s:
         raise SubmitError(f"--signal-delay-s {args.signal_delay_s} leaves no time before the "
                           f"{args.timeout:g}-minute limit; raise --timeout or lower --signal-delay-s")
@@ -157,24 +290,52 @@ def check_request(args):
                           f"pointing at the {args.dataset} folder (on a file system the nodes see)")
 
 
+def slurm_mem(gb):
+    """sbatch --mem: 0 is all of the node's memory; whole GB as G, anything else in MB."""
+    return "0" if gb == 0 else f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
+
+
 def slurm_parameters(args):
-    """sbatch options, in submitit.SlurmExecutor's names."""
+    """sbatch options, in submitit.SlurmExecutor's names (its public update_parameters)."""
     gpus, tasks = args.gpus_per_node, tasks_per_node(args)
     params = dict(job_name=f"gbg-{args.dataset}", nodes=args.nodes, ntasks_per_node=tasks,
-                  gpus_per_node=gpus or None, cpus_per_task=args.cpus_per_task,
-                  mem=submitit.slurm.slurm._convert_mem(args.mem_gb or max(40 * gpus, 16)),
+                  gpus_per_node=None if args.gres else gpus or None, gres=args.gres,
+                  cpus_per_task=args.cpus_per_task, mem=slurm_mem(args.mem_gb),
                   time=max(1, math.ceil(args.timeout)), signal_delay_s=args.signal_delay_s,
                   partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                  wckey=args.wckey,  # None drops submitit's "--wckey=submitit", which clusters may reject
+                  # a rank that dies ends the step at once, instead of the others waiting in a
+                  # collective until NCCL's watchdog (minutes to hours); the job then fails and can
+                  # be submitted again, and resumes from its checkpoint
+                  srun_args=["--kill-on-bad-exit=1"],
                   # requeueable even where the cluster's default says no (JobRequeue=0): submitit's
                   # requeue on USR2 and SLURM's own after a preemption or node failure need it
-                  additional_parameters=dict(requeue=True))
-    return {k: v for k, v in params.items() if v is not None}
+                  additional_parameters=dict(requeue=True, **parse_slurm_opts(args)))
+    params = {k: v for k, v in params.items() if v is not None or k == "wckey"}
+    for key in list(params["additional_parameters"]):  # --slurm-opt wins over the options above
+        if key in params and key != "additional_parameters":
+            params[key] = params["additional_parameters"].pop(key)
+    return params
 
 
-def sbatch_script(args):
-    """The script SlurmExecutor would submit: same template, same command (it needs no srun)."""
+def sbatch_text(args):
+    """The script SlurmExecutor would submit (same template, same command), for --dry-run.
+
+    submitit has no public way to render its sbatch script without submitting, so this is the one
+    place that uses its internals (the template function and the command of SlurmExecutor), as in
+    the releases SUBMITIT_TESTED names. tests/test_slurm.py checks that a submission sends sbatch
+    exactly this text."""
+    version = getattr(submitit, "__version__", "unknown")
+    fix = (f"--dry-run uses submitit {SUBMITIT_TESTED}x's internal sbatch template and this is submitit "
+           f"{version}; pip install 'submitit>=1.5.4,<1.6' (requirements.txt), or submit without --dry-run")
+    if not version.startswith(SUBMITIT_TESTED):
+        raise SubmitError(fix)
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(args.job_dir)}"
-    return submitit.slurm.slurm._make_sbatch_string(command=command, folder=args.job_dir, **slurm_parameters(args))
+    try:
+        return submitit.slurm.slurm._make_sbatch_string(command=command, folder=args.job_dir,
+                                                        **slurm_parameters(args))
+    except (AttributeError, TypeError) as e:
+        raise SubmitError(f"{fix} ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
 
 
 def train_flags(args):
@@ -196,6 +357,36 @@ def failure_cause(error):
     return lines[-1][:300] if lines else type(error).__name__
 
 
+def snapshot_code(parent):
+    """Copy the code a job runs (CODE) into a new folder under parent, for the job to run from:
+    a requeued job would otherwise import train.py from the checkout as it is days later."""
+    staging = Path(tempfile.mkdtemp(prefix=".code-", dir=parent))
+    for name in CODE:
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), staging / name)
+    try:  # which commit it came from, for the record
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", *CODE], capture_output=True,
+                               text=True, timeout=10)
+        if rev.returncode == 0:
+            edits = " plus uncommitted edits" if dirty.stdout.strip() else ""
+            (staging / "SOURCE").write_text(f"{ROOT} at {rev.stdout.strip()}{edits}\n")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return staging
+
+
+def place_snapshot(staging, code, consequence):
+    """Move the snapshot to <job folder>/code (one rename: a job never sees half of it)."""
+    try:
+        code.parent.mkdir(parents=True, exist_ok=True)
+        if code.exists():  # an earlier submission's, in a reused --job-dir: this one's code replaces it
+            shutil.rmtree(code)
+        os.replace(staging, code)
+    except OSError as e:
+        raise SubmitError(f"cannot move the code snapshot to {code} ({e.strerror}); {consequence}") from None
+
+
 def make_executor(args):
     if args.cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=args.job_dir, max_num_timeout=args.max_timeouts)
@@ -212,31 +403,46 @@ def make_executor(args):
 
 def main(args):
     args.job_dir = resolve_job_dir(args)
+    cpus_from = fill_cluster_defaults(args)
     if args.dry_run:
         try:
             check_request(args)
         except SubmitError as e:  # the script is still worth seeing
             print(f"submit.py: warning: {e}", file=sys.stderr)
-        print(sbatch_script(args))
-        print(f"submit.py: dry run, nothing submitted; each task would run train.py {train_flags(args)}",
-              file=sys.stderr)
+        print(sbatch_text(args))
+        print(f"submit.py: dry run, nothing submitted; {args.cpus_per_task} CPUs per task ({cpus_from}); each "
+              f"task would run train.py {train_flags(args)} from a copy of the code in "
+              f"{os.path.join(args.job_dir, 'code')}", file=sys.stderr)
         return
     check_request(args)
     if args.cluster == "slurm" and submitit.SlurmExecutor.affinity() < 0:
         raise SubmitError("no srun here: submit from a SLURM login node, or use --cluster local or --dry-run")
+    if args.cluster == "slurm" and args.workers > args.cpus_per_task:
+        print(f"submit.py: warning: --workers {args.workers} leaves no core of the {args.cpus_per_task} per task "
+              f"to the training process; lower --workers or raise --cpus-per-task", file=sys.stderr)
     parent = Path(args.job_dir.split("%j")[0])
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        staging = snapshot_code(parent) if args.cluster != "debug" else None
     except OSError as e:
-        raise SubmitError(f"cannot create the job folder {parent} ({e.strerror}); pass a writable --job-dir")
+        raise SubmitError(f"cannot write the job folder {parent} ({e.strerror}); pass a writable --job-dir")
+    code_dir = None if staging is None else os.path.join(args.job_dir, "code")
+    if staging is not None and "%j" not in args.job_dir:  # the folder is known: in place before the job starts
+        place_snapshot(staging, Path(code_dir), "the job is not submitted")
+        staging = None
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's complaint; we name it once
-            job = make_executor(args).submit(Trainer(args))
-    except submitit.core.utils.FailedJobError as e:
+            job = make_executor(args).submit(Trainer(args, code_dir))
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         reason = " ".join(str(e).split())[:300]
         raise SubmitError(f"sbatch refused the job: {reason}; check --partition, --timeout, --account and "
                           f"--qos against the cluster's limits (sinfo, sacctmgr show qos)") from None
     folder = args.job_dir.replace("%j", str(job.job_id))
+    if staging is not None:
+        place_snapshot(staging, Path(code_dir.replace("%j", str(job.job_id))),
+                       f"job {job.job_id} is queued but cannot run: cancel it (scancel {job.job_id}) and submit again")
     print(f"job {job.job_id}: logs, checkpoints and results in {folder}", flush=True)
     if args.cluster == "slurm":
         print(f"follow it with: squeue -j {job.job_id}; tail -f {folder}/{job.job_id}_0_log.out; "

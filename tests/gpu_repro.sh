@@ -41,7 +41,7 @@ run() {  # run NAME FLAGS...: one training run, its wall time in wall.json
   local t1=$(date +%s.%N)
   "$PY" -c "import json,sys; json.dump({'run': sys.argv[1], 'wall_s': float(sys.argv[3]) - float(sys.argv[2]), 'exit_code': int(sys.argv[4]), 'flags': sys.argv[5:]}, open(sys.argv[1] + '/wall.json', 'w'))" \
       "$dir" "$t0" "$t1" "$rc" "$@"
-  rm -f "$dir/checkpoint.pth"
+  rm -f "$dir/checkpoint.pth" "$dir/checkpoint.prev.pth"
   echo "$name: exit $rc, $("$PY" -c "import json; print(round(json.load(open('$dir/wall.json'))['wall_s'], 1))") s"
 }
 
