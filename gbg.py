@@ -490,7 +490,8 @@ class GACBatchSampler:
 
 # --- 4. Per-group losses (Eq. 10) -----------------------------------------------------------------
 
-def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", class_counts=None):
+def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", class_counts=None,
+                 validate=True):
     """The G objectives of Eq. (10): one cross-entropy loss per group of classes.
 
     logits: [B, K] (the caller may pass logit-adjusted logits; CE is over the full softmax),
@@ -501,6 +502,9 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
     class_counts: LongTensor[K], the per-class counts of the GLOBAL batch when the batch is split
         over ranks (default: bincount of targets). Every mean divides by these global counts, so
         the SUM over ranks of the local L_i equals the L_i of one process holding the whole batch.
+
+    validate: check that class_counts covers every target (one host read; a caller that built the
+    counts from the targets, as train.py does, passes False and keeps the step free of host reads).
 
     Returns (losses [G], present BoolTensor[G]). An absent group's loss is a zero connected to the
     graph (zero gradient). Do not feed it to MGDA: a zero gradient lies in the convex hull, so the
@@ -518,7 +522,7 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
         counts = torch.bincount(targets, minlength=K)
     else:
         counts = class_counts.to(logits.device)
-        if bool((counts[targets] == 0).any()):
+        if validate and bool((counts[targets] == 0).any()):
             raise ValueError("group_losses: class_counts is 0 for a class present in targets; pass "
                              "the global per-class counts (all_reduce of bincount(targets))")
     counts = counts.to(per_sample.dtype)
@@ -638,34 +642,38 @@ def min_norm_weights(gram, *, max_iter=2000, tol=1e-12, polish_steps=50):
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"min_norm_weights: gram must be a square [G, G] matrix, got shape "
                          f"{tuple(gram.shape)}")
-    G = gram.shape[0]
-    out = dict(dtype=gram.dtype if gram.is_floating_point() else torch.float64, device=gram.device)
-    if G == 0:
+    if gram.shape[0] == 0:
         raise ValueError("min_norm_weights: gram is empty (G = 0); pass at least one group")
+    out = dict(dtype=gram.dtype if gram.is_floating_point() else torch.float64, device=gram.device)
+    a = _min_norm(gram.detach().to("cpu", torch.float64).numpy(), max_iter, tol, polish_steps)
+    return torch.as_tensor(a).to(**out)
+
+
+def _min_norm(M, max_iter=2000, tol=1e-12, polish_steps=50):
+    """min_norm_weights on a float64 numpy Gram; returns numpy alpha."""
+    G = M.shape[0]
     if G == 1:
-        return torch.ones(1, **out)
-    M = gram.detach().to("cpu", torch.float64).numpy()
+        return np.ones(1)
     if not np.all(np.isfinite(M)):
         # Let the non-finite gradients reach p.grad, where e.g. a GradScaler skips the step.
         warnings.warn("min_norm_weights: gram has NaN/Inf entries (non-finite gradients); "
                       "using uniform weights - lower the learning rate or check the loss")
-        return torch.full((G,), 1.0 / G, **out)
+        return np.full(G, 1.0 / G)
     M = (M + M.T) / 2.0
     scale = float(np.max(np.diag(M)))
     if not scale > 0:  # every gradient is zero: every alpha is optimal
-        return torch.full((G,), 1.0 / G, **out)
+        return np.full(G, 1.0 / G)
     M = M / scale
     if G == 2:
         denom = M[0, 0] + M[1, 1] - 2.0 * M[0, 1]  # ||g1 - g2||^2
         gamma = (M[1, 1] - M[0, 1]) / denom if denom > 0 else 0.5
         gamma = min(1.0, max(0.0, gamma))
-        a = np.array([gamma, 1.0 - gamma])
-    else:
-        a = _active_set(M, _frank_wolfe(M, max_iter, tol), polish_steps, tol)
-        t = int(np.argmin(np.diag(M)))
-        if a @ M @ a > M[t, t]:  # roundoff in the polish must not lose to the best single gradient
-            a = np.eye(G)[t]
-    return torch.as_tensor(a).to(**out)
+        return np.array([gamma, 1.0 - gamma])
+    a = _active_set(M, _frank_wolfe(M, max_iter, tol), polish_steps, tol)
+    t = int(np.argmin(np.diag(M)))
+    if a @ M @ a > M[t, t]:  # roundoff in the polish must not lose to the best single gradient
+        a = np.eye(G)[t]
+    return a
 
 
 # --- 6. The Pareto descent step (Eq. 12) ----------------------------------------------------------
@@ -716,12 +724,29 @@ def _check_step_args(losses, params, normalize, update):
     return losses, params
 
 
-def group_gradients(losses, params, *, retain_graph=False, process_group=None):
+def group_gradients(losses, params, *, retain_graph=False, process_group=None, out=None):
     """g_i = dL_i/dparams for each loss, as the rows of one [G, P] matrix (params flattened in
     order; frozen or unused parameters give zeros), summed over process_group in ONE collective.
-    The graph is kept for all but the last loss, and for that one too when retain_graph."""
-    rows = [_flat_grad(L, params, retain_graph or i < len(losses) - 1) for i, L in enumerate(losses)]
-    return _all_reduce(torch.stack(rows), process_group)
+    The graph is kept for all but the last loss, and for that one too when retain_graph.
+
+    out: a [G', P] buffer with G' >= G, of the params' dtype and device, to write the rows into
+    (its first G rows are returned). A caller that keeps one across steps (see mgda_backward's
+    `workspace`) spares the allocator a [G, P] matrix per step: on the CPU, glibc hands large
+    freed blocks back to the kernel and every new one costs page faults."""
+    G, P = len(losses), sum(p.numel() for p in params)
+    if out is None or out.shape[0] < G or out.shape[1] != P or out.dtype != params[0].dtype \
+            or out.device != params[0].device:
+        out = torch.empty(G, P, dtype=params[0].dtype, device=params[0].device)
+    flat = out[:G]
+    for i, L in enumerate(losses):
+        grads = torch.autograd.grad(L, params, retain_graph=retain_graph or i < G - 1, allow_unused=True)
+        o = 0
+        for g, p in zip(grads, params):
+            row = flat[i, o:o + p.numel()]
+            row.zero_() if g is None else row.copy_(g.reshape(-1))
+            o += p.numel()
+        del grads
+    return _all_reduce(flat, process_group)
 
 
 def _gram(flat, columns):
@@ -748,34 +773,40 @@ def _columns(params, subset):
 def _norms(normalize, gram_diag, loss_values):
     """n_i of Sener & Koltun's gradient normalisations; a zero or invalid n_i falls back to 1."""
     if normalize == "none":
-        n = torch.ones_like(loss_values)
+        n = np.ones_like(loss_values)
     elif normalize == "l2":
-        n = gram_diag.clamp(min=0).sqrt()
+        n = np.sqrt(np.clip(gram_diag, 0, None))
     elif normalize == "loss":
-        n = loss_values.clone()
+        n = loss_values.copy()
     else:
-        n = loss_values * gram_diag.clamp(min=0).sqrt()
-    return torch.where(torch.isfinite(n) & (n > 0), n, torch.ones_like(n))
+        n = loss_values * np.sqrt(np.clip(gram_diag, 0, None))
+    return np.where(np.isfinite(n) & (n > 0), n, 1.0)
 
 
 def mgda_weights(gram, loss_values, *, normalize="l2", update="scaled"):
     """From the Gram [G, G] of the raw gradients (and the losses, for "loss" / "loss+"):
     n_i, alpha = the min-norm weights of g_i / n_i (Eq. 11), and the weights w_i of the raw g_i
-    in the update (see the rules above). Returns (alpha, w, normalised Gram), float64."""
-    gram = gram.to(torch.float64)
-    n = _norms(normalize, gram.diagonal(), loss_values.to(gram))
-    gram_n = gram / torch.outer(n, n)
-    if gram.shape[0] > 1 and bool((gram_n.diagonal() == 0).any()):
+    in the update (see the rules above). Returns (alpha, w, normalised Gram): float64 CPU tensors.
+
+    The Gram and the losses reach the host in ONE copy: on a GPU the only synchronisation of an
+    MGDA step (the solver runs on the host, on G x G numbers)."""
+    G = gram.shape[0]
+    host = torch.cat([gram.detach().to(torch.float64),
+                      loss_values.detach().to(gram.device, torch.float64).reshape(G, 1)], 1).cpu().numpy()
+    M, values = host[:, :G], host[:, G]
+    n = _norms(normalize, np.diag(M), values)
+    M_n = M / np.outer(n, n)
+    if G > 1 and (np.diag(M_n) == 0).any():
         warnings.warn("a group has a zero gradient, so the min-norm direction is zero and this "
                       "step does nothing; pass only present groups (losses[present])")
-    alpha = min_norm_weights(gram_n)
+    alpha = _min_norm(M_n)
     if update == "raw":
         w = alpha
     elif update == "normalized":
         w = alpha / n
     else:
-        w = (alpha / n) / (alpha / n).sum().clamp(min=1e-300)  # alpha = 0 everywhere cannot happen
-    return alpha, w, gram_n
+        w = (alpha / n) / max((alpha / n).sum(), 1e-300)  # alpha = 0 everywhere cannot happen
+    return torch.from_numpy(alpha), torch.from_numpy(w), torch.from_numpy(M_n)
 
 
 def _loss_values(losses, device, normalize, process_group):
@@ -797,16 +828,19 @@ def _accumulate(params, flat):
 
 def weighted_backward(losses, weights, params, *, retain_graph=False, process_group=None):
     """p.grad += d(sum_i weights_i L_i)/dp for every p in params (that requires grad), summed over
-    process_group: one backward pass. Serves the plain and averaged steps, the cheap MGDA modes'
+    process_group: one backward pass. weights: numbers, or a tensor [G]. Serves the plain and averaged steps, the cheap MGDA modes'
     update, and any extra loss (e.g. a contrastive term) added after an MGDA step."""
     losses = list(losses)
     params = [p for p in params if p.requires_grad]
-    total = sum(float(w) * L.reshape(()) for w, L in zip(weights, losses))
+    if torch.is_tensor(weights):  # e.g. weights that live on the device: no host read
+        total = (weights.to(losses[0].device, losses[0].dtype) * torch.stack([L.reshape(()) for L in losses])).sum()
+    else:
+        total = sum(float(w) * L.reshape(()) for w, L in zip(weights, losses))
     _accumulate(params, _all_reduce(_flat_grad(total, params, retain_graph), process_group))
 
 
 def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="scaled",
-                  retain_graph=False, process_group=None):
+                  retain_graph=False, process_group=None, workspace=None):
     """The exact step (Alg. 2, Eq. 10-12): p.grad += d = sum_i w_i g_i.
 
     losses: G scalar tensors, one per PRESENT group. One backward per group gives the rows g_i
@@ -820,14 +854,20 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
     d of the global batch. None (the default) communicates nothing: a caller under DDP, or on one
     process, gets no hidden reduction.
 
+    workspace: a dict the caller keeps across steps; the [G, P] gradient matrix lives in it
+    instead of being allocated every step (see group_gradients).
+
     Returns {"alpha", "weights" (w), "gram" (of the normalised g_i / n_i: step_diagnostic's input)}.
     """
     losses, params = _check_step_args(losses, params, normalize, update)
     columns = _columns(params, params if gram_params is None else gram_params)
     values = _loss_values(losses, params[0].device, normalize, process_group)
-    flat = group_gradients(losses, params, retain_graph=retain_graph, process_group=process_group)
+    buffer = None if workspace is None else workspace.get("flat")
+    flat = group_gradients(losses, params, retain_graph=retain_graph, process_group=process_group, out=buffer)
+    if workspace is not None:
+        workspace["flat"] = flat if buffer is None or flat.data_ptr() != buffer.data_ptr() else buffer
     alpha, w, gram = mgda_weights(_gram(flat, columns), values, normalize=normalize, update=update)
-    _accumulate(params, w.to(flat.dtype) @ flat)
+    _accumulate(params, w.to(flat.device, flat.dtype) @ flat)
     return {"alpha": alpha, "weights": w, "gram": gram}
 
 
@@ -846,8 +886,17 @@ def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update
     flat = group_gradients(losses, gram_params, retain_graph=True, process_group=process_group)
     alpha, w, gram = mgda_weights(_gram(flat, [(0, flat.shape[1])]), values, normalize=normalize,
                                   update=update)
-    weighted_backward(losses, w.tolist(), params, retain_graph=retain_graph, process_group=process_group)
+    weighted_backward(losses, w, params, retain_graph=retain_graph, process_group=process_group)
     return {"alpha": alpha, "weights": w, "gram": gram}
+
+
+def pareto_cosines(gram, alpha):
+    """cos(d, g_i) for every group and |d|, d = sum_i alpha_i g_i, from the Gram [G, G] and alpha
+    (tensors, float64 on the Gram's device). All cosines are >= 0 at the min-norm point."""
+    Ma = gram @ alpha
+    d_norm = (alpha @ Ma).clamp(min=0).sqrt()
+    denom = d_norm * gram.diagonal().clamp(min=0).sqrt()
+    return torch.where(denom > 0, Ma / denom.clamp(min=1e-300), torch.zeros_like(Ma)), d_norm
 
 
 def step_diagnostic(gram, alpha, losses):
@@ -858,15 +907,10 @@ def step_diagnostic(gram, alpha, losses):
     sum_i alpha_i g_i / n_i over the Gram's parameters."""
     gram = torch.as_tensor(gram).detach().to("cpu", torch.float64)
     alpha = torch.as_tensor(alpha).detach().to("cpu", torch.float64)
-    Ma = gram @ alpha
-    d_sq = float(alpha @ Ma)
-    d_norm = math.sqrt(max(d_sq, 0.0))
-    g_norm = gram.diagonal().clamp(min=0).sqrt()
-    denom = d_norm * g_norm
-    cos = torch.where(denom > 0, Ma / denom.clamp(min=1e-300), torch.zeros_like(Ma))
+    cos, d_norm = pareto_cosines(gram, alpha)
     return {
         "alpha": alpha.tolist(),
         "losses": [float(torch.as_tensor(L).detach()) for L in losses],
         "cos": cos.tolist(),
-        "d_norm": d_norm,
+        "d_norm": float(d_norm),
     }

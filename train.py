@@ -168,7 +168,8 @@ def get_args_parser():
     r.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
     r.add_argument("--output-dir", default="output")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    r.add_argument("--amp", action="store_true", help="bf16 autocast and channels_last on CUDA")
+    r.add_argument("--amp", action="store_true",
+                   help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
     r.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
@@ -666,9 +667,9 @@ def batch_losses(model, x, y, counts, args, device):
     global batch."""
     if args.loss == "bcl":  # [classification view, contrastive view, contrastive view]: one batch (see BCL)
         x = torch.cat(x)
-    if args.amp and device.type == "cuda":
+    if args.amp:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         z = model.forward_features(x)
         logits = model.fc(z[:len(y)])
     logits, contrast = logits.to(model.fc.weight.dtype), None  # float32 (float64 models stay float64)
@@ -707,24 +708,30 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     processes (gbg does every sum, given the process group). Plain CE; the paper's "average"
     ablation (equal weights on the groups present); or MGDA (Alg. 2), solving for the weights
     every --moo-every steps and whenever the groups present change (`state` keeps the last
-    weights). Under BCL the group direction is scaled by la_weight and the contrastive gradient
-    added (as the release: BCL is not one of MGDA's objectives). Returns MGDA's result dict when
-    it solved ({} otherwise), with "d_norm" = |d| over moo_params when `measure`."""
+    weights and the gradient workspace). Under BCL the group direction is scaled by la_weight and
+    the contrastive gradient added (as the release: BCL is not one of MGDA's objectives). Returns
+    MGDA's result dict when it solved ({} otherwise), with "d_norm" = |d| over moo_params when
+    `measure`.
+
+    Nothing here reads the device but the MGDA solve (the Gram and the losses, one copy) and, when
+    batches are not GAC-completed, which groups are present (GAC puts every group in every batch)."""
     pg = dist.group.WORLD if args.distributed else None
     params = [p for p in model.parameters() if p.requires_grad]
     # MGDA's Gram is over what the group losses reach: not the BCL heads (zero blocks there)
     moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
     bcl = contrast is not None
     la = args.la_weight if bcl else 1.0
-    if losses is None or args.moo == "none":
-        if losses is None:
-            terms = [mean_loss]
-        else:
-            terms = [losses[i] for i in present.nonzero().flatten().tolist()]
-        weights = [la / len(terms)] * len(terms) + ([1.0] if bcl else [])
-        gbg.weighted_backward(terms + ([contrast] if bcl else []), weights, params, process_group=pg)
+    extra = [contrast] if bcl else []
+    if losses is None:
+        gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=pg)
         return {}
-    idx = present.nonzero().flatten().tolist()
+    if args.moo == "none":  # equal weights on the groups present, computed on the device
+        weights = present.to(losses.dtype) * (la / present.sum().to(losses.dtype))
+        if bcl:
+            weights = torch.cat([weights, weights.new_ones(1)])
+        gbg.weighted_backward(list(losses) + extra, weights, params, process_group=pg)
+        return {}
+    idx = list(range(len(losses))) if args.sampler == "gac" else present.nonzero().flatten().tolist()
     group_terms, out = [losses[i] for i in idx], {}
     if step % args.moo_every == 0 or state.get("groups") != idx:
         kw = dict(normalize=args.normalize, update=args.moo_update, retain_graph=bcl, process_group=pg)
@@ -732,10 +739,12 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
         if args.moo_grad == "last":
             out = gbg.mgda_backward_partial(group_terms, moo_params, gram_params, **kw)
         else:
-            out = gbg.mgda_backward(group_terms, moo_params, gram_params=gram_params, **kw)
-        state.update(groups=idx, weights=out["weights"].tolist())
+            out = gbg.mgda_backward(group_terms, moo_params, gram_params=gram_params,
+                                    workspace=state.setdefault("workspace", {}), **kw)
+        state.update(groups=idx, weights=out["weights"])
     else:  # --moo-every: the last solve's weights, one backward
         gbg.weighted_backward(group_terms, state["weights"], moo_params, retain_graph=bcl, process_group=pg)
+    out["groups"] = idx
     if measure:
         out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
     if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
@@ -747,15 +756,19 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
 
 
 def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device):
+    """One epoch. Statistics accumulate on the device and are read every --print-freq steps (the
+    progress line and the finiteness check) and at the end: no host read per step but MGDA's."""
     model.train()
     K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
     pg = dist.group.WORLD if args.distributed else None
     moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, samples, steps
-    alpha_sum, alpha_n, cos_min = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1)), 1.0
-    ratios, bcl_sum, state = [], torch.zeros((), dtype=torch.float64, device=device), {}
-    t0, n_seen = time.time(), 0
+    # this process's share of: the loss, the contrastive loss, the samples; summed over processes
+    # when read (every loss is normalised by the global batch, so the shares add up to it)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    alpha_sum, alpha_n = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1), dtype=torch.float64)
+    cos_min, ratios, state = torch.ones((), dtype=torch.float64), [], {}
+    t0 = time.time()
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
@@ -763,7 +776,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
         logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
         losses = present = None
         if class_to_group is not None:
-            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss, class_counts=counts)
+            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
+                                               class_counts=counts, validate=False)
         optimizer.zero_grad(set_to_none=True)
         # update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
         # backward) on every --ratio-every-th MGDA step
@@ -772,38 +786,39 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
             g_mean = gbg.group_gradients([mean_loss], moo_params, retain_graph=True, process_group=pg).norm()
         solved = take_step(losses, present, mean_loss, contrast, model, args, state, step, measure)
         if measure:
-            ratios.append((solved["d_norm"] / g_mean).item())
-        if "alpha" in solved:
-            idx = present.nonzero().flatten().tolist()
-            diag = gbg.step_diagnostic(solved["gram"], solved["alpha"], [losses[i] for i in idx])
-            alpha_sum[idx] += solved["alpha"].detach().double().cpu()
+            ratios.append(solved["d_norm"] / g_mean)
+        if "alpha" in solved:  # on the host already: the solver's output
+            idx = solved["groups"]
+            alpha_sum[idx] += solved["alpha"]
             alpha_n[idx] += 1
-            cos_min = min(cos_min, min(diag["cos"]))
+            cos_min = torch.minimum(cos_min, gbg.pareto_cosines(solved["gram"], solved["alpha"])[0].min())
         total = mean_loss.detach() if contrast is None else args.la_weight * mean_loss.detach() + contrast.detach()
-        total = all_reduce_(total.clone())  # the global batch's loss, on every process
-        sums += torch.tensor([total.item(), counts.sum().item(), 1.0], dtype=torch.float64)
-        if contrast is not None:
-            bcl_sum += contrast.detach()
-        if not math.isfinite(sums[0]):
-            raise data_lt.UserError(f"loss is {sums[0]} at epoch {epoch} step {step}: lower --lr (now {args.lr}) or "
-                                  f"drop --amp; the last good checkpoint in {args.output_dir} is kept")
+        bcl_part = contrast.detach() if contrast is not None else torch.zeros_like(total)
+        sums += torch.stack([total, bcl_part, torch.full_like(total, len(y))]).double()
         optimizer.step()
-        n_seen += int(counts.sum())
-        if is_main(args) and (step % args.print_freq == 0 or step == len(loader) - 1):
-            rate = n_seen / max(time.time() - t0, 1e-9)
-            eta = (len(loader) - step - 1) * (time.time() - t0) / (step + 1)
-            print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {total.item():.4f} "
-                  f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.0f} img/s eta {eta:.0f}s", flush=True)
-    stats = {"train_loss": sums[0].item() / sums[2].item(), "lr": optimizer.param_groups[0]["lr"],
+        if step % args.print_freq == 0 or step == len(loader) - 1:
+            seen = all_reduce_(sums.clone()).tolist()  # the global sums, on every process
+            if not math.isfinite(seen[0]):
+                raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: lower --lr (now "
+                                        f"{args.lr}) or drop --amp; the last good checkpoint in {args.output_dir} "
+                                        f"is kept")
+            if is_main(args):
+                elapsed = time.time() - t0
+                print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {seen[0] / (step + 1):.4f} "
+                      f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
+                      f"eta {(len(loader) - step - 1) * elapsed / (step + 1):.0f}s", flush=True)
+    seen, steps = all_reduce_(sums.clone()).tolist(), len(loader)
+    n_seen = int(seen[2])
+    stats = {"train_loss": seen[0] / steps, "lr": optimizer.param_groups[0]["lr"],
              "train_samples": n_seen, "images_per_s": n_seen / max(time.time() - t0, 1e-9),
              "train_time_s": time.time() - t0}
     if alpha_n.sum() > 0:
         stats["alpha_mean"] = (alpha_sum / alpha_n.clamp(min=1)).tolist()
-        stats["cos_d_g_min"] = cos_min
+        stats["cos_d_g_min"] = cos_min.item()
     if ratios:  # mean over the measured steps of |d| / |g_mean|
-        stats["update_ratio"] = float(np.mean(ratios))
+        stats["update_ratio"] = torch.stack(ratios).mean().item()
     if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
-        stats["train_bcl_loss"] = all_reduce_(bcl_sum).item() / (sums[2].item() * args.bcl_weight)
+        stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
     return stats
 
 
@@ -815,8 +830,8 @@ def evaluate(model, loader, class_counts, device, args):
     correct = torch.zeros(K, dtype=torch.float64, device=device)
     total = torch.zeros(K, dtype=torch.float64, device=device)
     for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            pred = model(x).argmax(1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            pred = model(x.contiguous(memory_format=torch.channels_last) if args.amp else x).argmax(1)
         total += torch.bincount(y, minlength=K).double()
         correct += torch.bincount(y[pred == y], minlength=K).double()
     correct, total = all_reduce_(correct).cpu(), all_reduce_(total).cpu()
@@ -943,7 +958,7 @@ def main(args):
     if args.sync_bn and args.distributed:
         model = convert_sync_bn(model, device)
     model.to(device)
-    if args.amp and device.type == "cuda":
+    if args.amp:
         model = model.to(memory_format=torch.channels_last)
     if args.distributed:
         for t in model.state_dict().values():

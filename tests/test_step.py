@@ -2,6 +2,7 @@
 BCL) and how it is taken (plain, averaged groups, MGDA with its flags), on a float64 ResNet-8,
 p.grad compared with separate autograd passes to 1e-10."""
 import argparse
+import sys
 import copy
 
 import numpy as np
@@ -20,7 +21,7 @@ COUNTS = np.array([60, 30, 12, 6, 3, 2])
 
 def make_args(**kw):
     args = dict(loss="ce", moo="mgda", moo_every=1, moo_grad="exact", moo_gram="all", normalize="l2",
-                moo_update="scaled", bcl_group_loss="la", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1, distributed=False,
+                moo_update="scaled", bcl_group_loss="la", sampler="random", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1, distributed=False,
                 world_size=1, amp=False, group_loss="class", ratio_every=0, lr=0.0, warmup_epochs=0,
                 schedule="step", lr_drops=None, epochs=10, print_freq=1000, rank=0, output_dir="unused")
     args.update(kw)
@@ -180,3 +181,56 @@ def test_update_ratio_is_d_over_the_sample_mean_gradient():
         ratios.append((d.norm() / g.norm()).item())
     assert stats["update_ratio"] == pytest.approx(np.mean(ratios), rel=1e-9)
     assert stats["train_samples"] == 32
+
+
+# ---------------------------------------------------------------------------------- host reads
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def reads_per_step(monkeypatch, args, class_to_group, steps=5):
+    """Run train_one_epoch on `steps` batches, counting every call that reads a tensor's value on
+    the host (on a GPU, each is a synchronisation), by step, with the function that made it."""
+    log = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _original=original, _name=name, **kw):
+            log.append((_name, sys._getframe(1).f_code.co_name))
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    per_step = []
+
+    def loader():
+        for i in range(steps):
+            g = torch.Generator().manual_seed(20 + i)
+            per_step.append(len(log))
+            yield torch.randn(18, 3, 8, 8, generator=g, dtype=torch.float64), torch.arange(18) % K
+
+    class Loader:
+        def __iter__(self):
+            return loader()
+
+        def __len__(self):
+            return steps
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    T.train_one_epoch(model, Loader(), opt, 0, args, class_to_group, torch.device("cpu"))
+    per_step.append(len(log))
+    return [log[a:b] for a, b in zip(per_step, per_step[1:])]
+
+
+def test_no_host_reads_on_the_step_path_but_the_solve(monkeypatch):
+    """Between the first and the last step (the progress line reads the device there): plain CE,
+    the averaged groups and a step that reuses MGDA's weights read nothing; an MGDA solve reads
+    the Gram and the losses once (in gbg.mgda_weights), and only without GAC batches which groups
+    are present."""
+    mid = slice(1, -1)
+    assert all(r == [] for r in reads_per_step(monkeypatch, make_args(), None)[mid])
+    assert all(r == [] for r in reads_per_step(monkeypatch, make_args(moo="none"), C2G)[mid])
+    solve = [r for r in reads_per_step(monkeypatch, make_args(sampler="gac"), C2G)[mid]]
+    assert all(r and {f for _, f in r} == {"mgda_weights"} and len(r) <= 2 for r in solve), solve
+    every = reads_per_step(monkeypatch, make_args(sampler="gac", moo_every=3), C2G, steps=6)[1:4]
+    assert every[0] == every[1] == [] and {f for _, f in every[2]} == {"mgda_weights"}, every
+    plain = reads_per_step(monkeypatch, make_args(sampler="random"), C2G)[mid]
+    assert all({f for _, f in r} == {"mgda_weights", "take_step"} for r in plain), plain
