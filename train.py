@@ -15,6 +15,7 @@ results.json (the last epoch, the best-on-val and the best test epoch, each labe
 """
 import argparse
 import atexit
+import contextlib
 import datetime
 import json
 import math
@@ -170,6 +171,9 @@ def get_args_parser():
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--amp", action="store_true",
                    help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
+                        "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (README)")
     r.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
@@ -579,6 +583,21 @@ def lr_at(epoch, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def compile_backbone(model):
+    """--compile: torch.compile the backbone in place (the state dict keeps its keys). The exact
+    MGDA step runs G backward passes through one forward (retain_graph), which a compiled
+    backward refuses while it donates its buffers to itself, so donation is turned off."""
+    torch._functorch.config.donated_buffer = False
+    model.backbone.compile()
+    return model
+
+
+def eager(args):
+    """Grouping and evaluation run eagerly under --compile: other modes and batch sizes than the
+    training steps', each of which would cost a compilation."""
+    return torch.compiler.set_stance("force_eager") if args.compile else contextlib.nullcontext()
+
+
 # --- Stage 1: grouping (Algorithm 1) --------------------------------------------------------------
 def make_groups(model, data, args, device):
     """Class -> group ids (np.int64[K]) by --grouping, identical on every process, and the
@@ -960,6 +979,8 @@ def main(args):
     model.to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_backbone(model)
     if args.distributed:
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
@@ -997,7 +1018,8 @@ def main(args):
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
         if args.grouping != "none" and due:
-            groups, A, grouping_stats = make_groups(model, data, args, device)
+            with eager(args):
+                groups, A, grouping_stats = make_groups(model, data, args, device)
             info = describe_groups(groups, A, data, args, epoch, grouping_stats)
             log(args, f"groups (epoch {epoch}): sizes {[len(m) for m in info['groups']]}, Eq. 9 value {info['ncut']}")
             if is_main(args):
@@ -1011,11 +1033,14 @@ def main(args):
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device, args).items()})
-            if val_loader is not None:
-                stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, data.class_counts, device, args).items()})
-                if best is None or stats["val_top1"] > best["val_top1"]:
-                    best = {"epoch": epoch, **{k: v for k, v in stats.items() if k.startswith(("val_", "test_"))}}
+            with eager(args):
+                stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device,
+                                                                   args).items()})
+                if val_loader is not None:
+                    stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, data.class_counts, device,
+                                                                      args).items()})
+            if val_loader is not None and (best is None or stats["val_top1"] > best["val_top1"]):
+                best = {"epoch": epoch, **{k: v for k, v in stats.items() if k.startswith(("val_", "test_"))}}
             if best_test is None or stats["test_top1"] > best_test["top1"]:
                 best_test = {"epoch": epoch, **{k[5:]: v for k, v in stats.items() if k.startswith("test_")}}
         if best_test is not None:

@@ -13,6 +13,9 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
 (c) gbg.min_norm_weights for G = 2 ... 1000.
 (d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
     CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
+(f) --amp: images/s of a CE epoch and of exact MGDA steps (ResNet-32, batch 256), fp32 vs bf16
+    autocast + channels_last; on CUDA these are the numbers to size a GPU run with.
+(g) torch.compile against eager for a CE step and an exact MGDA step, and the compile time.
 Ends with a markdown table (what, measured, target) for the README. The targets are the
 project's, set with a GPU in mind; on a CPU the ratios are what to read.
 """
@@ -275,6 +278,110 @@ def bench_steps_kept_memory(args):
                      "(b) with malloc keeping freed memory", env={**os.environ, **KEEP_MEMORY})
 
 
+# --- (f) --amp: bf16 autocast and channels_last, against fp32 ------------------------------------
+
+def amp_model(amp, device, num_classes=10):
+    torch.manual_seed(0)
+    model = train.build_model("resnet32", num_classes).to(device).train()
+    return model.to(memory_format=torch.channels_last) if amp else model
+
+
+def amp_forward(model, x, amp, device):
+    if amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return model(x).float()
+
+
+def bench_amp(args, device):
+    """One CE epoch over a CIFAR-10-LT-sized set (12,406 random 32x32 images, the IF 100 profile of
+    5,000 ... 50) and exact G = 4 MGDA steps, ResNet-32, batch 256: images/s in fp32 and with
+    --amp (bf16 autocast + channels_last), as train.py runs them."""
+    ds, _ = lt_dataset(10, 500 if args.quick else 5000)
+    bs, n_exact = 256, 2 if args.quick else 4
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    batches = [perm[i:i + bs] for i in range(0, len(ds), bs)]
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3], device=device)
+    out = {}
+    print(f"(f) --amp: ResNet-32, batch {bs}; a CE epoch over {len(ds):,} images ({len(batches)} steps) and "
+          f"{n_exact} exact G = 4 MGDA steps (train.py's defaults), fp32 vs bf16 autocast + channels_last")
+    for amp in (False, True):
+        model = amp_model(amp, device)
+        params = [p for p in model.parameters()]
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        workspace = {}
+
+        def ce_epoch_():
+            for idx in batches:
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(amp_forward(model, ds.images[idx].to(device), amp, device),
+                                ds.targets[idx].to(device)).backward()
+                optimizer.step()
+
+        def exact_steps():
+            for idx in batches[:n_exact]:
+                optimizer.zero_grad(set_to_none=True)
+                losses, _ = gbg.group_losses(amp_forward(model, ds.images[idx].to(device), amp, device),
+                                             ds.targets[idx].to(device), groups, 4, validate=False)
+                gbg.mgda_backward(list(losses), params, workspace=workspace)
+                optimizer.step()
+
+        exact_steps()  # warm-up: allocator, kernels
+        t_ce, w_ce, _ = timed(ce_epoch_, device)
+        t_ex, w_ex, _ = timed(exact_steps, device)
+        name = "bf16" if amp else "fp32"
+        out[name] = {"ce": len(ds) / t_ce, "exact": n_exact * bs / t_ex}
+        print(f"    {name}: CE epoch {t_ce:6.1f} s = {out[name]['ce']:6.0f} img/s (wall {w_ce:.1f} s); exact MGDA "
+              f"{out[name]['exact']:6.0f} img/s")
+    out["ce_ratio"] = out["bf16"]["ce"] / out["fp32"]["ce"]
+    out["exact_ratio"] = out["bf16"]["exact"] / out["fp32"]["exact"]
+    print(f"    --amp / fp32 images/s: CE {out['ce_ratio']:.2f}x, exact MGDA {out['exact_ratio']:.2f}x "
+          f"(target for the CE epoch: >= 1.6x)")
+    return out
+
+
+# --- (g) torch.compile ----------------------------------------------------------------------------
+
+def bench_compile(args, device):
+    """A CE step and an exact G = 4 MGDA step of ResNet-32 (batch 256, fp32) with the model
+    eager and under torch.compile (default mode), and what compiling cost. The MGDA step runs G
+    backward passes through one forward (retain_graph), which compiled backward functions refuse
+    unless torch._functorch.config.donated_buffer is off."""
+    torch._functorch.config.donated_buffer = False
+    bs, reps = (64, 2) if args.quick else (256, 3)
+    x = torch.randn(bs, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    y = (torch.arange(bs) % 10).to(device)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3], device=device)
+    model = amp_model(False, device)
+    params = list(model.parameters())
+    compiled = torch.compile(model)
+    workspace = {}
+
+    def ce(m):
+        for p in params:
+            p.grad = None
+        F.cross_entropy(m(x), y).backward()
+
+    def exact(m):
+        for p in params:
+            p.grad = None
+        losses, _ = gbg.group_losses(m(x), y, groups, 4, validate=False)
+        gbg.mgda_backward(list(losses), params, workspace=workspace)
+
+    _, t_compile, _ = timed(lambda: (ce(compiled), exact(compiled)), device)
+    res = {"compile_s": t_compile}
+    for name, fn in (("ce", ce), ("exact", exact)):
+        for label, m in (("eager", model), ("compiled", compiled)):
+            fn(m)
+            ts = [timed(lambda: fn(m), device)[0] for _ in range(reps)]
+            res[f"{name}_{label}"] = statistics.median(ts)
+    print(f"(g) torch.compile, ResNet-32, batch {bs}, fp32: compiling took {t_compile:.0f} s (wall)")
+    for name in ("ce", "exact"):
+        e, c = res[f"{name}_eager"], res[f"{name}_compiled"]
+        print(f"    {name:5s} step: eager {e * 1e3:7.1f} ms, compiled {c * 1e3:7.1f} ms = {e / c:.2f}x faster")
+    return res
+
+
 # --- (c) the min-norm solver ----------------------------------------------------------------
 
 def random_gram(G, kind, rng):
@@ -417,7 +524,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--only", default="a,b,c,d", help="comma-separated parts to run, e.g. b,c")
+    p.add_argument("--only", default="a,b,c,d,f,g", help="comma-separated parts to run, e.g. b,c")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 (default) because the cores are shared, and a second "
                         "thread waiting on a busy core makes every op as slow as its straggler")
@@ -432,8 +539,8 @@ def main():
         torch.set_num_threads(args.threads)
         return print(json.dumps(bench_steps(args, torch.device("cpu"))))
     parts = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not parts <= set("abcd"):
-        p.error(f"--only takes a comma-separated subset of a,b,c,d; got {args.only!r}")
+    if not parts <= set("abcdfg"):
+        p.error(f"--only takes a comma-separated subset of a,b,c,d,f,g; got {args.only!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; pass --device cpu")
@@ -458,6 +565,12 @@ def main():
         print()
     if "d" in parts:
         res["d"] = bench_memory(args, device)
+        print()
+    if "f" in parts:
+        res["f"] = bench_amp(args, device)
+        print()
+    if "g" in parts:
+        res["g"] = bench_compile(args, device)
         print()
 
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s), CPU time"
@@ -490,6 +603,17 @@ def main():
             mem = r.get("gpu_growth", r["rss_growth"])
             print(f"| class_gradients peak memory, iNat scale (K=8142, P={r['P'] / 1e6:.1f}M, sketch 16384, "
                   f"3x{size}x{size} inputs) | {mem / GB:.2f} GB (dense: {dense / GB:.0f} GB) | < 4 GB |")
+    if "f" in res:
+        f = res["f"]
+        print(f"| --amp (bf16 + channels_last) / fp32 images/s: CE epoch, ResNet-32, CIFAR-10-LT-sized | "
+              f"{f['ce_ratio']:.2f}x ({f['fp32']['ce']:.0f} -> {f['bf16']['ce']:.0f} img/s) | >= 1.6x |")
+        print(f"| the same, exact G=4 MGDA step | {f['exact_ratio']:.2f}x ({f['fp32']['exact']:.0f} -> "
+              f"{f['bf16']['exact']:.0f} img/s) | - |")
+    if "g" in res:
+        g = res["g"]
+        print(f"| torch.compile / eager, CE step / exact MGDA step (fp32; compiling {g['compile_s']:.0f} s) | "
+              f"{g['ce_eager'] / g['ce_compiled']:.2f}x / {g['exact_eager'] / g['exact_compiled']:.2f}x faster | "
+              f"keep if > 1 |")
 
 
 if __name__ == "__main__":
