@@ -828,12 +828,14 @@ def _accumulate(params, flat):
 
 def weighted_backward(losses, weights, params, *, retain_graph=False, process_group=None):
     """p.grad += d(sum_i weights_i L_i)/dp for every p in params (that requires grad), summed over
-    process_group: one backward pass. weights: numbers, or a tensor [G]. Serves the plain and averaged steps, the cheap MGDA modes'
-    update, and any extra loss (e.g. a contrastive term) added after an MGDA step."""
+    process_group: one backward pass. weights: numbers, or a tensor [G] (then nothing is read on
+    the host). Serves the plain and averaged steps, the cheap MGDA modes' update, and any extra
+    loss (e.g. a contrastive term) added after an MGDA step."""
     losses = list(losses)
     params = [p for p in params if p.requires_grad]
-    if torch.is_tensor(weights):  # e.g. weights that live on the device: no host read
-        total = (weights.to(losses[0].device, losses[0].dtype) * torch.stack([L.reshape(()) for L in losses])).sum()
+    if torch.is_tensor(weights):
+        stacked = torch.stack([L.reshape(()) for L in losses])
+        total = (weights.to(stacked.device, stacked.dtype) * stacked).sum()
     else:
         total = sum(float(w) * L.reshape(()) for w, L in zip(weights, losses))
     _accumulate(params, _all_reduce(_flat_grad(total, params, retain_graph), process_group))
@@ -862,10 +864,10 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
     losses, params = _check_step_args(losses, params, normalize, update)
     columns = _columns(params, params if gram_params is None else gram_params)
     values = _loss_values(losses, params[0].device, normalize, process_group)
-    buffer = None if workspace is None else workspace.get("flat")
-    flat = group_gradients(losses, params, retain_graph=retain_graph, process_group=process_group, out=buffer)
+    flat = group_gradients(losses, params, retain_graph=retain_graph, process_group=process_group,
+                           out=None if workspace is None else workspace.get("flat"))
     if workspace is not None:
-        workspace["flat"] = flat if buffer is None or flat.data_ptr() != buffer.data_ptr() else buffer
+        workspace["flat"] = flat
     alpha, w, gram = mgda_weights(_gram(flat, columns), values, normalize=normalize, update=update)
     _accumulate(params, w.to(flat.device, flat.dtype) @ flat)
     return {"alpha": alpha, "weights": w, "gram": gram}
