@@ -119,6 +119,10 @@ def get_args_parser():
     m.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
                    help="BCL under grouping: the group losses are logit-adjusted CE (la, default) or plain CE (ce, "
                         "the authors' CIFAR release)")
+    m.add_argument("--views", default=None, choices=["device", "workers"],
+                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
+                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
+                        "sample in DataLoader workers; always for image files)")
     g = p.add_argument_group("GBG")
     g.add_argument("--num-groups", type=int, default=4, help="G (4: the paper's ablations, the release's --n_groups)")
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
@@ -559,7 +563,15 @@ def bcl_contrast(model, z_views, targets, temperature):
     return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
 
 
-def bcl_train_views(data):
+def bcl_train_views(data, args):
+    """make_loader's views: "device" (data_lt.device_views, batched on the device) for data held as
+    one tensor unless --views workers, else torchvision pipelines run per sample in workers."""
+    where = args.views or ("device" if data.kind == "tensor" else "workers")
+    if where == "device":
+        if data.kind != "tensor":
+            raise data_lt.UserError(f"--views device needs CIFAR-sized images held as one tensor; {args.dataset} "
+                                    f"is read from image files: use --views workers")
+        return "device"
     size = tuple(data.train.images.shape[-2:]) if data.kind == "tensor" else 224
     return data_lt.bcl_views(data.kind, data.mean, data.std, size)
 
@@ -939,7 +951,8 @@ def main(args):
     model = build_model(args.arch, K)
     if args.loss == "bcl":
         model = make_bcl_model(model, data.class_counts)
-        log(args, f"bcl: {args.la_weight} * logit-adjusted CE + {args.bcl_weight} * BCL (temperature {args.bcl_temp})")
+        log(args, f"bcl: {args.la_weight} * logit-adjusted CE + {args.bcl_weight} * BCL (temperature {args.bcl_temp}); "
+                  f"views made {'on the device' if bcl_train_views(data, args) == 'device' else 'in workers'}")
     if args.sync_bn and args.distributed:
         model = convert_sync_bn(model, device)
     model.to(device)
@@ -992,7 +1005,7 @@ def main(args):
         sampler.set_epoch(epoch)
         loader = data_lt.make_loader(data.train, sampler, train=True, device=device, num_workers=args.workers,
                                      seed=args.seed * 100003 + epoch,
-                                     views=bcl_train_views(data) if args.loss == "bcl" else None)
+                                     views=bcl_train_views(data, args) if args.loss == "bcl" else None)
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
