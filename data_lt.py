@@ -759,9 +759,12 @@ def _normalize_v2(x, mean, std):
 
 
 def _on(x, sel, fn):
-    """x with fn applied to the samples where sel (a bool [B]) holds; fn takes and returns a batch."""
+    """x with fn applied to the samples where sel (a bool [B] on the host) holds; fn takes and
+    returns a batch (and gets the samples' positions). The grouping is read on the host, where the
+    draws are made, so a GPU never waits for it (nonzero() on the device would sync every group)."""
     idx = sel.nonzero()[:, 0]
     if len(idx):
+        idx = idx.to(x.device, non_blocking=True)
         x = x.index_copy(0, idx, fn(x[idx], idx))
     return x
 
@@ -770,7 +773,8 @@ def cls_view(images, p, mean, std):
     """The classification view from cls_view_params' draws: pad-4 crop + flip, AutoAugment CIFAR-10
     (samples grouped by sub-policy and sign, one torchvision call per group), normalise, Cutout 16."""
     H, W = images.shape[-2:]
-    x = crop_flip(images, p["dy"], p["dx"], p["flip"])
+    d = {k: p[k].to(images.device, non_blocking=True) for k in ("dy", "dx", "flip", "cy", "cx")}
+    x = crop_flip(images, d["dy"], d["dx"], d["flip"])
     for stage in range(2):
         for k, sub in enumerate(AA_CIFAR10):
             op, prob, bin_ = sub[stage]
@@ -783,18 +787,19 @@ def cls_view(images, p, mean, std):
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     half = CUTOUT // 2  # the square [c - 8, c + 8) of cutout(), clipped at the border
     inside = lambda c, r: (r[None] >= c[:, None] - half) & (r[None] < c[:, None] + half)
-    hole = inside(p["cy"], rows)[:, :, None] & inside(p["cx"], cols)[:, None, :]
+    hole = inside(d["cy"], rows)[:, :, None] & inside(d["cx"], cols)[:, None, :]
     return x.masked_fill(hole[:, None], 0.0)
 
 
 def sim_view(images, p, mean, std):
     """A contrastive view from sim_view_params' draws: resized crop + flip, ColorJitter where drawn
     (each sample's four ops in its own random order, uint8 between ops as in v2), grayscale, normalise."""
-    x = resized_crop(images, p["top"], p["left"], p["h"], p["w"], p["flip"], tuple(images.shape[-2:]))
+    d = {k: p[k].to(images.device, non_blocking=True) for k in ("top", "left", "h", "w", "flip", "factors")}
+    x = resized_crop(images, d["top"], d["left"], d["h"], d["w"], d["flip"], tuple(images.shape[-2:]))
     for step in range(4):
         for op in range(4):
             sel = p["jitter"] & (p["order"][:, step] == op)
-            x = _on(x, sel, lambda xs, idx, op=op: jitter_op(xs, op, p["factors"][idx, op]))
+            x = _on(x, sel, lambda xs, idx, op=op: jitter_op(xs, op, d["factors"][idx, op]))
     x = _on(x, p["gray"], lambda xs, _: _gray_trunc(xs))
     return _normalize_v2(x, mean, std)
 
@@ -808,8 +813,10 @@ def _gray_trunc(x):
 def device_views(images, index, seed, mean, std):
     """[classification view, contrastive view, contrastive view] of uint8 images [B,3,H,W] whose
     sample indices are `index` [B]: bcl_views("tensor", ...)'s transforms, batched on the images'
-    device, each sample's draws a function of (seed, index) alone (see the section comment)."""
-    index = torch.as_tensor(index, dtype=torch.long, device=images.device)
+    device, each sample's draws a function of (seed, index) alone (see the section comment).
+    The draws (a few dozen numbers per sample) are made on the host from `index` (a list or a CPU
+    tensor, as the batch sampler gives it) and copied to the device without waiting."""
+    index = torch.as_tensor(index, dtype=torch.long, device="cpu")
     H, W = images.shape[-2:]
     return [cls_view(images, cls_view_params(seed, index, H, W), mean, std),
             sim_view(images, sim_view_params(seed, 1, index, H, W), mean, std),
@@ -865,8 +872,9 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
 
         def device_epoch():
             for idx in batch_sampler:
-                idx = torch.as_tensor(idx, dtype=torch.long, device=device)
-                yield device_views(ds.images[idx], idx, view_seed, ds.mean, ds.std), ds.targets[idx]
+                cpu_idx = torch.as_tensor(idx, dtype=torch.long)
+                idx = cpu_idx.to(device, non_blocking=True)
+                yield device_views(ds.images[idx], cpu_idx, view_seed, ds.mean, ds.std), ds.targets[idx]
         return Loader(device_epoch, lambda: len(batch_sampler))
     if views is not None and train:
         base = ds.to("cpu") if isinstance(ds, TensorImages) else ds
