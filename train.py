@@ -951,8 +951,7 @@ def main(args):
     model = build_model(args.arch, K)
     if args.loss == "bcl":
         model = make_bcl_model(model, data.class_counts)
-        log(args, f"bcl: {args.la_weight} * logit-adjusted CE + {args.bcl_weight} * BCL (temperature {args.bcl_temp}); "
-                  f"views made {'on the device' if bcl_train_views(data, args) == 'device' else 'in workers'}")
+        log(args, f"bcl: {args.la_weight} * logit-adjusted CE + {args.bcl_weight} * BCL (temperature {args.bcl_temp})")
     if args.sync_bn and args.distributed:
         model = convert_sync_bn(model, device)
     model.to(device)
@@ -976,6 +975,8 @@ def main(args):
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         log(args, f"resumed from {resume_path} at epoch {start_epoch}")
+        if args.loss == "bcl" and args.views is None:  # the run's own views; runs from before --views: workers
+            args.views = ckpt["args"].get("views") or "workers"
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
             lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
             (out / "log.txt").write_text("".join(lines))
@@ -986,6 +987,9 @@ def main(args):
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
     best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
+    if args.loss == "bcl":  # saved with the checkpoints, so that a resumed run keeps its views
+        args.views = "device" if bcl_train_views(data, args) == "device" else "workers"
+        log(args, f"bcl: views made {'on the device' if args.views == 'device' else 'in DataLoader workers'}")
 
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)

@@ -258,6 +258,12 @@ def test_resume_with_device_views_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.txt")] for d in ("ref", "cut")]
     assert [e["train_bcl_loss"] for e in logs[0]] == [e["train_bcl_loss"] for e in logs[1]]
+    # a run keeps its views when resumed without --views; a run from before --views made them in workers
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["args"]["views"] == "device"
+    del ckpt["args"]["views"]
+    torch.save(ckpt, tmp_path / "cut" / "checkpoint.pth")
+    assert "views made in DataLoader workers" in run_train(*FAST, "--epochs", "3", "--output-dir", str(tmp_path / "cut"))
 
 
 def test_views_flag_picks_where_views_are_made():
