@@ -603,7 +603,8 @@ def aa_op(x, op, m):
                                     interpolation=near, fill=None, center=[0, 0])
     if op in ("TranslateX", "TranslateY"):
         t = [int(m), 0] if op == "TranslateX" else [0, int(m)]
-        return v2.functional.affine(x, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=near, fill=None)
+        return v2.functional.affine(x, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=near,
+                                    fill=None)
     if op == "Rotate":
         return v2.functional.rotate(x, angle=m, interpolation=near, fill=None)
     if op == "Brightness":
@@ -645,7 +646,8 @@ def sim_view_params(seed, view, index, H, W, scale=CONTRAST_SCALE, ratio=(3 / 4,
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, 10:20])
-    w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()  # half to even, as round()
+    # torch.round rounds half to even, as Python's round() in v2
+    w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first = fits.long().argmax(1, keepdim=True)  # the first try that fits
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
