@@ -28,7 +28,8 @@ Two kinds of data set come out of build_data:
 
 BCL (--loss bcl) trains on three views per sample (bcl_views): make_loader(..., views=...) then
 yields ([x_cls, x_con1, x_con2], y), each sample's views made on the CPU by SeededViews and seeded
-by (epoch seed, sample index) alone, for either kind.
+by (epoch seed, sample index) alone, for either kind. For "tensor" data, views="device" makes the
+same views batch by batch on the device (device_views), seeded by (epoch seed, sample index) too.
 """
 import math
 import os
@@ -511,6 +512,319 @@ class SeededViews(Dataset):
             return [view(img) for view in self.views], label
 
 
+# --- BCL views on the device ----------------------------------------------------------------------
+# The same three views as bcl_views("tensor", ...), made for a whole batch of uint8 [B,3,H,W] images
+# on their device (device_views): no worker processes, no per-image Python work, so a GPU run is
+# not bounded by the CPU. Each sample's random draws are a counter-based hash (SplitMix64, Steele
+# et al. 2014) of (seed, view, sample index, draw number) computed on int64 tensors, so a view
+# depends on (seed, index) alone: not on the batch, its order, the process or what ran before
+# (resume and several processes then see the views of one uninterrupted process). The draws follow
+# torchvision's v2 transforms one for one (same distributions, same order of operations, uint8
+# rounding after each colour op); the transforms themselves are batched with per-sample parameters.
+
+def _i64(c):
+    """A Python integer as the int64 with the same 64 low bits."""
+    c %= 1 << 64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x, s):
+    """Logical right shift of int64 tensors (>> is arithmetic: it copies the sign bit)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x):
+    """SplitMix64's output function on int64 tensors (uint64 arithmetic: products wrap mod 2^64)."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def view_uniforms(seed, view, index, n):
+    """[B, n] float64 uniforms in [0, 1) for view `view` of the samples `index` [B] (int64, on their
+    device): draw k of sample i is a function of (seed, view, i, k) only (53 random bits each)."""
+    key = splitmix64(torch.full_like(index, _i64(int(seed) + 0x9E3779B97F4A7C15 * (view + 1))))
+    key = splitmix64(key + index * _GOLDEN)
+    k = torch.arange(1, n + 1, dtype=torch.long, device=index.device)
+    return _shr(splitmix64(key[:, None] + k * _GOLDEN), 11).double() * 2.0 ** -53
+
+
+def _randint(u, n):
+    """torch.randint(0, n) from a uniform u: floor(u * n), n a number or a tensor."""
+    return torch.minimum((u * n).floor().long(), torch.as_tensor(n, device=u.device) - 1)
+
+
+# AutoAugment's CIFAR-10 policy (Cubuk et al. 2019), as torchvision's v2.AutoAugment holds it
+# (_auto_augment.py, AutoAugmentPolicy.CIFAR10): 25 sub-policies of two (op, probability, magnitude
+# bin); the magnitudes over 10 bins, signed ops negated with probability 0.5 (the same file's
+# _AUGMENTATION_SPACE). tests/test_device_views.py checks both tables against torchvision's.
+AA_CIFAR10 = [
+    (("Invert", 0.1, None), ("Contrast", 0.2, 6)), (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+    (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)), (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)), (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+    (("Color", 0.4, 3), ("Brightness", 0.6, 7)), (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+    (("Equalize", 0.6, None), ("Equalize", 0.5, None)), (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+    (("Color", 0.7, 7), ("TranslateX", 0.5, 8)), (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+    (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)), (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+    (("Solarize", 0.5, 2), ("Invert", 0.0, None)), (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.2, None), ("Equalize", 0.6, None)), (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+    (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)), (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)), (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)), (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+    (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+]
+AA_BINS = 10
+
+
+def aa_magnitude(op, bin_, H, W):
+    """(magnitude of bin `bin_`, signed?) of one AutoAugment op on H x W images."""
+    top = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150.0 / 331.0 * W, "TranslateY": 150.0 / 331.0 * H,
+           "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
+    if op in top:
+        return float(torch.linspace(0.0, top[op], AA_BINS)[bin_]), True
+    if op == "Posterize":
+        return float((8 - (torch.arange(AA_BINS) / ((AA_BINS - 1) / 4))).round().int()[bin_]), False
+    if op == "Solarize":
+        return float(torch.linspace(1.0, 0.0, AA_BINS)[bin_]), False
+    return 0.0, False  # AutoContrast, Equalize, Invert
+
+
+def aa_op(x, op, m):
+    """One AutoAugment op on a batch of uint8 images, as v2.AutoAugment applies it (nearest, fill 0)."""
+    near = v2.InterpolationMode.NEAREST
+    if op == "ShearX":
+        return v2.functional.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(m)), 0.0],
+                                    interpolation=near, fill=None, center=[0, 0])
+    if op == "ShearY":
+        return v2.functional.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(m))],
+                                    interpolation=near, fill=None, center=[0, 0])
+    if op in ("TranslateX", "TranslateY"):
+        t = [int(m), 0] if op == "TranslateX" else [0, int(m)]
+        return v2.functional.affine(x, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=near,
+                                    fill=None)
+    if op == "Rotate":
+        return v2.functional.rotate(x, angle=m, interpolation=near, fill=None)
+    if op == "Brightness":
+        return v2.functional.adjust_brightness(x, 1.0 + m)
+    if op == "Color":
+        return v2.functional.adjust_saturation(x, 1.0 + m)
+    if op == "Contrast":
+        return v2.functional.adjust_contrast(x, 1.0 + m)
+    if op == "Sharpness":
+        return v2.functional.adjust_sharpness(x, 1.0 + m)
+    if op == "Posterize":
+        return v2.functional.posterize(x, bits=int(m))
+    if op == "Solarize":
+        return v2.functional.solarize(x, threshold=255.0 * m)
+    if op == "AutoContrast":
+        return v2.functional.autocontrast(x)
+    if op == "Equalize":
+        return v2.functional.equalize(x)
+    if op == "Invert":
+        return v2.functional.invert(x)
+    raise ValueError(f"unknown AutoAugment op {op}")
+
+
+def cls_view_params(seed, index, H, W):
+    """Per-sample draws of the classification view (view 0), in v2's order: RandomCrop(pad 4) offsets,
+    flip, AutoAugment (sub-policy, then per op: applied?, negated?), Cutout centre."""
+    u = view_uniforms(seed, 0, index, 10)
+    return dict(dy=_randint(u[:, 0], 2 * PAD + 1), dx=_randint(u[:, 1], 2 * PAD + 1), flip=u[:, 2] < 0.5,
+                policy=_randint(u[:, 3], len(AA_CIFAR10)),
+                apply=torch.stack([u[:, 4], u[:, 6]], 1), negate=torch.stack([u[:, 5], u[:, 7]], 1) <= 0.5,
+                cy=_randint(u[:, 8], H), cx=_randint(u[:, 9], W))
+
+
+def sim_view_params(seed, view, index, H, W, scale=CONTRAST_SCALE, ratio=(3 / 4, 4 / 3)):
+    """Per-sample draws of a contrastive view (views 1 and 2), as v2's RandomResizedCrop (10 tries of
+    area and log-aspect, the first crop that fits, else the centre fallback), flip, RandomApply(p 0.8)
+    of ColorJitter(0.4, 0.4, 0.4, 0.1) (factors, random order) and RandomGrayscale(0.2) draw them."""
+    u = view_uniforms(seed, view, index, 33)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, 10:20])
+    # torch.round rounds half to even, as Python's round() in v2
+    w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    if W / H < ratio[0]:  # v2's fallback, a centred crop of the nearest allowed aspect ratio
+        fw, fh = W, int(round(W / ratio[0]))
+    elif W / H > ratio[1]:
+        fw, fh = int(round(H * ratio[1])), H
+    else:
+        fw, fh = W, H
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    top = torch.where(found, _randint(u[:, 20], H - h + 1), (H - h) // 2)
+    left = torch.where(found, _randint(u[:, 21], W - w + 1), (W - w) // 2)
+    f = lambda v, lo, hi: (lo + (hi - lo) * v).float()  # v2 draws the factors in float32
+    return dict(top=top, left=left, h=h, w=w, flip=u[:, 22] < 0.5, jitter=u[:, 23] < 0.8,
+                factors=torch.stack([f(u[:, 24], 0.6, 1.4), f(u[:, 25], 0.6, 1.4), f(u[:, 26], 0.6, 1.4),
+                                     f(u[:, 27], -0.1, 0.1)], 1),
+                order=u[:, 28:32].argsort(1),  # a uniform random permutation of the four jitter ops
+                gray=u[:, 32] < 0.2)
+
+
+def resized_crop(images, top, left, h, w, flip, size):
+    """Each sample's h x w window at (top, left), bilinearly resized to `size` (half-pixel centres,
+    align_corners=False, as torchvision's resize; antialiasing does nothing when enlarging, and the
+    crops here never exceed the image) and mirrored where flip. uint8 in, uint8 out (rounded)."""
+    B, C, H, W = images.shape
+    dev = images.device
+
+    def axis(start, length, n):  # source rows (or columns) and weights of n outputs, per sample
+        src = ((torch.arange(n, device=dev) + 0.5)[None] * (length[:, None] / n) - 0.5).clamp(min=0)
+        lo = src.floor().long()
+        hi = torch.minimum(lo + 1, length[:, None] - 1)
+        return start[:, None] + lo, start[:, None] + hi, (src - lo).float()
+
+    y0, y1, wy = axis(top, h, size[0])
+    x0, x1, wx = axis(left, w, size[1])
+    x0, x1, wx = (torch.where(flip[:, None], t.flip(1), t) for t in (x0, x1, wx))
+    img = images.float()
+    cols = lambda i: img.gather(3, i[:, None, None, :].expand(B, C, H, size[1]))        # [B,C,H,w_out]
+    img = cols(x0) * (1 - wx)[:, None, None, :] + cols(x1) * wx[:, None, None, :]      # each row, then
+    rows = lambda i: img.gather(2, i[:, None, :, None].expand(B, C, size[0], size[1]))  # the rows
+    wy = wy[:, None, :, None]
+    return (rows(y0) * (1 - wy) + rows(y1) * wy).round_().to(torch.uint8)
+
+
+def _gray(x):
+    """v2's luma (0.2989 R + 0.587 G + 0.114 B) of uint8 images, floored, in float32 [B,1,H,W]."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
+
+
+def _blend(x, other, ratio):
+    """v2's _blend with one ratio per sample [B,1,1,1]: ratio x + (1 - ratio) other, clamped, to uint8.
+    addcmul rounds like v2's add_(other, alpha=1 - ratio) (one fused multiply-add where the CPU has it)."""
+    return torch.addcmul(x.mul(ratio), other, (1.0 - ratio.double()).float()).clamp_(0, 255).to(torch.uint8)
+
+
+def _rgb_to_hsv(x):
+    """torchvision's _rgb_to_hsv (v2/functional/_color.py), float RGB in [0, 1] -> HSV."""
+    r, g, _ = x.unbind(dim=-3)
+    minc, maxc = torch.aminmax(x, dim=-3)
+    eqc = maxc == minc
+    crange = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = crange / torch.where(eqc, ones, maxc)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / torch.where(eqc, ones, crange).unsqueeze(-3)).unbind(dim=-3)
+    neq_r, eq_g = maxc != r, maxc == g
+    hg = rc.add(2.0).sub_(bc).mul_(eq_g & neq_r)
+    hr = bc.sub_(gc).mul_(~neq_r)
+    hb = gc.add_(4.0).sub_(rc).mul_(neq_r.logical_and_(eq_g.logical_not_()))
+    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def _hsv_to_rgb(x):
+    """torchvision's _hsv_to_rgb (v2/functional/_color.py)."""
+    h, s, v = x.unbind(dim=-3)
+    h6 = h.mul(6)
+    i = torch.floor(h6)
+    f = h6.sub_(i)
+    i = i.to(torch.int32).remainder_(6)
+    sxf, one_minus_s = s * f, 1.0 - s
+    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
+    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=-3)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    return vpqt.gather(-3, select[:, i].moveaxis(0, -3))
+
+
+def jitter_op(x, op, factor):
+    """ColorJitter's op `op` (0 brightness, 1 contrast, 2 saturation, 3 hue) on uint8 images [B,3,H,W]
+    with one factor per sample [B], as v2's adjust_* kernels compute it on uint8 images."""
+    f = factor.view(-1, 1, 1, 1)
+    if op == 0:
+        return x.mul(f).clamp_(0, 255).to(torch.uint8)
+    if op == 1:
+        return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+    if op == 2:
+        return _blend(x, _gray(x), f)
+    hsv = _rgb_to_hsv(x.float().mul_(1.0 / 255))
+    h, s, v = hsv.unbind(dim=-3)
+    h = h.add(factor.view(-1, 1, 1)).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3)).mul_(256.0 - 1e-3).to(torch.uint8)
+
+
+def _normalize_v2(x, mean, std):
+    """v2.ToDtype(float32, scale=True) then v2.Normalize(mean, std), batched."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.float().mul_(1.0 / 255).sub_(m).div_(s)
+
+
+def _on(x, sel, fn):
+    """x with fn applied to the samples where sel (a bool [B] on the host) holds; fn takes and
+    returns a batch (and gets the samples' positions). The grouping is read on the host, where the
+    draws are made, so a GPU never waits for it (nonzero() on the device would sync every group)."""
+    idx = sel.nonzero()[:, 0]
+    if len(idx):
+        idx = idx.to(x.device, non_blocking=True)
+        x = x.index_copy(0, idx, fn(x[idx], idx))
+    return x
+
+
+def cls_view(images, p, mean, std):
+    """The classification view from cls_view_params' draws: pad-4 crop + flip, AutoAugment CIFAR-10
+    (samples grouped by sub-policy and sign, one torchvision call per group), normalise, Cutout 16."""
+    H, W = images.shape[-2:]
+    d = {k: p[k].to(images.device, non_blocking=True) for k in ("dy", "dx", "flip", "cy", "cx")}
+    x = crop_flip(images, d["dy"], d["dx"], d["flip"])
+    for stage in range(2):
+        for k, sub in enumerate(AA_CIFAR10):
+            op, prob, bin_ = sub[stage]
+            m, signed = aa_magnitude(op, bin_, H, W) if bin_ is not None else (0.0, False)
+            chosen = (p["policy"] == k) & (p["apply"][:, stage] <= prob)  # v2: applied when rand() <= p
+            for sign in ((False, True) if signed else (False,)):
+                sel = chosen & (p["negate"][:, stage] == sign) if signed else chosen
+                x = _on(x, sel, lambda xs, _, op=op, m=-m if sign else m: aa_op(xs, op, m))
+    x = _normalize_v2(x, mean, std)
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    half = CUTOUT // 2  # the square [c - 8, c + 8) of cutout(), clipped at the border
+    inside = lambda c, r: (r[None] >= c[:, None] - half) & (r[None] < c[:, None] + half)
+    hole = inside(d["cy"], rows)[:, :, None] & inside(d["cx"], cols)[:, None, :]
+    return x.masked_fill(hole[:, None], 0.0)
+
+
+def sim_view(images, p, mean, std):
+    """A contrastive view from sim_view_params' draws: resized crop + flip, ColorJitter where drawn
+    (each sample's four ops in its own random order, uint8 between ops as in v2), grayscale, normalise."""
+    d = {k: p[k].to(images.device, non_blocking=True) for k in ("top", "left", "h", "w", "flip", "factors")}
+    x = resized_crop(images, d["top"], d["left"], d["h"], d["w"], d["flip"], tuple(images.shape[-2:]))
+    for step in range(4):
+        for op in range(4):
+            sel = p["jitter"] & (p["order"][:, step] == op)
+            x = _on(x, sel, lambda xs, idx, op=op: jitter_op(xs, op, d["factors"][idx, op]))
+    x = _on(x, p["gray"], lambda xs, _: _gray_trunc(xs))
+    return _normalize_v2(x, mean, std)
+
+
+def _gray_trunc(x):
+    """v2.functional.rgb_to_grayscale(x, 3) of uint8 images (the luma truncated to uint8)."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).to(torch.uint8).unsqueeze(-3).expand(x.shape)
+
+
+def device_views(images, index, seed, mean, std):
+    """[classification view, contrastive view, contrastive view] of uint8 images [B,3,H,W] whose
+    sample indices are `index` [B]: bcl_views("tensor", ...)'s transforms, batched on the images'
+    device, each sample's draws a function of (seed, index) alone (see the section comment).
+    The draws (a few dozen numbers per sample) are made on the host from `index` (a list or a CPU
+    tensor, as the batch sampler gives it) and copied to the device without waiting."""
+    index = torch.as_tensor(index, dtype=torch.long, device="cpu")
+    H, W = images.shape[-2:]
+    return [cls_view(images, cls_view_params(seed, index, H, W), mean, std),
+            sim_view(images, sim_view_params(seed, 1, index, H, W), mean, std),
+            sim_view(images, sim_view_params(seed, 2, index, H, W), mean, std)]
+
+
 # --- Loaders --------------------------------------------------------------------------------------
 
 def worker_init(worker_id):
@@ -547,8 +861,23 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
     Anything else: a DataLoader with worker processes, copied to the device without blocking.
     views (training only; e.g. bcl_views): batches are ([x_view1, x_view2, ...], y), each view
     made per sample on the CPU (DataLoader workers) by SeededViews, seeded by (seed, index).
+    views="device" (TensorImages only): the BCL views made batch by batch on `device` by
+    device_views, seeded by (seed, index) too; no worker processes.
     """
     device = torch.device(device)
+    if isinstance(views, str) and train:
+        if views != "device" or not isinstance(ds, TensorImages):
+            raise UserError(f"make_loader: views={views!r} needs views='device' and images held as one tensor "
+                            f"(CIFAR-sized data), got {type(ds).__name__}; pass torchvision pipelines (bcl_views)")
+        ds = ds.to(device) if ds.images.device != device else ds
+        view_seed = int(torch.randint(0, 2 ** 62, ())) if seed is None else seed
+
+        def device_epoch():
+            for idx in batch_sampler:
+                cpu_idx = torch.as_tensor(idx, dtype=torch.long)
+                idx = cpu_idx.to(device, non_blocking=True)
+                yield device_views(ds.images[idx], cpu_idx, view_seed, ds.mean, ds.std), ds.targets[idx]
+        return Loader(device_epoch, lambda: len(batch_sampler))
     if views is not None and train:
         base = ds.to("cpu") if isinstance(ds, TensorImages) else ds
         view_loader = DataLoader(SeededViews(base, views, seed), batch_sampler=batch_sampler, num_workers=num_workers,

@@ -120,6 +120,10 @@ def get_args_parser():
     m.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
                    help="BCL under grouping: the group losses are logit-adjusted CE (la, default) or plain CE (ce, "
                         "the authors' CIFAR release)")
+    m.add_argument("--views", default=None, choices=["device", "workers"],
+                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
+                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
+                        "sample in DataLoader workers; always for image files)")
     g = p.add_argument_group("GBG")
     g.add_argument("--num-groups", type=int, default=4, help="G (4: the paper's ablations, the release's --n_groups)")
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
@@ -564,7 +568,15 @@ def bcl_contrast(model, z_views, targets, temperature):
     return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
 
 
-def bcl_train_views(data):
+def bcl_train_views(data, args):
+    """make_loader's views: "device" (data_lt.device_views, batched on the device) for data held as
+    one tensor unless --views workers, else torchvision pipelines run per sample in workers."""
+    where = args.views or ("device" if data.kind == "tensor" else "workers")
+    if where == "device":
+        if data.kind != "tensor":
+            raise data_lt.UserError(f"--views device needs CIFAR-sized images held as one tensor; {args.dataset} "
+                                    f"is read from image files: use --views workers")
+        return "device"
     size = tuple(data.train.images.shape[-2:]) if data.kind == "tensor" else 224
     return data_lt.bcl_views(data.kind, data.mean, data.std, size)
 
@@ -999,6 +1011,8 @@ def main(args):
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         log(args, f"resumed from {resume_path} at epoch {start_epoch}")
+        if args.loss == "bcl" and args.views is None:  # the run's own views; runs from before --views: workers
+            args.views = ckpt["args"].get("views") or "workers"
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
             lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
             (out / "log.txt").write_text("".join(lines))
@@ -1009,6 +1023,9 @@ def main(args):
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
     best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
+    if args.loss == "bcl":  # saved with the checkpoints, so that a resumed run keeps its views
+        args.views = "device" if bcl_train_views(data, args) == "device" else "workers"
+        log(args, f"bcl: views made {'on the device' if args.views == 'device' else 'in DataLoader workers'}")
 
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
@@ -1029,7 +1046,7 @@ def main(args):
         sampler.set_epoch(epoch)
         loader = data_lt.make_loader(data.train, sampler, train=True, device=device, num_workers=args.workers,
                                      seed=args.seed * 100003 + epoch,
-                                     views=bcl_train_views(data) if args.loss == "bcl" else None)
+                                     views=bcl_train_views(data, args) if args.loss == "bcl" else None)
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:

@@ -13,6 +13,8 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
 (c) gbg.min_norm_weights for G = 2 ... 1000.
 (d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
     CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
+(e) BCL's three views of a CIFAR-sized epoch: torchvision per sample (DataLoader workers) vs
+    data_lt.device_views batched on the device.
 (f) --amp: images/s of a CE epoch and of exact MGDA steps (ResNet-32, batch 256), fp32 vs bf16
     autocast + channels_last; on CUDA these are the numbers to size a GPU run with.
 (g) torch.compile against eager for a CE step and an exact MGDA step, and the compile time.
@@ -504,6 +506,49 @@ def bench_memory(args, device):
     return out
 
 
+# --- (e) BCL's three views: made per sample (DataLoader workers) vs batched on the device ---------
+
+def bench_views(args, device):
+    """One epoch's BCL views of a CIFAR-10-LT-sized set (12,406 random uint8 32x32 images, batch 256):
+    bcl_views' torchvision pipelines per sample (what the DataLoader workers run; timed in this
+    process, 0 workers, so the seconds are the CPU work the workers share) vs data_lt.device_views
+    on `device`. For scale, one ResNet-32 forward + backward over the three views of a batch."""
+    n, bs = (2048, 256) if args.quick else (12406, 256)
+    g = torch.Generator().manual_seed(0)
+    ds = data_lt.TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                              torch.arange(n) % 10, data_lt.CIFAR_MEAN, data_lt.CIFAR_STD)
+    batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+    cpu = torch.device("cpu")
+
+    def epoch(views, dev):
+        loader = data_lt.make_loader(ds, batches, train=True, device=dev, num_workers=0, seed=1, views=views)
+        return sum(len(y) for _, y in loader)
+
+    pipelines = data_lt.bcl_views("tensor", ds.mean, ds.std, (32, 32))
+    epoch("device", device)  # warm-up (first calls, the copy of the set to the device)
+    t_workers, w_workers, _ = timed(lambda: epoch(pipelines, cpu), cpu)
+    t_device, w_device, _ = timed(lambda: epoch("device", device), device)
+    model = train.build_model("resnet32", 10).to(device)
+    x3 = torch.randn(3 * bs, 3, 32, 32, device=device)
+    y3 = torch.arange(3 * bs, device=device) % 10
+    step = lambda: F.cross_entropy(model(x3), y3).backward()
+    step()
+    t_step = statistics.median(timed(step, device)[0] for _ in range(2 if args.quick else 3))
+    t_compute = t_step * len(batches)
+    clock = "wall" if device.type == "cuda" else "CPU"
+    print(f"(e) BCL views, one epoch of {n} images (batch {bs}, 3 views each), {clock} seconds:")
+    print(f"    worker-made (torchvision per sample, the workers' total): {t_workers:.2f} s "
+          f"({n / t_workers:.0f} images/s; wall {w_workers:.2f} s)")
+    print(f"    device-made (device_views on {device}): {t_device:.2f} s ({n / t_device:.0f} images/s; "
+          f"wall {w_device:.2f} s)")
+    print(f"    worker-made / device-made: {t_workers / t_device:.1f}x")
+    print(f"    ResNet-32 forward + backward over the 3 views, one epoch (estimated from "
+          f"{t_step:.2f} s per batch): {t_compute:.1f} s; views' share of a BCL epoch: worker-made "
+          f"{t_workers / (t_workers + t_compute):.0%}, device-made {t_device / (t_device + t_compute):.0%}")
+    return dict(setup=f"{n} images, batch {bs}", workers=t_workers, device=t_device,
+                ratio=t_workers / t_device, compute=t_compute)
+
+
 # --- driver ---------------------------------------------------------------------------------
 
 def hardware(device):
@@ -526,7 +571,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--only", default="a,b,c,d,f,g", help="comma-separated parts to run, e.g. b,c")
+    p.add_argument("--only", default="a,b,c,d,e,f,g", help="comma-separated parts to run, e.g. b,c")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 (default) because the cores are shared, and a second "
                         "thread waiting on a busy core makes every op as slow as its straggler")
@@ -541,8 +586,8 @@ def main():
         torch.set_num_threads(args.threads)
         return print(json.dumps(bench_steps(args, torch.device("cpu"))))
     parts = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not parts <= set("abcdfg"):
-        p.error(f"--only takes a comma-separated subset of a,b,c,d,f,g; got {args.only!r}")
+    if not parts <= set("abcdefg"):
+        p.error(f"--only takes a comma-separated subset of a,b,c,d,e,f,g; got {args.only!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; pass --device cpu")
@@ -567,6 +612,9 @@ def main():
         print()
     if "d" in parts:
         res["d"] = bench_memory(args, device)
+        print()
+    if "e" in parts:
+        res["e"] = bench_views(args, device)
         print()
     if "f" in parts:
         res["f"] = bench_amp(args, device)
@@ -607,6 +655,10 @@ def main():
             mem = r.get("gpu_growth", r["rss_growth"])
             print(f"| class_gradients peak memory, iNat scale (K=8142, P={r['P'] / 1e6:.1f}M, sketch 16384, "
                   f"3x{size}x{size} inputs) | {mem / GB:.2f} GB (dense: {dense / GB:.0f} GB) | < 4 GB |")
+    if "e" in res:
+        e = res["e"]
+        print(f"| BCL views of one epoch ({e['setup']}): worker-made / device-made | {e['ratio']:.1f}x "
+              f"({e['workers']:.1f} s / {e['device']:.1f} s; the model's epoch {e['compute']:.0f} s) | - |")
     if "f" in res:
         f = res["f"]
         print(f"| --amp (bf16 + channels_last) / fp32 images/s: CE epoch, ResNet-32, CIFAR-10-LT-sized | "
