@@ -140,6 +140,14 @@ BUGS = [
     ("min_norm_absolute_tolerance", "gbg.py",
      "if gap <= tol * (a @ Ma):", "if gap <= tol:",
      ["tests/test_moo.py::test_min_norm_relative_to_the_optimum_when_norms_span_eight_orders"]),
+    # the step path: no host reads but the solver's; --amp on the CPU
+    ("host_read_in_group_losses", "train.py",
+     "class_counts=counts, validate=False)", "class_counts=counts)",
+     ["tests/test_step.py::test_no_host_reads_on_the_step_path_but_the_solve"]),
+    ("amp_only_on_cuda", "train.py",
+     "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):\n        z = ",
+     "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == \"cuda\"):\n        z = ",
+     ["tests/test_step.py::test_amp_runs_the_network_in_bf16_on_the_cpu"]),
     # the GPU reproduction script
     ("gpu_repro_python_on_path", "tests/gpu_repro.sh",
      'timeout "$TIME_LIMIT" "$PY" train.py', 'timeout "$TIME_LIMIT" python train.py',

@@ -255,3 +255,19 @@ def test_compiled_backbone_takes_the_same_mgda_step():
             m.grads.append(got)
     for a, b in zip(eager_model.grads, compiled.grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+def test_amp_runs_the_network_in_bf16_on_the_cpu():
+    """--amp on the CPU: the backbone computes in bf16 (autocast) on channels_last inputs; the
+    losses come back in float32."""
+    seen = []
+    model = make_model().float()
+    model.backbone.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % K
+    for amp in (False, True):
+        logits, mean_loss, _ = T.batch_losses(model, x, y, torch.bincount(y, minlength=K), make_args(amp=amp),
+                                              torch.device("cpu"))
+        inp, out = seen[-1]
+        assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+        assert inp.is_contiguous(memory_format=torch.channels_last) == amp
+        assert logits.dtype == mean_loss.dtype == torch.float32
