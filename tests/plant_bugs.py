@@ -140,6 +140,9 @@ BUGS = [
     ("min_norm_absolute_tolerance", "gbg.py",
      "if gap <= tol * (a @ Ma):", "if gap <= tol:",
      ["tests/test_moo.py::test_min_norm_relative_to_the_optimum_when_norms_span_eight_orders"]),
+    ("group_epoch_default_zero", "train.py",
+     "args.group_epoch = warm if warm < args.epochs else 0", "args.group_epoch = 0",
+     [P + "test_defaults_quoted_in_readme"]),
     # the step path: no host reads but the solver's; --amp on the CPU
     ("host_read_in_group_losses", "train.py",
      "class_counts=counts, validate=False)", "class_counts=counts)",

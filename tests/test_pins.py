@@ -223,7 +223,10 @@ def test_defaults_quoted_in_readme():
     a = _defaults()
     assert (a.normalize, a.group_loss, a.moo_grad, a.moo_update, a.moo_gram, a.moo_every, a.recalibrate_bn) == \
         ("l2", "class", "exact", "scaled", "all", 1, True)
-    assert (a.num_groups, a.grouping, a.sampler, a.gac_fill, a.group_epoch, a.regroup_every) == (4, "gbg", "gac", 0.1, 0, 0)
+    assert (a.num_groups, a.grouping, a.sampler, a.gac_fill, a.group_epoch, a.regroup_every) == (4, "gbg", "gac", 0.1, 5, 0)
+    # a run no longer than its warm-up groups at once; --group-epoch 0 is the paper's setting
+    assert _defaults("--epochs", "5").group_epoch == 0 and _defaults("--group-epoch", "0").group_epoch == 0
+    assert _defaults("--dataset", "imagenet-lt").group_epoch == 0  # no warm-up there
     assert (a.dataset, a.imb_factor, a.batch_size, a.loss, a.moo) == ("cifar10-lt", 100, 256, "ce", "mgda")
     # CIFAR: 200 epochs, lr 0.1, 5 warm-up epochs, x0.1 at 160 and 180, wd 5e-4, ResNet-32
     assert (a.arch, a.epochs, a.lr, a.warmup_epochs, a.schedule, a.wd, a.momentum) == \

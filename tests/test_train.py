@@ -292,6 +292,10 @@ def test_release_preset_and_recipes():
     assert [T.lr_at(e, args) for e in (100, 159.9, 160, 179.9, 180, 299.9)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert parse("--preset", "release", "--epochs", "10", "--normalize", "l2")[1].epochs == 10
+    # --preset paper: the paper's text where the defaults differ from it
+    _, paper = parse("--preset", "paper")
+    assert (paper.normalize, paper.recalibrate_bn, paper.group_epoch, paper.moo_update, paper.group_loss,
+            paper.sampler, paper.loss) == ("none", False, 0, "scaled", "class", "gac", "ce")
     # without the preset: the paper's defaults
     _, plain = parse()
     assert (plain.loss, plain.imb_factor, plain.normalize, plain.group_loss, plain.bcl_group_loss,
