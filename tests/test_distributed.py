@@ -69,7 +69,7 @@ for mode, flags in {modes!r}.items():  # one process (group) for all modes: impo
 # 492 images in 10 classes, global batch 64 (2 x 32), two epochs, groups from the initial model.
 COMMON = ["--dataset", "synthetic-lt", "--device", "cpu", "--batch-size", "64", "--epochs", "2",
           "--grouping", "gbg", "--num-groups", "4", "--moo", "mgda",
-          "--lr", "0.05", "--warmup-epochs", "0.5", "--print-freq", "1000", "--workers", "0"]
+          "--lr", "0.05", "--warmup-epochs", "0.5", "--group-epoch", "0", "--print-freq", "1000", "--workers", "0"]
 MODES = {  # the modes whose 2-process run must equal the 1-process run
     "exact": ["--sync-bn", "--sampler", "random", "--moo-grad", "exact"],    # exact class gradients too
     # weights reused between solves, the release's rule and Gram, sketched class gradients
