@@ -749,6 +749,11 @@ def last_stage_params(model):
     return list(body.layer4.parameters())
 
 
+def moo_parameters(model):
+    """What the group losses reach, MGDA's parameters: all but the BCL heads (zero blocks there)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
+
+
 def moo_gram_params(model, moo_params, args):
     """Where MGDA's Gram is taken: --moo-grad last, the last stage (plus the classifier unless
     --moo-gram backbone); --moo-grad exact, every parameter the group losses reach (None) or the
@@ -775,8 +780,7 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     batches are not GAC-completed, which groups are present (GAC puts every group in every batch)."""
     pg = dist.group.WORLD if args.distributed else None
     params = [p for p in model.parameters() if p.requires_grad]
-    # MGDA's Gram is over what the group losses reach: not the BCL heads (zero blocks there)
-    moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
+    moo_params = moo_parameters(model)
     bcl = contrast is not None
     la = args.la_weight if bcl else 1.0
     extra = [contrast] if bcl else []
@@ -820,7 +824,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
     pg = dist.group.WORLD if args.distributed else None
-    moo_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(BCL_HEADS)]
+    moo_params = moo_parameters(model)
     # this process's share of: the loss, the contrastive loss, the samples; summed over processes
     # when read (every loss is normalised by the global batch, so the shares add up to it)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
