@@ -916,3 +916,39 @@ def step_diagnostic(gram, alpha, losses):
         "cos": cos.tolist(),
         "d_norm": float(d_norm),
     }
+
+
+# --- 7. Gradient contributions per class (Fig. 2, Eq. 3) -------------------------------------------
+
+def class_update_cosines(logits, targets, update, params, *, class_counts=None, process_group=None):
+    """The paper's measure of gradient imbalance (Fig. 2; its appendix figure for CE against
+    CE+GBG): for every class k in a batch, the cosine between the class's gradient in that batch,
+    g_k = grad of (sum of the cross-entropy of the batch's class-k samples / their number), and the
+    update direction d the step takes (the batch gradient under CE, sum_i w_i g_i under MGDA).
+    A larger cosine means class k contributes more to the descent. Also |g_k| / |d|, the relative
+    size (the figure's dots).
+
+    logits [B, K] must still hold their graph (one backward per class present, graph retained);
+    update: the flat d [P] over `params`, in their order. class_counts [K]: the global batch's
+    counts when the batch is split over processes (the class gradients are then summed over them);
+    default, this batch's. Returns float64 CPU tensors cos [K] and ratio [K], NaN for the classes
+    that have no sample in the batch."""
+    K = logits.shape[1]
+    counts = torch.bincount(targets, minlength=K) if class_counts is None else torch.as_tensor(class_counts)
+    counts = counts.to(logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> float32
+    per_sample = F.cross_entropy(logits, targets, reduction="none")
+    class_loss = torch.zeros(K, dtype=per_sample.dtype, device=logits.device).index_add(0, targets, per_sample)
+    class_loss = class_loss / counts.clamp(min=1).to(per_sample.dtype)
+    update = update.detach().reshape(-1).to(torch.float64)
+    d_norm = update.norm()
+    cos = torch.full((K,), float("nan"), dtype=torch.float64)
+    ratio = torch.full((K,), float("nan"), dtype=torch.float64)
+    present = torch.nonzero(counts.cpu() > 0).flatten().tolist()  # the same on every process
+    for n, k in enumerate(present):
+        g = _all_reduce(_flat_grad(class_loss[k], params, retain_graph=n + 1 < len(present)), process_group)
+        g = g.to(torch.float64)
+        g_norm = g.norm()
+        cos[k] = (g @ update / (g_norm * d_norm).clamp(min=1e-300)).item()
+        ratio[k] = (g_norm / d_norm.clamp(min=1e-300)).item()
+    return cos, ratio

@@ -173,6 +173,15 @@ def get_args_parser():
     g.add_argument("--gac-fill", type=float, default=0.1,
                    help="GAC top-up per missing group, as a fraction of the global batch (0.1: the paper, Sec. "
                         "'Method', '1/10 of the batch size')")
+    d = p.add_argument_group("diagnostics")
+    d.add_argument("--diag-every", type=int, default=0,
+                   help="every N epochs, on --diag-batches fixed training batches (no augmentation), the cosine "
+                        "between each class's gradient and the step's update direction, the paper's Fig. 2; "
+                        "log.txt: diag_cos and diag_ratio per class, diag_cos_many/medium/few. Changes nothing "
+                        "in the training. 0 (default): off")
+    d.add_argument("--diag-batches", type=int, default=4,
+                   help="how many fixed batches --diag-every averages over (drawn once by the run's own "
+                        "sampler, GAC or random, with a fixed seed)")
     r = p.add_argument_group("run")
     r.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="release: the authors' CIFAR configuration; paper: the paper's text where our defaults "
@@ -238,6 +247,10 @@ def fill_defaults(args):
         (args.moo_every >= 1 and args.ratio_every >= 0,
          "--moo-every must be at least 1 (1: solve every step) and --ratio-every >= 0 (0: off)"),
         (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
+        (args.diag_every >= 0 and args.diag_batches >= 1,
+         "--diag-every must be >= 0 (0: off) and --diag-batches at least 1"),
+        (args.diag_every == 0 or args.loss == "ce",
+         "--diag-every measures the cross-entropy step; use it with --loss ce (BCL's views are random)"),
         (args.eval == (args.resume is not None),
          "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
          "from checkpoint.pth in --output-dir"),
@@ -702,7 +715,7 @@ def describe_groups(groups, A, data, args, epoch, stats=None):
             "ncut": None if A is None else gbg.ncut_value(A, groups[present]), **(stats or {})}
 
 
-def make_sampler(data, groups, args):
+def make_sampler(data, groups, args, seed=None):
     """GAC batches (--sampler gac) when groups exist; otherwise plain shuffled batches. A single
     group is never missing, so GACBatchSampler with one group is exactly a sharded random batch
     sampler, and every process builds the same global batch and takes its share."""
@@ -710,7 +723,8 @@ def make_sampler(data, groups, args):
     use_gac = args.sampler == "gac" and groups is not None
     try:
         return gbg.GACBatchSampler(labels, groups if use_gac else np.zeros(data.num_classes, dtype=np.int64),
-                                   args.batch_size // args.world_size, fill=args.gac_fill, seed=args.seed,
+                                   args.batch_size // args.world_size, fill=args.gac_fill,
+                                   seed=args.seed if seed is None else seed,
                                    num_replicas=args.world_size, rank=args.rank)
     except ValueError as e:
         raise data_lt.UserError(f"--sampler gac: {e} (flags: --num-groups, --gac-fill, --sampler random)") from None
@@ -882,6 +896,60 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
         stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
     return stats
+
+
+DIAG_SEED = 20240220  # the fixed batches of --diag-every: the same in every run and every epoch
+
+
+def diag_loader(data, groups, args, device):
+    """--diag-every's fixed batches: the first --diag-batches batches of the run's own sampler (GAC
+    with the groups, else shuffled) drawn with DIAG_SEED, without augmentation (data.train_eval)."""
+    sampler = make_sampler(data, groups, args, seed=DIAG_SEED)
+    sampler.set_epoch(0)
+    batches = [b for b, _ in zip(sampler, range(args.diag_batches))]
+    return data_lt.make_loader(data.train_eval, batches, train=False, device=device, num_workers=0)
+
+
+def gradient_diagnostic(model, loader, class_to_group, class_counts, args, device):
+    """The paper's Fig. 2 measure (gbg.class_update_cosines) on the fixed batches: per class, the
+    mean over the batches that hold it of cos(g_k, d) and |g_k| / |d|, d = the update the training
+    step would take on that batch (before momentum and weight decay), and their means over the
+    Many / Medium / Few classes. Leaves the model as it was: the BatchNorm buffers are restored and
+    p.grad cleared (the next step sets it anew); draws nothing from the training's random state."""
+    model.train()  # the step's own mode: batch statistics
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+    K = model.fc.out_features
+    G = 0 if class_to_group is None else int(class_to_group.max()) + 1
+    params = moo_parameters(model)
+    pg = dist.group.WORLD if args.distributed else None
+    cos_sum, ratio_sum, seen = (torch.zeros(K, dtype=torch.float64) for _ in range(3))
+    for x, y in loader:
+        counts = all_reduce_(torch.bincount(y, minlength=K))
+        logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
+        losses = present = None
+        if class_to_group is not None:
+            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
+                                               class_counts=counts, validate=False)
+        model.zero_grad(set_to_none=True)
+        take_step(losses, present, mean_loss, contrast, model, args, {}, 0)  # p.grad <- d
+        d = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+        model.zero_grad(set_to_none=True)
+        logits = batch_losses(model, x, y, counts, args, device)[0]  # the same forward again, a fresh graph
+        cos, ratio = gbg.class_update_cosines(logits, y, d, params, class_counts=counts, process_group=pg)
+        ok = ~cos.isnan()
+        cos_sum[ok] += cos[ok]
+        ratio_sum[ok] += ratio[ok]
+        seen += ok.double()
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved, strict=False)
+    cos = torch.where(seen > 0, cos_sum / seen.clamp(min=1), float("nan"))
+    ratio = torch.where(seen > 0, ratio_sum / seen.clamp(min=1), float("nan"))
+    nan_to_none = lambda t: [None if math.isnan(v) else v for v in t.tolist()]
+    out = {"diag_cos": nan_to_none(cos), "diag_ratio": nan_to_none(ratio)}
+    for name, mask in data_lt.shot_masks(class_counts).items():
+        m = torch.as_tensor(mask) & (seen > 0)
+        out[f"diag_cos_{name}"] = cos[m].mean().item() if m.any() else None
+    return out
 
 
 @torch.no_grad()
@@ -1082,6 +1150,12 @@ def main(args):
                                      views=bcl_train_views(data, args) if args.loss == "bcl" else None)
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
+        if args.diag_every and (epoch + 1) % args.diag_every == 0:
+            t0 = time.time()
+            with eager(args):
+                stats.update(gradient_diagnostic(model, diag_loader(data, groups, args, device), class_to_group,
+                                                 data.class_counts, args, device))
+            stats["diag_time_s"] = time.time() - t0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             with eager(args):
                 stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device,
