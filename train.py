@@ -844,6 +844,10 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     alpha_sum, alpha_n = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1), dtype=torch.float64)
     cos_min, ratios, state = torch.ones((), dtype=torch.float64), [], {}
+    # per class: the summed training loss (plain CE of the logits the groups see) and the samples;
+    # per group: the summed group loss and the steps it was present in
+    class_loss = torch.zeros(2, K, dtype=torch.float64, device=device)
+    group_loss = torch.zeros(2, max(G, 1), dtype=torch.float64, device=device)
     t0 = time.time()
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
@@ -871,6 +875,12 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
         total = mean_loss.detach() if contrast is None else args.la_weight * mean_loss.detach() + contrast.detach()
         bcl_part = contrast.detach() if contrast is not None else torch.zeros_like(total)
         sums += torch.stack([total, bcl_part, torch.full_like(total, len(y))]).double()
+        with torch.no_grad():
+            ce = F.cross_entropy(logits.detach(), y, reduction="none").double()
+            class_loss[0].index_add_(0, y, ce)
+            class_loss[1].index_add_(0, y, torch.ones_like(ce))
+            if losses is not None:
+                group_loss += torch.stack([losses.detach().double() * present, present.double()])
         optimizer.step()
         if step % args.print_freq == 0 or step == len(loader) - 1:
             seen = all_reduce_(sums.clone()).tolist()  # the global sums, on every process
@@ -893,6 +903,11 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
         stats["cos_d_g_min"] = cos_min.item()
     if ratios:  # mean over the measured steps of |d| / |g_mean|
         stats["update_ratio"] = torch.stack(ratios).mean().item()
+    class_loss = all_reduce_(class_loss).cpu()  # each process's samples: summed
+    stats["train_class_loss"] = [None if n == 0 else l / n for l, n in class_loss.T.tolist()]
+    if G:  # each process holds its share of the global group losses, and the same `present`
+        group_loss = all_reduce_(group_loss).cpu()
+        stats["train_group_loss"] = [None if n == 0 else l * args.world_size / n for l, n in group_loss.T.tolist()]
     if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
         stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
     return stats
