@@ -129,6 +129,13 @@ def test_two_processes_end_with_the_weights_of_one(runs, mode):
     for a, b in zip(log1, log2):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-10)
         assert a["alpha_mean"] == pytest.approx(b["alpha_mean"], abs=1e-10)
+        # per-class and per-group training losses: sums over the ranks' samples / shares
+        for key in ("train_class_loss", "train_group_loss"):
+            assert (key in a) == (key in b), key
+            if key in a:
+                assert [v is None for v in a[key]] == [v is None for v in b[key]], key
+                assert [v for v in a[key] if v is not None] == pytest.approx(
+                    [v for v in b[key] if v is not None], rel=1e-9), key
         for key in ("test_top1", "test_many", "test_medium", "test_few"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
