@@ -379,6 +379,8 @@ def run_all(args, t_start):
             r["since"] = max([e for e, _ in log], default=-1) + 2
 
     def finish(r, status=None, reason=None):
+        if r["proc"].poll() is not None:  # it ended by itself just before: report it as it ended
+            status = reason = None
         wall = end_run(r, status, reason)
         running.remove(r)
         say(f"{r['name']}: {status or 'exit ' + str(r['proc'].returncode)} after {wall:.0f} s"
@@ -409,16 +411,15 @@ def run_all(args, t_start):
                 finish(r)
             now = time.time()
             if deadline is not None and running and now < deadline:
-                seen = [observe(r) for r in running]
-                left = [r["epochs"] - max([e + 1 for e, _ in log], default=0) for r, (log, _) in zip(running, seen)]
-                paces = [pace(log, r["since"], grouped_at) for r, (log, grouped_at) in zip(running, seen)]
+                going = list(running)
+                seen = [observe(r) for r in going]
+                left = [r["epochs"] - max([e + 1 for e, _ in log], default=0) for r, (log, _) in zip(going, seen)]
+                paces = [pace(log, r["since"], grouped_at) for r, (log, grouped_at) in zip(going, seen)]
                 final = [p is not None and (not r["grouping"] or g is not None)
-                         for r, p, (_, g) in zip(running, paces, seen)]
-                stops = [running[i] for i in runs_to_stop(left, paces, final, now, deadline, shared)]
-                for r in stops:
-                    i = running.index(r)
-                    finish(r, "stopped", f"cannot end by {deadline - t_start:.0f} s: {left[i]} epochs left at "
-                                         f"{paces[i] or 0:.2f} s each, {len(left)} runs going")
+                         for r, p, (_, g) in zip(going, paces, seen)]
+                for i in runs_to_stop(left, paces, final, now, deadline, shared):
+                    finish(going[i], "stopped", f"cannot end by {deadline - t_start:.0f} s: {left[i]} epochs left at "
+                                                f"{paces[i] or 0:.2f} s each, {len(going)} runs going")
     finally:  # interrupted: leave no run behind
         for r in running:
             if r["proc"].poll() is None:
@@ -444,7 +445,8 @@ def summarize_run(folder):
     """One table line from a run folder's files alone; results only for a finished run."""
     m = re.fullmatch(r"(.+)_s(\d+)", folder.name)
     row, seed = (m.group(1), int(m.group(2))) if m else (folder.name, None)
-    log, wall, results = read_log(folder / "log.txt"), read_json(folder / "wall.json"), read_json(folder / "results.json")
+    log, wall, results = (read_log(folder / "log.txt"), read_json(folder / "wall.json"),
+                          read_json(folder / "results.json"))
     status = run_status(folder)
     speeds = [e["images_per_s"] for e in log if "images_per_s" in e]
     line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=len(log),
@@ -494,7 +496,8 @@ def write_table(out, machine=None, wall_s=None, command=None):
     folders = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
         (d / f).exists() for f in ("wall.json", "stop.json", "log.txt"))] if out.is_dir() else []
     if not folders:
-        fail(f"{out} holds no run folders (<row>_s<seed> with wall.json, stop.json or log.txt); give the --out of a run")
+        fail(f"{out} holds no run folders (<row>_s<seed> with wall.json, stop.json or log.txt); "
+             f"give the --out of a run")
     old = read_json(out / "table.json") or {}
     lines = sorted((summarize_run(d) for d in folders), key=order_key)
     table = dict(machine=machine or old.get("machine"), wall_s=wall_s if wall_s is not None else old.get("wall_s"),
