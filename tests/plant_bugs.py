@@ -34,6 +34,7 @@ PT = "tests/test_pins_train.py::"
 NCUT = [P + "test_ncut_value_by_hand", P + "test_ncut_reaches_the_exhaustive_optimum_on_hard_cases"]
 FW = [P + "test_frank_wolfe_first_step_is_the_exact_line_search", P + "test_frank_wolfe_alone_descends_to_the_optimum"]
 BCL_STEP = [PT + "test_bcl_step_matches_a_direct_computation"]
+R = "tests/test_repro.py::"
 
 # (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
 # be rewritten; the ones inside train_one_epoch are kept to a single expression.
@@ -151,10 +152,20 @@ BUGS = [
      "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):\n        z = ",
      "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == \"cuda\"):\n        z = ",
      ["tests/test_step.py::test_amp_runs_the_network_in_bf16_on_the_cpu"]),
-    # the GPU reproduction script
-    ("gpu_repro_python_on_path", "tests/gpu_repro.sh",
-     'timeout "$TIME_LIMIT" "$PY" train.py', 'timeout "$TIME_LIMIT" python train.py',
-     ["tests/test_gpu_repro.py::test_gpu_repro_script_runs_one_epoch_on_cpu"]),
+    # the reproduction script and its budget
+    ("repro_python_on_path", "tests/repro.py",
+     'cmd = [args.python, str(ROOT / "train.py")', 'cmd = ["python", str(ROOT / "train.py")',
+     [R + "test_one_epoch_end_to_end_on_cpu_and_summarize"]),
+    ("repro_pace_counts_the_grouping_epoch", "tests/repro.py",
+     "(grouped_at is None or e > grouped_at)", "(grouped_at is None or e >= grouped_at)",
+     [R + "test_pace_uses_the_epochs_that_measure_the_run_now"]),
+    ("repro_stops_on_lower_bounds", "tests/repro.py",
+     "if max(ends) > deadline and all(final[j] for j in kept):", "if max(ends) > deadline:",
+     [R + "test_runs_to_stop_keeps_runs_in_priority_order_while_they_fit",
+      R + "test_budget_policy_on_a_simulated_shared_device"]),
+    ("repro_shared_ends_without_sharing", "tests/repro.py",
+     "t += (works[i] - done) * (len(works) - k)", "t += works[i] - done",
+     [R + "test_shared_ends_match_a_fluid_simulation"]),
 ]
 
 

@@ -1,0 +1,585 @@
+#!/usr/bin/env python
+"""The paper's CIFAR-10-LT comparisons in one command: the chosen rows of ROWS (Tables 5 and 6),
+each one train.py run on the CIFAR-10 JPEG copy made long-tailed (IF 100), side by side, then one
+table of the results.
+
+    python tests/repro.py --runs ce,gbg --budget 540 --out "$OUT"        # one GPU: ResNet-32, 200 epochs, bf16
+    python tests/repro.py --runs bcl,bcl_gbg --budget 540 --out "$OUT"   # the BCL rows of Table 6
+    python tests/repro.py --device cpu --arch resnet8 --amp --runs ce gbg --seeds 0 1 --jobs 2 --out runs/mini
+    python tests/repro.py --summarize --out runs/mini                    # the table again, from the run folders
+
+Data: the CIFAR-10 JPEG copy in ImageFolder layout (train/<class>/*.jpg, test/<class>/*.jpg) in
+--data (default .data/cifar10 of the checkout); when --data/train is missing, the tarball --tarball
+(default .data/cifar10-jpg.tar.gz) is unpacked there first.
+
+Every run: train.py --dataset folder-lt --imb-factor 100, batch 256, --workers 0, the row's flags,
+then --extra. Its folder OUT/<row>_s<seed> holds log.txt, results.json, groups.json, stdout.txt
+(train.py's stdout and stderr), wall.json ({"run", "wall_s", "exit_code", "flags"}: the row's flags
+and --extra) and, for a run that did not finish, stop.json (why). A run's folder is emptied when
+the run starts; the checkpoints of finished runs are deleted (those of unfinished runs are kept:
+train.py with the same --output-dir resumes them). OUT/table.json and OUT/table.md have one line
+per run folder found in OUT, and for every row with two or more finished seeds one line of
+mean +- half the range (max - min) / 2 over those seeds: with two seeds, both lie on its bounds.
+
+Order and priority: the runs are the rows of --runs for the first seed, then for the next seed,
+and so on; they start in that order, --jobs at a time, and that order is also their priority.
+
+Budget (--budget S: the whole script's wall-clock seconds, unpacking included). The runs must end
+by DEADLINE = start + S - RESERVE_S (the rest is for stopping runs and writing the table). Every
+POLL_S seconds, each running run's pace (seconds per epoch) is the mean of its last RECENT usable
+epoch times, an epoch's time being the step of log.txt's time_s from the epoch before. Usable: not
+epoch 0 (the first steps' one-off costs); once groups.json exists, only epochs after the grouping
+epoch (that epoch holds the grouping, and the MGDA epochs after it are slower than the warm-up's);
+and only epochs begun after the set of running runs last changed (a start, an end, a stop), since
+the others' pace changes with it. A pace is final once measured, for a grouping row (--grouping
+other than none) after its grouping; before, it is a lower bound, and a run not measured yet
+counts as needing no time. From the paces and the epochs left, runs_to_stop projects when the runs
+end: on a GPU, or CPU runs with more threads than cores, they share the device, and each run that
+ends is assumed to speed the rest up in proportion (processor sharing); CPU runs on cores of their
+own keep their pace. In --runs order, a run is kept when it and the runs kept before it all end by
+DEADLINE; one that does not fit is stopped ("stopped" in stop.json and the table) once the paces
+of the runs kept before it are final (until then, one of them may turn out not to fit and make
+room). Every assumption errs towards earlier ends, so a stopped run could not have finished:
+fewer rows rather than a cut-off run. The check repeats as epochs come in. Where the model is too
+hopeful (a GPU the runs do not saturate), a run still going at DEADLINE is ended there ("cut"),
+and runs not started by then are "not started". None of these is reported as a result; the table
+keeps their epochs and wall time.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py and .data/ live here
+
+# The rows: train.py flags on top of the protocol of run_command. Paper numbers: CIFAR-10-LT IF 100,
+# ResNet-32, top-1 (Li et al., AAAI 2024). Checked against train.py's own defaults in
+# tests/test_repro.py::test_rows_mean_what_their_names_say.
+ROWS = {
+    # Table 6: CE, 71.36.
+    "ce": "--grouping none --moo none --sampler random",
+    # Table 6: CE+GBG+MOO, 75.53 (train.py's defaults: GBG groups, MGDA over them, GAC batches).
+    "gbg": "--grouping gbg --moo mgda --sampler gac",
+    # Table 6's GBG-alone ablation on CE (the paper gives it on BCL only, "BCL+GBG" 84.20): GBG
+    # groups and GAC batches, the group losses averaged with equal weights instead of MGDA.
+    "avg": "--grouping gbg --moo none --sampler gac",
+    # Table 6's MOO-alone ablation on CE (the paper gives it on BCL only, "BCL+MOO" 74.58): every
+    # class its own objective, on plain shuffled batches, where tail classes are often absent.
+    "moo": "--grouping none --moo mgda --sampler random",
+    # Table 5's other grouping rules (the paper's Table 5 is on ImageNet-LT): 4 random groups (drawn
+    # from --seed; the paper averages several seeds), and 4 groups of classes with similar training
+    # counts; MGDA and GAC as in "gbg".
+    "random": "--grouping random --moo mgda --sampler gac",
+    "count": "--grouping count --moo mgda --sampler gac",
+    # Table 6 with BCL as the base method: BCL 84.07, BCL+GBG 84.20, BCL+MOO 74.58, BCL+GBG+MOO 85.05.
+    "bcl": "--loss bcl --grouping none --moo none --sampler random",
+    "bcl_avg": "--loss bcl --grouping gbg --moo none --sampler gac",
+    "bcl_moo": "--loss bcl --grouping none --moo mgda --sampler random",
+    "bcl_gbg": "--loss bcl --grouping gbg --moo mgda --sampler gac",
+    # No paper row: the authors' released CIFAR script, i.e. train.py's --preset release (RELEASE in
+    # train.py) spelled out, since that preset accepts only --dataset cifar10-lt / cifar100-lt: BCL,
+    # shuffled batches without a sampler, group loss = mean over the group's samples with plain CE,
+    # MGDA on loss+-normalised gradients whose alpha weights the raw losses, Gram over the backbone,
+    # grouping the initial model with eval-mode BatchNorm. The protocol's IF 100 and --epochs replace
+    # the release's IF 50 and 300 epochs; the lr drops follow --epochs like every row's (160 and
+    # 180 at 200 epochs, the release's).
+    "release": "--loss bcl --grouping gbg --moo mgda --sampler random --group-loss sample --bcl-group-loss ce "
+               "--normalize loss+ --moo-update raw --moo-gram backbone --no-recalibrate-bn --group-epoch 0",
+}
+POLL_S = 1.0      # how often the runs are checked: reading a few small log files
+RESERVE_S = 10.0  # of --budget, kept for stopping the last runs and writing the table
+RECENT = 3        # epoch times averaged for a pace: recent enough to follow a change of pace
+STOP_WAIT_S = 10  # a stopped run gets SIGTERM, then SIGKILL after this many seconds
+
+
+def fail(message):
+    sys.exit(f"repro.py: error: {message}")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("repro.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=["ce", "gbg"],
+                   help=f"rows to run, comma or space separated, in priority order (default: ce gbg); any of "
+                        f"{', '.join(ROWS)}")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--arch", default="resnet32", help="train.py --arch (resnet32: the paper's Table 6)")
+    p.add_argument("--epochs", type=int, default=200, help="200: the paper's schedule (LDAM-DRW's)")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="training seeds, comma or space separated (default 0)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs side by side (default: all of them on cuda, sharing the GPU; 1 on cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of each run (default: 1 on cpu, as this project's CPU runs; on cuda "
+                        "the cores divided among the runs)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.py --amp, bf16 autocast (default: on for cuda, off for cpu)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="wall-clock seconds for the whole script; runs that cannot finish in it are stopped, "
+                        "lowest priority first (see the top of this file)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "repro"), help="output folder (default: runs/repro)")
+    p.add_argument("--data", default=str(ROOT / ".data" / "cifar10"),
+                   help="the unpacked CIFAR-10 JPEG copy, holding train/ and test/ (default: .data/cifar10)")
+    p.add_argument("--tarball", default=str(ROOT / ".data" / "cifar10-jpg.tar.gz"),
+                   help="unpacked into --data when --data/train is missing (default: .data/cifar10-jpg.tar.gz)")
+    p.add_argument("--extra", default="",
+                   help='more train.py flags for every run, as one string: --extra "--moo-grad last" (one flag '
+                        'alone: --extra=--compile)')
+    p.add_argument("--python", default=sys.executable,
+                   help="the interpreter that runs train.py (default: the one running this script)")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rebuild OUT/table.json and table.md from the run folders in --out")
+    return p
+
+
+def split_list(values):
+    """["ce,gbg", "moo"] -> ["ce", "gbg", "moo"]"""
+    return [v for value in values for v in re.split(r"[,\s]+", value) if v]
+
+
+def check_args(args):
+    """Fill the defaults that depend on --device and check the flags: one line per problem."""
+    args.runs = split_list(args.runs)
+    unknown = [r for r in args.runs if r not in ROWS]
+    if unknown or not args.runs:
+        fail(f"--runs: unknown row(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROWS)}")
+    if len(set(args.runs)) < len(args.runs):
+        fail(f"--runs lists a row twice ({' '.join(args.runs)}); give each row once")
+    try:
+        args.seeds = [int(s) for s in split_list(args.seeds)]
+    except ValueError:
+        fail(f"--seeds {' '.join(args.seeds)}: give whole numbers, e.g. --seeds 0,1")
+    if not args.seeds or min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        fail(f"--seeds {args.seeds}: give distinct non-negative whole numbers, e.g. --seeds 0,1")
+    try:
+        args.extra = shlex.split(args.extra)
+    except ValueError as e:
+        fail(f"--extra: {e}; quote it as one string, e.g. --extra \"--moo-grad last\"")
+    n = len(args.runs) * len(args.seeds)
+    args.jobs = args.jobs if args.jobs is not None else (n if args.device == "cuda" else 1)
+    args.threads = args.threads if args.threads is not None else (
+        1 if args.device == "cpu" else max(1, (os.cpu_count() or 1) // min(args.jobs, n)))
+    args.amp = args.amp if args.amp is not None else args.device == "cuda"
+    for name, value, least in (("--epochs", args.epochs, 1), ("--jobs", args.jobs, 1), ("--threads", args.threads, 1)):
+        if value < least:
+            fail(f"{name} {value} must be at least {least}")
+    if args.budget is not None and args.budget <= RESERVE_S:
+        fail(f"--budget {args.budget:g} must be more than {RESERVE_S:g} seconds (kept for stopping runs and the table)")
+    args.out, args.data, args.tarball = (Path(p).resolve() for p in (args.out, args.data, args.tarball))
+    if shutil.which(args.python) is None:
+        fail(f"--python {args.python} is not an executable; give the interpreter that has torch")
+    if os.sep in args.python:  # the runs start in the checkout; abspath keeps a venv's symlink as it is
+        args.python = os.path.abspath(args.python)
+    return args
+
+
+# --- Data -----------------------------------------------------------------------------------------
+def ensure_data(data, tarball):
+    """--data/train present, or unpack --tarball into --data (through a side folder, so that an
+    interrupted unpack leaves no half copy behind)."""
+    data, tarball = Path(data), Path(tarball)
+    if (data / "train").is_dir():
+        return
+    if not tarball.is_file():
+        fail(f"no data: {data / 'train'} is missing and so is {tarball}; put the CIFAR-10 JPEG tarball there "
+             f"(README, 'Reproducing the paper's CIFAR rows') or give --data / --tarball")
+    if data.exists() and any(data.iterdir()):
+        fail(f"{data} has no train/ folder but is not empty; remove it, or give --data the folder holding train/")
+    print(f"unpacking {tarball} into {data}", flush=True)
+    side = data.with_name(data.name + ".partial")
+    shutil.rmtree(side, ignore_errors=True)
+    side.mkdir(parents=True)
+    try:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(side, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (tarfile.TarError, OSError) as e:
+        shutil.rmtree(side, ignore_errors=True)
+        fail(f"cannot unpack {tarball}: {e}")
+    if not (side / "train").is_dir():
+        shutil.rmtree(side, ignore_errors=True)
+        fail(f"{tarball} holds no train/ folder at its top; expected train/<class>/*.jpg and test/<class>/*.jpg")
+    if data.exists():
+        data.rmdir()  # empty, checked above
+    side.rename(data)
+
+
+# --- Runs -----------------------------------------------------------------------------------------
+def run_name(row, seed):
+    return f"{row}_s{seed}"
+
+
+def row_flags(row, extra):
+    """The flags that make the run what it is: the row's, then --extra (later flags win in train.py)."""
+    return shlex.split(ROWS[row]) + list(extra)
+
+
+def run_command(args, row, seed, out_dir):
+    # The protocol of Table 6: CIFAR-10-LT IF 100, batch 256 (train.py's default: the release's and
+    # BCL's). --workers 0: the small JPEGs are decoded once into one tensor and augmented on the
+    # device, so workers have nothing to do. --print-freq 1000: one progress line per epoch.
+    cmd = [args.python, str(ROOT / "train.py"), "--dataset", "folder-lt", "--data-root", str(args.data),
+           "--imb-factor", "100", "--arch", args.arch, "--epochs", str(args.epochs), "--batch-size", "256",
+           "--device", args.device]
+    cmd += ["--amp"] if args.amp else []
+    cmd += ["--workers", "0", "--print-freq", "1000", "--seed", str(seed), "--output-dir", str(out_dir)]
+    return cmd + row_flags(row, args.extra)
+
+
+def flag_value(flags, name, default):
+    """The value train.py's argparse takes for --name from this list (the last one given wins)."""
+    value = default
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif f.startswith(name + "="):
+            value = f.split("=", 1)[1]
+    return value
+
+
+def read_log(path):
+    """log.txt's complete JSON lines (a line being written is skipped)."""
+    lines = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return lines
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return lines
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def epoch_times(log, since, grouped_at):
+    """The epoch times that measure a run's pace now (see the top of this file): the time of each
+    logged epoch e >= max(since, 1) whose epoch e - 1 is logged too, after grouped_at if given.
+    log: [(epoch, time_s)], time_s counting from the start of the run's training."""
+    t = dict(log)
+    return [t[e] - t[e - 1] for e in sorted(t)
+            if e >= max(since, 1) and e - 1 in t and (grouped_at is None or e > grouped_at)]
+
+
+def pace(log, since, grouped_at):
+    """Seconds per epoch: the mean of the last RECENT usable epoch times, or None while there is none."""
+    times = epoch_times(log, since, grouped_at)[-RECENT:]
+    return sum(times) / len(times) if times else None
+
+
+def shared_ends(works, now):
+    """When runs that share one device equally end (processor sharing): works[i] is the device
+    time run i still needs with the device to itself. The smallest ends first, at now + n * its
+    work; each end shares the device among fewer runs; the last ends at now + sum(works)."""
+    ends, t, done = [None] * len(works), now, 0.0
+    for k, i in enumerate(sorted(range(len(works)), key=works.__getitem__)):
+        t += (works[i] - done) * (len(works) - k)
+        done = works[i]
+        ends[i] = t
+    return ends
+
+
+def runs_to_stop(left, paces, final, now, deadline, shared):
+    """Indices of the running runs to stop, given in priority order with their epochs left, paces
+    (seconds per epoch, measured with all of them running; None: not measured yet, counted as 0)
+    and whether each pace is final (else a lower bound: a grouping row before its grouping, or not
+    measured). In that order, a run is kept when it and the runs kept before it all end by the
+    deadline. A run that does not fit is stopped when the runs kept before it are final; else it
+    is kept for now, since one of those may yet be stopped and make room. shared: the runs share
+    one device equally, so whenever one ends the rest speed up in proportion (optimistic where
+    they do not saturate it); else each has cores of its own and keeps its pace. Either way the
+    ends are the earliest the runs can make, so a stopped run could not have finished."""
+    secs = [n * (p or 0.0) for n, p in zip(left, paces)]  # at the pace measured with all running
+    kept, stop = [], []
+    for i in range(len(left)):
+        ends = (shared_ends([secs[j] / len(left) for j in kept + [i]], now) if shared
+                else [now + secs[j] for j in kept + [i]])
+        if max(ends) > deadline and all(final[j] for j in kept):
+            stop.append(i)
+        else:
+            kept.append(i)
+    return stop
+
+
+def start_run(args, run):
+    out = run["dir"]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    with open(out / "stdout.txt", "w") as f:
+        # a session of its own, so that a stop reaches DataLoader workers that --extra may ask for
+        run["proc"] = subprocess.Popen(run_command(args, run["row"], run["seed"], out), stdout=f,
+                                       stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    run["t0"] = time.time()
+    run["since"] = 1
+
+
+def observe(run):
+    """(log as [(epoch, time_s)], grouping epoch or None) of a running run, from its folder."""
+    log = [(e["epoch"], e["time_s"]) for e in read_log(run["dir"] / "log.txt") if "time_s" in e]
+    groups = read_json(run["dir"] / "groups.json")  # written by grouping rows at their grouping epoch
+    return log, groups.get("epoch") if isinstance(groups, dict) else None
+
+
+def end_run(run, status=None, reason=None):
+    """Stop the run if still going (status 'stopped' or 'cut'), then write wall.json (and
+    stop.json), and delete a finished run's checkpoints."""
+    proc = run["proc"]
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wall = time.time() - run["t0"]
+    with open(run["dir"] / "wall.json", "w") as f:
+        json.dump({"run": str(run["dir"]), "wall_s": wall, "exit_code": proc.returncode, "flags": run["flags"]}, f)
+    if status:
+        with open(run["dir"] / "stop.json", "w") as f:
+            json.dump({"status": status, "reason": reason, "epochs": run["epochs"]}, f)
+    elif proc.returncode == 0:
+        for ckpt in run["dir"].glob("checkpoint*.pth"):
+            ckpt.unlink()
+    return wall
+
+
+def run_all(args, t_start):
+    """Start the runs in priority order, --jobs at a time; with --budget, stop runs as the top of
+    this file says. Returns when every run has ended or been marked."""
+    queue = [dict(row=row, seed=seed, name=run_name(row, seed), dir=Path(args.out) / run_name(row, seed),
+                  flags=row_flags(row, args.extra), epochs=args.epochs,
+                  grouping=flag_value(row_flags(row, args.extra), "--grouping", "gbg") != "none")
+             for seed in args.seeds for row in args.runs]
+    deadline = t_start + args.budget - RESERVE_S if args.budget is not None else None
+    # one GPU is shared by its runs; CPU runs share the cores when they ask for more threads than there are
+    shared = args.device == "cuda" or args.jobs * args.threads > (os.cpu_count() or 1)
+    running = []
+
+    def say(message):
+        print(f"[{time.time() - t_start:6.0f} s] {message}", flush=True)
+
+    def changed():  # the set of running runs changed: only epochs that begin after now count
+        for r in running:
+            log, _ = observe(r)
+            r["since"] = max([e for e, _ in log], default=-1) + 2
+
+    def finish(r, status=None, reason=None):
+        if r["proc"].poll() is not None:  # it ended by itself just before: report it as it ended
+            status = reason = None
+        wall = end_run(r, status, reason)
+        running.remove(r)
+        say(f"{r['name']}: {status or 'exit ' + str(r['proc'].returncode)} after {wall:.0f} s"
+            f"{' (' + reason + ')' if reason else ''}")
+        changed()
+
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs and (deadline is None or time.time() < deadline):
+                run = queue.pop(0)
+                start_run(args, run)
+                running.append(run)
+                changed()
+                say(f"start {run['name']}: {' '.join(run['flags'])}")
+            if deadline is not None and time.time() >= deadline:
+                for r in list(running):
+                    finish(r, "cut", "still running at the end of --budget")
+                for r in queue:
+                    shutil.rmtree(r["dir"], ignore_errors=True)  # an earlier run's files are not this run's
+                    r["dir"].mkdir(parents=True)
+                    (r["dir"] / "stop.json").write_text(json.dumps(
+                        {"status": "not started", "reason": "--budget spent before its turn", "epochs": r["epochs"]}))
+                    say(f"{r['name']}: not started (--budget spent)")
+                queue = []
+                break
+            time.sleep(POLL_S)
+            for r in [r for r in running if r["proc"].poll() is not None]:
+                finish(r)
+            now = time.time()
+            if deadline is not None and running and now < deadline:
+                going = list(running)
+                seen = [observe(r) for r in going]
+                left = [r["epochs"] - max([e + 1 for e, _ in log], default=0) for r, (log, _) in zip(going, seen)]
+                paces = [pace(log, r["since"], grouped_at) for r, (log, grouped_at) in zip(going, seen)]
+                final = [p is not None and (not r["grouping"] or g is not None)
+                         for r, p, (_, g) in zip(going, paces, seen)]
+                for i in runs_to_stop(left, paces, final, now, deadline, shared):
+                    finish(going[i], "stopped", f"cannot end by {deadline - t_start:.0f} s: {left[i]} epochs left at "
+                                                f"{paces[i] or 0:.2f} s each, {len(going)} runs going")
+    finally:  # interrupted: leave no run behind
+        for r in running:
+            if r["proc"].poll() is None:
+                os.killpg(r["proc"].pid, signal.SIGKILL)
+
+
+# --- Table ----------------------------------------------------------------------------------------
+RESULT_KEYS = ("top1", "many", "medium", "few", "best_top1")
+
+
+def run_status(folder):
+    stop, wall, results = (read_json(folder / f) for f in ("stop.json", "wall.json", "results.json"))
+    if stop:
+        return stop["status"]
+    if wall is None:
+        return "incomplete (no wall.json)"
+    if wall["exit_code"] != 0:
+        return f"failed (exit {wall['exit_code']})"
+    return "done" if results else "failed (no results.json)"
+
+
+def summarize_run(folder):
+    """One table line from a run folder's files alone; results only for a finished run."""
+    m = re.fullmatch(r"(.+)_s(\d+)", folder.name)
+    row, seed = (m.group(1), int(m.group(2))) if m else (folder.name, None)
+    log, wall, results = (read_log(folder / "log.txt"), read_json(folder / "wall.json"),
+                          read_json(folder / "results.json"))
+    status = run_status(folder)
+    speeds = [e["images_per_s"] for e in log if "images_per_s" in e]
+    line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=len(log),
+                wall_s=wall["wall_s"] if wall else None,
+                images_per_s=sum(speeds) / len(speeds) if speeds else None,
+                **{k: None for k in RESULT_KEYS}, best_epoch=None)
+    if status == "done":
+        last, best = results["last"], results.get("best_test") or {}
+        line.update(top1=last.get("top1"), many=last.get("many"), medium=last.get("medium"), few=last.get("few"),
+                    best_top1=best.get("top1"), best_epoch=best.get("epoch"))
+    return line
+
+
+def order_key(line):
+    rows = list(ROWS)
+    return (rows.index(line["row"]) if line["row"] in rows else len(rows), line["row"],
+            -1 if line["seed"] is None else line["seed"], line["run"])
+
+
+def mean_lines(lines):
+    """Per row with >= 2 finished seeds: the mean of each number and half its range over the seeds."""
+    out = []
+    for row in dict.fromkeys(l["row"] for l in lines):
+        done = [l for l in lines if l["row"] == row and l["status"] == "done"]
+        if len(done) < 2:
+            continue
+        line = dict(run=f"{row} (mean of {len(done)})", row=row, seeds=[l["seed"] for l in done], status="mean")
+        for k in RESULT_KEYS + ("wall_s", "images_per_s"):
+            v = [l[k] for l in done]
+            ok = all(x is not None for x in v)
+            line[k] = sum(v) / len(v) if ok else None
+            line[k + "_halfrange"] = (max(v) - min(v)) / 2 if ok else None
+        out.append(line)
+    return out
+
+
+def fmt(v, spread=None, digits=2):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def write_table(out, machine=None, wall_s=None, command=None):
+    """table.json and table.md from every run folder in out; the machine, wall time and command
+    of the run that made them are kept from an earlier table.json when not given."""
+    out = Path(out)
+    folders = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
+        (d / f).exists() for f in ("wall.json", "stop.json", "log.txt"))] if out.is_dir() else []
+    if not folders:
+        fail(f"{out} holds no run folders (<row>_s<seed> with wall.json, stop.json or log.txt); "
+             f"give the --out of a run")
+    old = read_json(out / "table.json") or {}
+    lines = sorted((summarize_run(d) for d in folders), key=order_key)
+    table = dict(machine=machine or old.get("machine"), wall_s=wall_s if wall_s is not None else old.get("wall_s"),
+                 command=command or old.get("command"), runs=lines, means=mean_lines(lines),
+                 spread="half the range over the finished seeds, (max - min) / 2",
+                 columns="top1, many, medium, few: test top-1 after the last epoch (results.json 'last'); best_top1 / "
+                         "best_epoch: the best test epoch (results.json 'best_test'); images_per_s: the mean over "
+                         "log.txt's epochs; results only for runs with status 'done'")
+    (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
+    md = render_markdown(table)
+    (out / "table.md").write_text(md)
+    return table, md
+
+
+def render_markdown(table):
+    head = ["run", "top-1 (last)", "Many", "Medium", "Few", "best top-1", "best epoch", "epochs", "wall (min)",
+            "img/s", "status"]
+    rows = []
+    for l in table["runs"]:
+        rows.append([l["run"], *(fmt(l[k]) for k in RESULT_KEYS[:4]), fmt(l["best_top1"]),
+                     "-" if l["best_epoch"] is None else str(l["best_epoch"]), str(l["epochs_done"]),
+                     fmt(None if l["wall_s"] is None else l["wall_s"] / 60, digits=1),
+                     fmt(l["images_per_s"], digits=0), l["status"]])
+    for l in table["means"]:
+        rows.append([f"{l['run']}", *(fmt(l[k], l[k + "_halfrange"]) for k in RESULT_KEYS[:4]),
+                     fmt(l["best_top1"], l["best_top1_halfrange"]), "", "",
+                     fmt(l["wall_s"] / 60, digits=1), fmt(l["images_per_s"], digits=0),
+                     "seeds " + ", ".join(map(str, l["seeds"]))])
+    wall = "not recorded" if table["wall_s"] is None else f"{table['wall_s'] / 60:.1f} min"
+    text = [f"Machine: {table['machine'] or 'not recorded'}. Script wall time: {wall}.",
+            f"Command: `{table['command'] or 'not recorded'}`", "",
+            "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    text += ["| " + " | ".join(r) + " |" for r in rows]
+    if table["means"]:
+        text += ["", "Mean rows: mean ± half the range (max - min) / 2 over the finished seeds."]
+    return "\n".join(text) + "\n"
+
+
+def machine(args):
+    """The card (cuda) or the CPU model, for the table and the printout."""
+    if args.device == "cuda":
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=30).stdout.strip().splitlines()
+        except (OSError, subprocess.TimeoutExpired):
+            names = []
+        card = ", ".join(names) or "cuda (nvidia-smi gave no name)"
+        return f"{card}; {args.jobs} run(s) side by side, {args.threads} thread(s) each"
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores); {args.jobs} run(s) side by side, {args.threads} thread(s) each"
+
+
+def main(args):
+    t_start = time.time()
+    if args.summarize:
+        _, md = write_table(args.out)
+        print(md, end="")
+        return 0
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        fail(f"--out {args.out} is a file; give a folder")
+    ensure_data(args.data, args.tarball)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    run_all(args, t_start)
+    wall = time.time() - t_start
+    card = machine(args)
+    command = shlex.join(["python", "tests/repro.py"] + sys.argv[1:])
+    table, md = write_table(args.out, card, wall, command)
+    print(f"\nmachine: {card}\nwall time: {wall:.0f} s ({wall / 60:.1f} min)\n\n{md}", end="")
+    failed = [l for l in table["runs"] if l["status"].startswith("failed")]
+    for l in failed:
+        tail = (Path(args.out) / l["run"] / "stdout.txt").read_text().strip().splitlines()[-1:] or [""]
+        print(f"{l['run']}: {l['status']}: {tail[0]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop from outside still ends the runs (finally)
+    sys.exit(main(check_args(get_args_parser().parse_args())))
