@@ -52,7 +52,7 @@ README_COMMANDS = {
 
 def test_rows_mean_what_their_names_say():
     import train
-    assert set(repro.ROWS) == set(README_COMMANDS) | {"release"}
+    assert set(repro.ROWS) == set(README_COMMANDS) | {"release", "release_ce"}
     base = ["--dataset", "folder-lt", "--epochs", "200"]
     for row, argv in README_COMMANDS.items():
         assert vars(parse(*base, *repro.ROWS[row].split())) == vars(parse(*base, *argv)), row
@@ -65,6 +65,10 @@ def test_rows_mean_what_their_names_say():
     a, b = parse(*base, *repro.ROWS["release"].split()), parse(*base, "--preset", "release")
     assert [train.lr_at(e, a) for e in range(200)] == [train.lr_at(e, b) for e in range(200)]
     assert row["loss"] == "bcl" and row["sampler"] == "random" and row["group_epoch"] == 0
+    # release_ce: the same but for the loss (and the BCL-only options it leaves at their defaults)
+    ce = vars(parse(*base, *repro.ROWS["release_ce"].split()))
+    assert {k for k in ce if ce[k] != row[k]} == {"loss", "bcl_group_loss", "la_weight", "bcl_weight", "bcl_temp"}
+    assert ce["loss"] == "ce"
 
 
 def test_run_command_puts_the_row_and_extra_after_the_protocol():
