@@ -91,6 +91,21 @@ def default_workers():
     return min(cores, 8)
 
 
+def num_groups_arg(text):
+    """--num-groups: an int (checked >= 1 in fill_defaults) or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor auto") from None
+
+
+# --num-groups auto: G when the spectrum shows no group structure (gbg.choose_num_groups): 4, the
+# paper's best number of groups (Fig. 4) and the release's --n_groups.
+AUTO_FALLBACK_GROUPS = 4
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("GBG training", add_help=False)
     d = p.add_argument_group("data")
@@ -130,7 +145,14 @@ def get_args_parser():
                         "tensor; batched on --device, this project's choice, same transforms) or workers (per "
                         "sample in DataLoader workers; always for image files)")
     g = p.add_argument_group("GBG")
-    g.add_argument("--num-groups", type=int, default=4, help="G (4: the paper's ablations, the release's --n_groups)")
+    g.add_argument("--num-groups", type=num_groups_arg, default=4,
+                   help="G (4: the paper's ablations, the release's --n_groups), or auto: read from the spectrum "
+                        "of the affinity at the first grouping (gbg.choose_num_groups; 4 when it shows no group "
+                        "structure), then kept for the run (--grouping gbg only)")
+    g.add_argument("--max-groups", type=int, default=None,
+                   help="--num-groups auto: the largest G it may choose (default min(8, classes // 2): 8 is twice "
+                        "the paper's best G, and the exact MGDA step costs a backward pass per group; beyond "
+                        "classes / 2 most groups would be single classes; see README)")
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
                    help="none with --moo mgda makes every class its own objective")
     g.add_argument("--group-epoch", type=int, default=None,
@@ -236,7 +258,14 @@ def fill_defaults(args):
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
         (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
          f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
-        (args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
+        (args.num_groups == "auto" or args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
+        (args.num_groups != "auto" or args.grouping in ("gbg", "none"),
+         f"--num-groups auto reads G from the class-gradient affinity, which --grouping {args.grouping} does not "
+         f"compute: give --num-groups N, or use --grouping gbg"),
+        (args.max_groups is None or args.num_groups == "auto",
+         "--max-groups bounds --num-groups auto only: drop it, or pass --num-groups auto"),
+        (args.max_groups is None or args.max_groups >= 2,
+         f"--max-groups {args.max_groups} must be at least 2 (with 1 group there is nothing to choose)"),
         (args.group_epoch >= 0 and args.regroup_every >= 0,
          "--group-epoch and --regroup-every must be >= 0 (0: group at the start, never regroup)"),
         (0 < args.gac_fill <= 1, f"--gac-fill {args.gac_fill} must be in (0, 1], a fraction of the batch"),
@@ -651,6 +680,39 @@ def eager(args):
 
 
 # --- Stage 1: grouping (Algorithm 1) --------------------------------------------------------------
+def check_auto_groups(args, num_present):
+    """--num-groups auto: fill --max-groups and check it against the classes that will be grouped
+    (those with training images). Default min(8, classes // 2): 8 is twice the paper's best G
+    (Fig. 4: more objectives did not help) and the exact MGDA step costs one backward pass per
+    group; above classes / 2 most groups would be single classes, the per-class MOO the paper
+    found worse (Fig. 4), and every extra candidate G makes the permutation test stricter
+    (gbg.choose_num_groups tests each gap against the largest null gap over all candidates)."""
+    if num_present < 4:
+        raise data_lt.UserError(f"--num-groups auto needs at least 4 classes with training images ({args.dataset} "
+                                f"has {num_present}): give --num-groups N")
+    if args.max_groups is None:
+        args.max_groups = min(8, num_present // 2)
+    if args.max_groups > num_present - 1:
+        raise data_lt.UserError(f"--max-groups {args.max_groups} must be at most {num_present - 1}: the eigengap at "
+                                f"G needs G + 1 of the {num_present} classes of {args.dataset} that have training "
+                                f"images")
+
+
+def choose_groups_auto(A, args, num_present):
+    """--num-groups auto on rank 0: gbg.choose_num_groups on the affinity (seeded by --seed),
+    logged; returns its dict (groups.json's num_groups_auto)."""
+    choice = gbg.choose_num_groups(A, args.max_groups, fallback=min(AUTO_FALLBACK_GROUPS, num_present),
+                                   seed=args.seed)
+    G, p = choice["num_groups"], choice["p_value"]
+    if choice["structured"]:
+        log(args, f"num groups: auto chose G={G} of 2..{args.max_groups}, the largest significant eigengap "
+                  f"(permutation p = {p:.3f}; the largest gap is at G={choice['eigengap_choice']})")
+    else:
+        log(args, f"num groups: auto found no group structure in the spectrum (permutation p = {p:.3f}); "
+                  f"G={G}, the fallback")
+    return choice
+
+
 def make_groups(model, data, args, device):
     """Class -> group ids (np.int64[K]) by --grouping, identical on every process, and the
     affinity of the grouped classes (gbg only). Only the classes with training images are grouped:
@@ -688,6 +750,9 @@ def make_groups(model, data, args, device):
         if is_main(args):
             rows = grads[torch.as_tensor(present, device=device)]
             A = gbg.affinity(rows.cpu())
+            if G == "auto":  # rank 0 alone; the others learn G from the broadcast groups
+                stats["num_groups_auto"] = choose_groups_auto(A, args, present.size)
+                G = stats["num_groups_auto"]["num_groups"]
             sub = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed), dtype=torch.long, device=device)
             norms = rows.norm(dim=1)  # near 0 for a class the saturated model already predicts
             stats.update(class_grad_norm_min=norms.min().item(), class_grad_norm_max=norms.max().item())
@@ -713,6 +778,20 @@ def describe_groups(groups, A, data, args, epoch, stats=None):
             "sizes": [len(m) for m in members], "counts": [data.class_counts[m].tolist() for m in members],
             "no_training_images": np.flatnonzero(~present).tolist(),
             "ncut": None if A is None else gbg.ncut_value(A, groups[present]), **(stats or {})}
+
+
+def add_to_history(info, previous_info, previous_groups, groups, present):
+    """groups.json keeps every grouping of the run: `history` lists each one's epoch, groups and
+    adjusted Rand index against the grouping before it (over the classes with training images,
+    `present`; None for the first), and the choice of --num-groups auto, made at the first
+    grouping, stays in it. Returns the new groups.json dict and that index."""
+    ari = None if previous_groups is None else gbg.adjusted_rand_index(previous_groups[present], groups[present])
+    previous_info = previous_info or {}
+    if "num_groups_auto" in previous_info:
+        info.setdefault("num_groups_auto", previous_info["num_groups_auto"])
+    info["history"] = previous_info.get("history", []) + [
+        {"epoch": info["epoch"], "groups": info["groups"], "ari_vs_previous": ari}]
+    return info, ari
 
 
 def make_sampler(data, groups, args, seed=None):
@@ -1084,7 +1163,9 @@ def main(args):
     # --- data -------------------------------------------------------------------------------------
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
     K, present = data.num_classes, np.flatnonzero(data.class_counts > 0)
-    if args.grouping != "none" and not args.eval and not 1 <= args.num_groups <= present.size:
+    if args.grouping != "none" and not args.eval and args.num_groups == "auto":
+        check_auto_groups(args, present.size)
+    elif args.grouping != "none" and not args.eval and not 1 <= args.num_groups <= present.size:
         raise data_lt.UserError(f"--num-groups {args.num_groups} must be between 1 and the {present.size} classes of "
                                 f"{args.dataset} that have training images")
     if data.kind == "tensor":  # CIFAR-sized: the whole set lives on the device, augmented there
@@ -1117,12 +1198,15 @@ def main(args):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
 
     # --- resume -----------------------------------------------------------------------------------
-    start_epoch, groups, best, ckpt_path = 0, None, None, out / "checkpoint.pth"
+    start_epoch, groups, groups_info, best, ckpt_path = 0, None, None, None, out / "checkpoint.pth"
     ckpt, resume_path = load_resume_checkpoint(ckpt_path, args)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, groups, best = ckpt["epoch"] + 1, ckpt["groups"], ckpt["best"]
+        groups_info = ckpt.get("groups_info")  # groups.json as of this checkpoint, history included
+        if args.num_groups == "auto" and groups_info and "num_groups_auto" in groups_info:
+            args.num_groups = groups_info["num_groups"]  # chosen at the first grouping, kept for the run
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
@@ -1150,13 +1234,21 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
+        regroup_ari = None
         if args.grouping != "none" and due:
+            previous = groups
             with eager(args):
                 groups, A, grouping_stats = make_groups(model, data, args, device)
+            if args.num_groups == "auto":  # chosen now, at the first grouping; regroupings keep it
+                args.num_groups = int(groups.max()) + 1
+                if "num_groups_auto" in grouping_stats:
+                    grouping_stats["num_groups_auto"]["epoch"] = epoch
             info = describe_groups(groups, A, data, args, epoch, grouping_stats)
-            log(args, f"groups (epoch {epoch}): sizes {[len(m) for m in info['groups']]}, Eq. 9 value {info['ncut']}")
+            groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
+            log(args, f"groups (epoch {epoch}): sizes {[len(m) for m in info['groups']]}, Eq. 9 value {info['ncut']}"
+                      f"{'' if regroup_ari is None else f', adjusted Rand index {regroup_ari:.3f} vs the previous groups'}")
             if is_main(args):
-                write_json(out / "groups.json", info)
+                write_json(out / "groups.json", groups_info)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
@@ -1164,6 +1256,8 @@ def main(args):
                                      seed=args.seed * 100003 + epoch,
                                      views=bcl_train_views(data, args) if args.loss == "bcl" else None)
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
+        if regroup_ari is not None:
+            stats["regroup_ari"] = regroup_ari
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if args.diag_every and (epoch + 1) % args.diag_every == 0:
             t0 = time.time()
@@ -1188,7 +1282,7 @@ def main(args):
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "groups": groups, "best": best, "args": vars(args),
+                         "groups": groups, "groups_info": groups_info, "best": best, "args": vars(args),
                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate()}}, ckpt_path)
         log(args, f"epoch {epoch}: test top-1 {stats.get('test_top1', float('nan')):.2f} "

@@ -18,6 +18,8 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
 (f) --amp: images/s of a CE epoch and of exact MGDA steps (ResNet-32, batch 256), fp32 vs bf16
     autocast + channels_last; on CUDA these are the numbers to size a GPU run with.
 (g) torch.compile against eager for a CE step and an exact MGDA step, and the compile time.
+(h) gbg.choose_num_groups (--num-groups auto: 1 + 19 eigenproblems of the K x K affinity graph)
+    for K = 100 ... 8,142 (iNaturalist), on planted blocks, and its peak memory.
 Ends with a markdown table (what, measured, target) for the README. The targets are the
 project's, set with a GPU in mind; on a CPU the ratios are what to read.
 """
@@ -425,6 +427,32 @@ def bench_min_norm(args):
     return out
 
 
+# --- (h) choose_num_groups at up to iNaturalist's number of classes ---------------------------
+
+def bench_num_groups(args):
+    Ks = [100, 1000] if args.quick else [100, 1000, 3000, 8142]
+    print("(h) gbg.choose_num_groups(A, 8): 19 permutations, 5 planted blocks (10-30 % of K) with noise; "
+          "process CPU time (numpy/scipy, BLAS threads as set); peak memory growth of the process")
+    out = {}
+    for K in Ks:
+        rng = np.random.default_rng(0)
+        sizes = np.diff((K * np.array([0, 0.1, 0.25, 0.45, 0.7, 1.0])).astype(int))  # 10 % ... 30 % of K
+        truth = rng.permutation(np.repeat(np.arange(5), sizes))
+        A = np.where(truth[:, None] == truth[None], 0.6, 0.1) + 0.1 * rng.standard_normal((K, K))
+        A = np.clip(np.triu(A, 1) + np.triu(A, 1).T, -1, 1)
+        np.fill_diagonal(A, 1.0)
+        before, how = start_peak_rss()
+        t0 = time.process_time()
+        choice = gbg.choose_num_groups(A, 8)
+        dt = time.process_time() - t0
+        grown = peak_rss(how) - before
+        out[K] = {"s": dt, "G": choice["num_groups"], "peak_gb": grown / GB}
+        print(f"    K={K:>5}: {dt:8.1f} s, chose G={choice['num_groups']} (planted 5), peak memory +{grown / GB:.2f} GB",
+              flush=True)
+        del A
+    return out
+
+
 # --- (d) peak memory of class_gradients at iNaturalist scale --------------------------------
 
 def _status_bytes(key):
@@ -571,7 +599,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--only", default="a,b,c,d,e,f,g", help="comma-separated parts to run, e.g. b,c")
+    p.add_argument("--only", default="a,b,c,d,e,f,g,h", help="comma-separated parts to run, e.g. b,c")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 (default) because the cores are shared, and a second "
                         "thread waiting on a busy core makes every op as slow as its straggler")
@@ -587,8 +615,8 @@ def main():
         args.keep_memory = train.keep_freed_memory()
         return print(json.dumps(bench_steps(args, torch.device("cpu"))))
     parts = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not parts <= set("abcdefg"):
-        p.error(f"--only takes a comma-separated subset of a,b,c,d,e,f,g; got {args.only!r}")
+    if not parts <= set("abcdefgh"):
+        p.error(f"--only takes a comma-separated subset of a,b,c,d,e,f,g,h; got {args.only!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; pass --device cpu")
@@ -622,6 +650,9 @@ def main():
         print()
     if "g" in parts:
         res["g"] = bench_compile(args, device)
+        print()
+    if "h" in parts:
+        res["h"] = bench_num_groups(args)
         print()
 
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s), CPU time"
@@ -673,6 +704,11 @@ def main():
         print(f"| torch.compile / eager, CE step / exact MGDA step (fp32; compiling {g['compile_s']:.0f} s) | "
               f"{g['ce_eager'] / g['ce_compiled']:.2f}x / {g['exact_eager'] / g['exact_compiled']:.2f}x faster | "
               f"keep if > 1 |")
+    if "h" in res:
+        h = res["h"]
+        print(f"| choose_num_groups(A, 8), 19 permutations, K = {' / '.join(map(str, h))} (numpy, "
+              f"{os.environ['OPENBLAS_NUM_THREADS']} BLAS thread(s), CPU time) | "
+              + " / ".join(f"{r['s']:.3g} s" for r in h.values()) + f" (peak +{max(r['peak_gb'] for r in h.values()):.1f} GB) | - |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ NCUT = [P + "test_ncut_value_by_hand", P + "test_ncut_reaches_the_exhaustive_opt
 FW = [P + "test_frank_wolfe_first_step_is_the_exact_line_search", P + "test_frank_wolfe_alone_descends_to_the_optimum"]
 BCL_STEP = [PT + "test_bcl_step_matches_a_direct_computation"]
 R = "tests/test_repro.py::"
+NG = "tests/test_num_groups.py::"
 
 # (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
 # be rewritten; the ones inside train_one_epoch are kept to a single expression.
@@ -152,6 +153,22 @@ BUGS = [
      "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):\n        z = ",
      "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == \"cuda\"):\n        z = ",
      ["tests/test_step.py::test_amp_runs_the_network_in_bf16_on_the_cpu"]),
+    # the number of groups from the spectrum, the grouping history (--num-groups auto, --regroup-every)
+    ("num_groups_largest_gap", "gbg.py",
+     '"num_groups": int(2 + significant.max()) if structured', '"num_groups": int(2 + np.argmax(gaps)) if structured',
+     [NG + "test_eigengap_heuristic_stops_early_on_unequal_blocks"]),
+    ("num_groups_null_of_first_gap", "gbg.py",
+     "null[r] = _eigengaps(W, max_groups)[0].max()", "null[r] = _eigengaps(W, max_groups)[0][0]",
+     [NG + "test_structureless_affinities_fall_back"]),
+    ("ari_not_adjusted", "gbg.py",
+     "expected = sum_a * sum_b / pairs(np.array([a.size]))", "expected = 0.0",
+     [NG + "test_adjusted_rand_index_matches_pair_counting"]),
+    ("history_lost_on_resume", "train.py",
+     'groups_info = ckpt.get("groups_info")', "groups_info = None",
+     [NG + "test_auto_groups_regroup_history_and_exact_resume"]),
+    ("auto_chosen_again_after_resume", "train.py",
+     '            args.num_groups = groups_info["num_groups"]', "            pass",
+     [NG + "test_auto_groups_regroup_history_and_exact_resume"]),
     # the reproduction script and its budget
     ("repro_python_on_path", "tests/repro.py",
      'cmd = [args.python, str(ROOT / "train.py")', 'cmd = ["python", str(ROOT / "train.py")',

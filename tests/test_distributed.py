@@ -77,6 +77,8 @@ MODES = {  # the modes whose 2-process run must equal the 1-process run
               "raw", "--moo-gram", "backbone", "--sketch-dim", "256"],
     # one global batch, top-ups included; count groups leave the tail group (5 images) out of most batches
     "gac": ["--sync-bn", "--sampler", "gac", "--grouping", "count", "--num-groups", "5"],
+    # G chosen by rank 0 from the spectrum, learnt by rank 1 from the broadcast groups; regrouped
+    "auto": ["--sync-bn", "--sampler", "gac", "--num-groups", "auto", "--regroup-every", "1"],
 }
 # Without --sync-bn each process normalises its own half of the batch, so the run differs from one
 # process by design; what must hold is that every process evaluates, groups with and saves one model.
@@ -168,6 +170,21 @@ def test_distributed_grouping_matches_one_process(runs, mode):
     c1 = torch.load(runs[mode][1] / "checkpoint.pth", map_location="cpu", weights_only=False)["groups"]
     c2 = torch.load(runs[mode][2] / "checkpoint.pth", map_location="cpu", weights_only=False)["groups"]
     assert list(c1) == list(c2)
+
+
+def test_distributed_auto_groups_match_one_process(runs):
+    """--num-groups auto: rank 0 alone chooses G; both processes train with it (the weights
+    test above) and write what one process writes: the choice, both groupings, their index."""
+    one = json.load(open(runs["auto"][1] / "groups.json"))
+    two = json.load(open(runs["auto"][2] / "groups.json"))
+    assert [h["epoch"] for h in one["history"]] == [0, 1] and one["num_groups_auto"]["epoch"] == 0
+    assert one["history"] == two["history"] and one["num_groups"] == two["num_groups"]
+    for key in ("num_groups", "structured", "gap_p_values"):
+        assert one["num_groups_auto"][key] == two["num_groups_auto"][key], key
+    assert one["num_groups_auto"]["eigenvalues"] == pytest.approx(two["num_groups_auto"]["eigenvalues"], abs=1e-12)
+    args = [torch.load(runs["auto"][n] / "checkpoint.pth", map_location="cpu", weights_only=False)["args"]
+            for n in (1, 2)]
+    assert args[0]["num_groups"] == args[1]["num_groups"] == one["num_groups"]
 
 
 def test_gac_runs_draw_top_ups(runs):
