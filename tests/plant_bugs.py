@@ -36,6 +36,7 @@ FW = [P + "test_frank_wolfe_first_step_is_the_exact_line_search", P + "test_fran
 BCL_STEP = [PT + "test_bcl_step_matches_a_direct_computation"]
 R = "tests/test_repro.py::"
 NG = "tests/test_num_groups.py::"
+DG = "tests/test_diag.py::"
 
 # (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
 # be rewritten; the ones inside train_one_epoch are kept to a single expression.
@@ -154,6 +155,17 @@ BUGS = [
      "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == \"cuda\"):\n        z = ",
      ["tests/test_step.py::test_amp_runs_the_network_in_bf16_on_the_cpu"]),
     # the number of groups from the spectrum, the grouping history (--num-groups auto, --regroup-every)
+    # the gradient diagnostic (--diag-every) and the per-group training losses
+    ("diag_local_counts", "gbg.py",
+     "counts = torch.bincount(targets, minlength=K) if class_counts is None else torch.as_tensor(class_counts)",
+     "counts = torch.bincount(targets, minlength=K)",
+     [DG + "test_class_update_cosines_match_per_sample_gradients"]),
+    ("diag_leaves_bn_updated", "train.py",
+     "    model.load_state_dict(saved, strict=False)\n", "",
+     [DG + "test_diagnostic_changes_nothing_in_the_training"]),
+    ("group_loss_not_summed_over_ranks", "train.py",
+     "l * args.world_size / n for l, n in group_loss.T.tolist()", "l / n for l, n in group_loss.T.tolist()",
+     ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]),
     ("num_groups_largest_gap", "gbg.py",
      '"num_groups": int(2 + significant.max()) if structured', '"num_groups": int(2 + np.argmax(gaps)) if structured',
      [NG + "test_eigengap_heuristic_stops_early_on_unequal_blocks"]),
