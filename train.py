@@ -161,7 +161,9 @@ def get_args_parser():
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the grouping samples before the class gradients "
                         "(restored afterwards; default on); --no-recalibrate-bn: the release's eval-mode pass")
-    g.add_argument("--regroup-every", type=int, default=0, help="regroup every N epochs (0: never)")
+    g.add_argument("--regroup-every", type=int, default=0,
+                   help="regroup every N epochs (0: never); how far the groups moved (adjusted Rand index) is in "
+                        "groups.json's history and log.txt's regroup_ari")
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
     g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping")
