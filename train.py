@@ -835,6 +835,18 @@ def batch_losses(model, x, y, counts, args, device):
     return group_logits, mean_loss, contrast
 
 
+def step_losses(model, x, y, class_to_group, G, args, device):
+    """One batch as a step sees it: the global class counts, batch_losses' outputs and, with
+    groups, the G group losses and which groups are present (else None, None)."""
+    counts = all_reduce_(torch.bincount(y, minlength=model.fc.out_features))
+    logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
+    losses = present = None
+    if class_to_group is not None:
+        losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
+                                           class_counts=counts, validate=False)
+    return counts, logits, mean_loss, contrast, losses, present
+
+
 def last_stage_params(model):
     """The trailing part of the shared network where --moo-grad last takes the Gram: the last
     stage of the CIFAR ResNets (the 64-channel blocks), layer4 of ResNet-50 / ResNeXt-50."""
@@ -933,12 +945,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
-        counts = all_reduce_(torch.bincount(y, minlength=K))
-        logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
-        losses = present = None
-        if class_to_group is not None:
-            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
-                                               class_counts=counts, validate=False)
+        counts, logits, mean_loss, contrast, losses, present = step_losses(model, x, y, class_to_group, G, args,
+                                                                           device)
         optimizer.zero_grad(set_to_none=True)
         # update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
         # backward) on every --ratio-every-th MGDA step
@@ -1020,12 +1028,8 @@ def gradient_diagnostic(model, loader, class_to_group, class_counts, args, devic
     pg = dist.group.WORLD if args.distributed else None
     cos_sum, ratio_sum, seen = (torch.zeros(K, dtype=torch.float64) for _ in range(3))
     for x, y in loader:
-        counts = all_reduce_(torch.bincount(y, minlength=K))
-        logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
-        losses = present = None
-        if class_to_group is not None:
-            losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
-                                               class_counts=counts, validate=False)
+        counts, logits, mean_loss, contrast, losses, present = step_losses(model, x, y, class_to_group, G, args,
+                                                                           device)
         model.zero_grad(set_to_none=True)
         take_step(losses, present, mean_loss, contrast, model, args, {}, 0)  # p.grad <- d
         d = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
