@@ -97,6 +97,9 @@ ROWS = {
     # BCL, beside "ce" and "gbg": the CE rows of Table 6 with the authors' step instead of ours.
     "release_ce": "--loss ce --grouping gbg --moo mgda --sampler random --group-loss sample --normalize loss+ "
                   "--moo-update raw --moo-gram backbone --no-recalibrate-bn --group-epoch 0",
+    # No paper row: the paper's future work (its conclusion), adjusting the groups during training.
+    # "gbg" regrouped every 20 epochs (at 25, 45, ..., 185 with the grouping at 5), into the same G.
+    "regroup": "--grouping gbg --moo mgda --sampler gac --regroup-every 20",
 }
 POLL_S = 1.0      # how often the runs are checked: reading a few small log files
 RESERVE_S = 10.0  # of --budget, kept for stopping the last runs and writing the table

@@ -47,6 +47,7 @@ README_COMMANDS = {
     "bcl_avg": ["--loss", "bcl", "--moo", "none"],
     "bcl_moo": ["--loss", "bcl", "--grouping", "none"],
     "bcl_gbg": ["--loss", "bcl"],
+    "regroup": ["--regroup-every", "20"],
 }
 
 
