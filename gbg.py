@@ -258,11 +258,19 @@ def _canonical(groups):
 
 
 def _graph_weights(A):
-    # cosines lie in [-1, 1]; the +1 shift (as the authors do) makes the weights non-negative
+    """The class graph that NCut cuts: W = affinity + 1 off the diagonal, W_ii = 0.
+
+    Cosines lie in [-1, 1]; the +1 shift (the release's utils.py, ~l.147) makes the weights
+    non-negative. No self-loops: Ng, Jordan & Weiss (the paper's spectral clustering) set
+    A_ii = 0, and the release's scikit-learn `spectral_clustering` builds its Laplacian with
+    scipy.sparse.csgraph.laplacian, which ignores the diagonal. A self-loop W_ii = 2 would be a
+    fifth of every degree at K = 10 and pull the embedding towards the identity."""
     A = torch.as_tensor(A).double().cpu().numpy()
     if A.ndim != 2 or A.shape[0] != A.shape[1] or not np.isfinite(A).all():
         raise ValueError(f"affinity must be a finite square matrix, got shape {A.shape}")
-    return np.clip((A + A.T) / 2 + 1.0, 0.0, None)
+    W = np.clip((A + A.T) / 2 + 1.0, 0.0, None)
+    np.fill_diagonal(W, 0.0)
+    return W
 
 
 def _fill_empty_groups(X, labels, num_groups):
@@ -334,7 +342,7 @@ def count_groups(class_counts, num_groups):
 
 
 def ncut_value(affinity, groups):
-    """Normalised-cut objective of Eq. 9 on W = affinity + 1: sum over groups V of
+    """Normalised-cut objective of Eq. 9 on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
     cut(V, rest) / assoc(V, all). Lower is better; 0 means no weight between groups."""
     W = _graph_weights(affinity)
     groups = np.asarray(groups).reshape(-1)
@@ -404,7 +412,7 @@ def _eigengaps(W, max_groups):
 def choose_num_groups(affinity, max_groups, *, fallback=4, num_permutations=19, alpha=0.05, seed=0):
     """The number of groups G that the spectrum of the affinity graph supports, for ncut_groups.
 
-    The spectrum is that of M = D^-1/2 W D^-1/2 on W = affinity + 1, the matrix whose leading
+    The spectrum is that of M = D^-1/2 W D^-1/2 on W = affinity + 1 (zero diagonal), the matrix whose leading
     eigenvectors ncut_groups clusters; l_1 = 1 >= l_2 >= ... are its eigenvalues and
     gap_G = l_G - l_{G+1} (G = 2 .. max_groups) its eigengaps. G blocks of classes give G - 1
     eigenvalues above the rest, hence a gap at G (von Luxburg 2007, "A tutorial on spectral

@@ -290,13 +290,13 @@ def same_partition(a, b):
 
 
 def ncut_brute(A, truth):
-    """Reference NCut on W = A + 1 by explicit loops over pairs."""
+    """Reference NCut on W = A + 1 without self-loops (pairs i != j), by explicit loops over pairs."""
     W = np.asarray(A) + 1.0
     total = 0.0
     for g in set(truth.tolist()):
         cut = sum(W[i, j] for i in range(len(truth)) for j in range(len(truth))
                   if truth[i] == g and truth[j] != g)
-        assoc = sum(W[i, j] for i in range(len(truth)) for j in range(len(truth)) if truth[i] == g)
+        assoc = sum(W[i, j] for i in range(len(truth)) for j in range(len(truth)) if truth[i] == g and i != j)
         total += cut / assoc
     return total
 
@@ -337,6 +337,7 @@ def test_ncut_value_matches_loops_and_beats_baselines():
 def test_ncut_finds_the_brute_force_minimum():
     A, truth = planted([2, 3, 4], noise=0.9, seed=6)
     W = A.numpy() + 1.0
+    np.fill_diagonal(W, 0.0)  # the graph has no self-loops
     # every labelling of 9 classes into 3 non-empty groups, NCut of each by one-hot algebra
     labels = np.array([lab for lab in itertools.product(range(3), repeat=9) if len(set(lab)) == 3])
     H = np.eye(3)[labels]  # [n, 9, 3]
