@@ -800,7 +800,7 @@ def make_sampler(data, groups, args, seed=None):
     """GAC batches (--sampler gac) when groups exist; otherwise plain shuffled batches. A single
     group is never missing, so GACBatchSampler with one group is exactly a sharded random batch
     sampler, and every process builds the same global batch and takes its share."""
-    labels = np.asarray(data.train.targets)
+    labels = gbg._dataset_labels(data.train)  # numpy on the host; the targets may live on the GPU
     use_gac = args.sampler == "gac" and groups is not None
     try:
         return gbg.GACBatchSampler(labels, groups if use_gac else np.zeros(data.num_classes, dtype=np.int64),
