@@ -14,10 +14,19 @@ Data: the CIFAR-10 JPEG copy in ImageFolder layout (train/<class>/*.jpg, test/<c
 
 Every run: train.py --dataset folder-lt --imb-factor 100, batch 256, --workers 0, the row's flags,
 then --extra. Its folder OUT/<row>_s<seed> holds log.txt, results.json, groups.json, stdout.txt
-(train.py's stdout and stderr), wall.json ({"run", "wall_s", "exit_code", "flags"}: the row's flags
-and --extra) and, for a run that did not finish, stop.json (why). A run's folder is emptied when
-the run starts; the checkpoints of finished runs are deleted (those of unfinished runs are kept:
-train.py with the same --output-dir resumes them). OUT/table.json and OUT/table.md have one line
+(train.py's stdout and stderr), wall.json ({"run", "wall_s", "exit_code", "flags", "resumes",
+"commit"}: the row's flags and --extra; wall_s summed over every call that ran it, resumes the
+number of those calls after the first, commit the checkout's git commit) and, for a run that did
+not finish, stop.json (why). The checkpoints of finished runs are deleted; those of unfinished runs
+are kept.
+
+Calling it again with the same --out goes on where the last call ended, so that runs longer than a
+session (a CPU at the paper's schedule) cross sessions: a finished run (results.json, exit 0) is
+kept and not run again; an unfinished one (a checkpoint.pth: stopped, cut, or killed with the
+session) is resumed from its checkpoint by train.py with the same command, its stdout.txt appended
+to; any other run folder is emptied and the run starts from zero. wall.json is rewritten while a run
+goes, so a call killed outright still leaves the wall time it had spent. Run every call of a set of
+runs from the same commit (wall.json records it). OUT/table.json and OUT/table.md have one line
 per run folder found in OUT, and for every row with two or more finished seeds one line of
 mean +- half the range (max - min) / 2 over those seeds: with two seeds, both lie on its bounds.
 
@@ -105,6 +114,7 @@ POLL_S = 1.0      # how often the runs are checked: reading a few small log file
 RESERVE_S = 10.0  # of --budget, kept for stopping the last runs and writing the table
 RECENT = 3        # epoch times averaged for a pace: recent enough to follow a change of pace
 STOP_WAIT_S = 10  # a stopped run gets SIGTERM, then SIGKILL after this many seconds
+WALL_EVERY_S = 30  # how often a running run's wall.json is rewritten
 
 
 def fail(message):
@@ -322,17 +332,58 @@ def runs_to_stop(left, paces, final, now, deadline, shared):
     return stop
 
 
+def finished(folder):
+    """A run that ended by itself in an earlier call: its results, exit 0, no checkpoint left."""
+    wall = read_json(folder / "wall.json") or {}
+    return (folder / "results.json").exists() and wall.get("exit_code") == 0 and \
+        not (folder / "checkpoint.pth").exists()
+
+
+def git_commit():
+    """The checkout's commit, with '+changes' when tracked files differ from it; None without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def start_run(args, run):
+    """Start the run, or resume it when its folder holds a checkpoint of an earlier call."""
     out = run["dir"]
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    earlier = (read_json(out / "wall.json") or {}) if (out / "checkpoint.pth").exists() else None
+    if earlier is None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    else:
+        (out / "stop.json").unlink(missing_ok=True)
+    run["wall_before"] = float(earlier.get("wall_s") or 0.0) if earlier is not None else 0.0
+    run["resumes"] = int(earlier.get("resumes") or 0) + 1 if earlier is not None else 0
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    with open(out / "stdout.txt", "w") as f:
+    with open(out / "stdout.txt", "a" if earlier is not None else "w") as f:
+        if earlier is not None:
+            f.write(f"--- repro.py: resumed ({run['resumes']}) at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+            f.flush()
         # a session of its own, so that a stop reaches DataLoader workers that --extra may ask for
         run["proc"] = subprocess.Popen(run_command(args, run["row"], run["seed"], out), stdout=f,
                                        stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     run["t0"] = time.time()
     run["since"] = 1
+    write_wall(run)
+    return earlier is not None
+
+
+def write_wall(run):
+    """wall.json: the wall time of every call that ran this run, this one's so far included."""
+    wall = run["wall_before"] + time.time() - run["t0"]
+    (run["dir"] / "wall.json").write_text(json.dumps(
+        {"run": str(run["dir"]), "wall_s": wall, "exit_code": run["proc"].poll(), "flags": run["flags"],
+         "resumes": run["resumes"], "commit": run["commit"]}))
+    return wall
 
 
 def observe(run):
@@ -353,9 +404,7 @@ def end_run(run, status=None, reason=None):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    wall = time.time() - run["t0"]
-    with open(run["dir"] / "wall.json", "w") as f:
-        json.dump({"run": str(run["dir"]), "wall_s": wall, "exit_code": proc.returncode, "flags": run["flags"]}, f)
+    wall = write_wall(run)
     if status:
         with open(run["dir"] / "stop.json", "w") as f:
             json.dump({"status": status, "reason": reason, "epochs": run["epochs"]}, f)
@@ -368,8 +417,9 @@ def end_run(run, status=None, reason=None):
 def run_all(args, t_start):
     """Start the runs in priority order, --jobs at a time; with --budget, stop runs as the top of
     this file says. Returns when every run has ended or been marked."""
+    commit = git_commit()
     queue = [dict(row=row, seed=seed, name=run_name(row, seed), dir=Path(args.out) / run_name(row, seed),
-                  flags=row_flags(row, args.extra), epochs=args.epochs,
+                  flags=row_flags(row, args.extra), epochs=args.epochs, commit=commit,
                   grouping=flag_value(row_flags(row, args.extra), "--grouping", "gbg") != "none")
              for seed in args.seeds for row in args.runs]
     deadline = t_start + args.budget - RESERVE_S if args.budget is not None else None
@@ -394,18 +444,25 @@ def run_all(args, t_start):
             f"{' (' + reason + ')' if reason else ''}")
         changed()
 
+    for r in [r for r in queue if finished(r["dir"])]:
+        queue.remove(r)
+        say(f"{r['name']}: finished in an earlier call, kept")
+    last_wall = time.time()
     try:
         while queue or running:
             while queue and len(running) < args.jobs and (deadline is None or time.time() < deadline):
                 run = queue.pop(0)
-                start_run(args, run)
+                resumed = start_run(args, run)
                 running.append(run)
                 changed()
-                say(f"start {run['name']}: {' '.join(run['flags'])}")
+                say(f"{'resume' if resumed else 'start'} {run['name']}: {' '.join(run['flags'])}")
             if deadline is not None and time.time() >= deadline:
                 for r in list(running):
                     finish(r, "cut", "still running at the end of --budget")
                 for r in queue:
+                    if (r["dir"] / "checkpoint.pth").exists():  # an earlier call's unfinished run: kept for the next
+                        say(f"{r['name']}: not resumed (--budget spent); kept for the next call")
+                        continue
                     shutil.rmtree(r["dir"], ignore_errors=True)  # an earlier run's files are not this run's
                     r["dir"].mkdir(parents=True)
                     (r["dir"] / "stop.json").write_text(json.dumps(
@@ -417,6 +474,10 @@ def run_all(args, t_start):
             for r in [r for r in running if r["proc"].poll() is not None]:
                 finish(r)
             now = time.time()
+            if now - last_wall >= WALL_EVERY_S:  # so that a call killed outright keeps its wall time
+                for r in running:
+                    write_wall(r)
+                last_wall = now
             if deadline is not None and running and now < deadline:
                 going = list(running)
                 seen = [observe(r) for r in going]
@@ -427,10 +488,12 @@ def run_all(args, t_start):
                 for i in runs_to_stop(left, paces, final, now, deadline, shared):
                     finish(going[i], "stopped", f"cannot end by {deadline - t_start:.0f} s: {left[i]} epochs left at "
                                                 f"{paces[i] or 0:.2f} s each, {len(going)} runs going")
-    finally:  # interrupted: leave no run behind
+    finally:  # interrupted: leave no run behind; each keeps its checkpoint and its wall time
         for r in running:
             if r["proc"].poll() is None:
                 os.killpg(r["proc"].pid, signal.SIGKILL)
+                r["proc"].wait()
+                write_wall(r)
 
 
 # --- Table ----------------------------------------------------------------------------------------
@@ -443,6 +506,8 @@ def run_status(folder):
         return stop["status"]
     if wall is None:
         return "incomplete (no wall.json)"
+    if wall["exit_code"] is None or (folder / "checkpoint.pth").exists() and wall["exit_code"] != 0:
+        return "unfinished (the same command resumes it)"
     if wall["exit_code"] != 0:
         return f"failed (exit {wall['exit_code']})"
     return "done" if results else "failed (no results.json)"
@@ -457,7 +522,7 @@ def summarize_run(folder):
     status = run_status(folder)
     speeds = [e["images_per_s"] for e in log if "images_per_s" in e]
     line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=len(log),
-                wall_s=wall["wall_s"] if wall else None,
+                wall_s=wall["wall_s"] if wall else None, resumes=(wall or {}).get("resumes", 0),
                 images_per_s=sum(speeds) / len(speeds) if speeds else None,
                 **{k: None for k in RESULT_KEYS}, best_epoch=None)
     if status == "done":
@@ -512,7 +577,8 @@ def write_table(out, machine=None, wall_s=None, command=None):
                  spread="half the range over the finished seeds, (max - min) / 2",
                  columns="top1, many, medium, few: test top-1 after the last epoch (results.json 'last'); best_top1 / "
                          "best_epoch: the best test epoch (results.json 'best_test'); images_per_s: the mean over "
-                         "log.txt's epochs; results only for runs with status 'done'")
+                         "log.txt's epochs; wall_s: summed over the calls that ran the run, resumes: how many of them resumed "
+                         "it; results only for runs with status 'done'")
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
     md = render_markdown(table)
     (out / "table.md").write_text(md)
@@ -521,17 +587,17 @@ def write_table(out, machine=None, wall_s=None, command=None):
 
 def render_markdown(table):
     head = ["run", "top-1 (last)", "Many", "Medium", "Few", "best top-1", "best epoch", "epochs", "wall (min)",
-            "img/s", "status"]
+            "resumed", "img/s", "status"]
     rows = []
     for l in table["runs"]:
         rows.append([l["run"], *(fmt(l[k]) for k in RESULT_KEYS[:4]), fmt(l["best_top1"]),
                      "-" if l["best_epoch"] is None else str(l["best_epoch"]), str(l["epochs_done"]),
-                     fmt(None if l["wall_s"] is None else l["wall_s"] / 60, digits=1),
+                     fmt(None if l["wall_s"] is None else l["wall_s"] / 60, digits=1), str(l.get("resumes", 0)),
                      fmt(l["images_per_s"], digits=0), l["status"]])
     for l in table["means"]:
         rows.append([f"{l['run']}", *(fmt(l[k], l[k + "_halfrange"]) for k in RESULT_KEYS[:4]),
                      fmt(l["best_top1"], l["best_top1_halfrange"]), "", "",
-                     fmt(l["wall_s"] / 60, digits=1), fmt(l["images_per_s"], digits=0),
+                     fmt(l["wall_s"] / 60, digits=1), "", fmt(l["images_per_s"], digits=0),
                      "seeds " + ", ".join(map(str, l["seeds"]))])
     wall = "not recorded" if table["wall_s"] is None else f"{table['wall_s'] / 60:.1f} min"
     text = [f"Machine: {table['machine'] or 'not recorded'}. Script wall time: {wall}.",

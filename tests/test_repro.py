@@ -7,9 +7,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +260,7 @@ def test_one_epoch_end_to_end_on_cpu_and_summarize(tmp_path, tarball):
     for line in table["runs"]:
         d = out / line["run"]
         wall = json.loads((d / "wall.json").read_text())
-        assert set(wall) == {"run", "wall_s", "exit_code", "flags"}
+        assert set(wall) == {"run", "wall_s", "exit_code", "flags", "resumes", "commit"} and wall["resumes"] == 0
         assert wall["exit_code"] == 0 and wall["wall_s"] > 0 and wall["run"] == str(d)
         assert wall["flags"] == repro.ROWS[line["row"]].split() + ["--batch-size", "64"]
         results = json.loads((d / "results.json").read_text())
@@ -354,3 +356,51 @@ def test_bad_input_gives_one_line(tmp_path, argv, words):
 def test_summarize_without_runs_gives_one_line(tmp_path):
     r = run_repro(tmp_path, "--summarize", "--out", str(tmp_path), check=False)
     assert r.returncode != 0 and r.stderr.startswith("repro.py: error: ") and "holds no run folders" in r.stderr
+
+
+def test_the_same_command_resumes_a_run_killed_after_its_first_epoch(tmp_path, tarball):
+    """Issue of runs longer than a session: a call killed after the first epoch (SIGTERM to repro.py,
+    whose runs are then killed outright), then the same command: the run goes on from its
+    checkpoint and ends as an uninterrupted run of the same command does; a finished run is not
+    run again; wall.json sums the two calls and counts the resume."""
+    data = tmp_path / "data"
+    argv = ["--device", "cpu", "--runs", "gbg", "--epochs", "3", "--arch", "resnet8", "--data", str(data),
+            "--tarball", str(tarball), "--extra", "--batch-size 64 --group-epoch 1"]
+    run_repro(tmp_path, *argv, "--out", str(tmp_path / "whole"))
+    out = tmp_path / "cut"
+    d = out / "gbg_s0"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(SCRIPT), *argv, "--out", str(out)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (d / "checkpoint.pth").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    first = json.loads((d / "wall.json").read_text())
+    log = [json.loads(l) for l in open(d / "log.txt")]
+    assert len(log) < 3 and (d / "checkpoint.pth").exists(), "the call was not interrupted before the end"
+    assert first["exit_code"] is not None and first["exit_code"] != 0 and first["resumes"] == 0
+    s = run_repro(tmp_path, "--summarize", "--out", str(out))
+    assert "unfinished (the same command resumes it)" in s.stdout
+
+    r = run_repro(tmp_path, *argv, "--out", str(out))
+    assert "resume gbg_s0" in r.stdout
+    stdout = (d / "stdout.txt").read_text()
+    assert "--- repro.py: resumed (1)" in stdout and f"resumed from {d / 'checkpoint.pth'} at epoch {len(log)}" in stdout
+    wall = json.loads((d / "wall.json").read_text())
+    assert wall["resumes"] == 1 and wall["exit_code"] == 0 and wall["wall_s"] > first["wall_s"]
+    whole = [json.loads(l) for l in open(tmp_path / "whole" / "gbg_s0" / "log.txt")]
+    cut = [json.loads(l) for l in open(d / "log.txt")]
+    assert [e["epoch"] for e in cut] == [0, 1, 2]
+    for a, b in zip(whole, cut):  # the same epochs as the uninterrupted run, to the last bit
+        assert (a["train_loss"], a["test_top1"]) == (b["train_loss"], b["test_top1"])
+    assert json.loads((d / "groups.json").read_text())["groups"] == \
+        json.loads((tmp_path / "whole" / "gbg_s0" / "groups.json").read_text())["groups"]
+    line = json.loads((out / "table.json").read_text())["runs"][0]
+    assert line["status"] == "done" and line["resumes"] == 1 and line["wall_s"] == wall["wall_s"]
+
+    # once more: the finished run is kept, not run again
+    r = run_repro(tmp_path, *argv, "--out", str(out))
+    assert "gbg_s0: finished in an earlier call, kept" in r.stdout and "start gbg_s0" not in r.stdout
+    assert json.loads((d / "wall.json").read_text()) == wall
