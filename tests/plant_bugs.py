@@ -37,6 +37,7 @@ BCL_STEP = [PT + "test_bcl_step_matches_a_direct_computation"]
 R = "tests/test_repro.py::"
 NG = "tests/test_num_groups.py::"
 DG = "tests/test_diag.py::"
+PL = "tests/test_plot_runs.py::"
 
 # (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
 # be rewritten; the ones inside train_one_epoch are kept to a single expression.
@@ -195,6 +196,16 @@ BUGS = [
     ("repro_shared_ends_without_sharing", "tests/repro.py",
      "t += (works[i] - done) * (len(works) - k)", "t += works[i] - done",
      [R + "test_shared_ends_match_a_fluid_simulation"]),
+    # the pictures of run folders
+    ("plot_draws_unevaluated_epochs", "tests/plot_runs.py",
+     "    pairs = [(e, v) for e, v in pairs if v is not None]\n", "",
+     [PL + "test_epochs_logged_as_nan_or_twice", PL + "test_drawn_series_are_the_logged_values"]),
+    ("plot_diagnostic_at_the_first_epoch", "tests/plot_runs.py",
+     "return max(both) if both else None", "return min(both) if both else None",
+     [PL + "test_drawn_series_are_the_logged_values"]),
+    ("plot_bars_in_class_id_order", "tests/plot_runs.py",
+     "key=lambda k: (-counts[k], k)", "key=lambda k: k",
+     [PL + "test_diagnostic_classes_follow_the_training_counts"]),
 ]
 
 
