@@ -57,6 +57,8 @@ def test_two_epoch_run_writes_all_outputs(tmp_path):
     assert groups["ncut"] is not None and groups["sizes"] == [len(m) for m in groups["groups"]]
     assert 0.1 <= groups["max_softmax_mean"] <= 1 and groups["recalibrate_bn"] is True
     assert 0 < groups["class_grad_norm_min"] <= groups["class_grad_norm_max"]
+    assert groups["graph"] == "W = affinity + 1 off the diagonal, no self-loops (W_ii = 0)"
+    assert groups["assign"] == "kmeans (10 restarts, seed 0)"
     results = json.load(open(tmp_path / "results.json"))
     assert results["last"]["top1"] == log[-1]["test_top1"] and results["last"]["epoch"] == 1
     assert set(weights(tmp_path)) and "img/s" in r.stdout and "eta" in r.stdout
@@ -286,7 +288,7 @@ def test_release_preset_and_recipes():
     want = dict(loss="bcl", imb_factor=50, epochs=300, lr=0.1, wd=5e-4, warmup_epochs=5, lr_drops=[160, 180],
                 sampler="random", group_loss="sample", bcl_group_loss="ce", normalize="loss+", moo_update="raw",
                 moo_gram="backbone", arch="resnet32", batch_size=256, num_groups=4, group_epoch=0, grouping="gbg",
-                recalibrate_bn=False, moo_grad="exact", moo_every=1)
+                recalibrate_bn=False, moo_grad="exact", moo_every=1, ncut_assign="cluster_qr")
     assert {k: getattr(args, k) for k in want} == want
     # adjust_lr of the release: x0.1 after epoch 160, x0.01 after 180, flat to 300
     assert [T.lr_at(e, args) for e in (100, 159.9, 160, 179.9, 180, 299.9)] == pytest.approx(
@@ -299,8 +301,9 @@ def test_release_preset_and_recipes():
     # without the preset: the paper's defaults
     _, plain = parse()
     assert (plain.loss, plain.imb_factor, plain.normalize, plain.group_loss, plain.bcl_group_loss,
-            plain.moo_update, plain.moo_gram, plain.sampler, plain.recalibrate_bn) == (
-        "ce", 100, "l2", "class", "la", "scaled", "all", "gac", True)
+            plain.moo_update, plain.moo_gram, plain.sampler, plain.recalibrate_bn, plain.ncut_assign) == (
+        "ce", 100, "l2", "class", "la", "scaled", "all", "gac", True, "kmeans")
+    assert parse("--preset", "release", "--ncut-assign", "kmeans")[1].ncut_assign == "kmeans"
     # BCL's recipes: no warm-up on ImageNet-LT and iNat, lr 0.2 on iNat
     _, inet = parse("--dataset", "imagenet-lt")
     _, inat = parse("--dataset", "inat2018")
@@ -310,3 +313,37 @@ def test_release_preset_and_recipes():
     # --grouping none: plain batches unless asked
     assert parse("--grouping", "none")[1].sampler == "random"
     assert parse("--grouping", "none", "--sampler", "gac")[1].sampler == "gac"
+
+
+class _Trained(Exception):
+    pass
+
+
+def test_release_preset_groups_with_cluster_qr_and_records_it(monkeypatch, tmp_path):
+    """--preset release groups (at epoch 0, before any training) with cluster_qr on the graph
+    without self-loops, and groups.json says so. CIFAR-10-LT replaced by synthetic-lt (the preset
+    asks for a CIFAR data set; the test must not download it); the groups are those of
+    gbg.ncut_groups(..., assign="cluster_qr") on the affinity train.py computed."""
+    T, _ = parse()
+    import data_lt
+    import gbg
+    real_build, real_ncut, calls = data_lt.build_data, gbg.ncut_groups, []
+    monkeypatch.setattr(data_lt, "build_data", lambda name, root, **kw: real_build("synthetic-lt", root, **kw))
+
+    def recording_ncut(A, G, **kw):
+        calls.append((A, G, kw))
+        return real_ncut(A, G, **kw)
+    monkeypatch.setattr(gbg, "ncut_groups", recording_ncut)
+    monkeypatch.setattr(T, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(_Trained()))
+    out = tmp_path / "release"
+    argv = ["--preset", "release", "--arch", "resnet8", "--device", "cpu", "--workers", "0", "--batch-size", "64",
+            "--output-dir", str(out)]
+    with pytest.raises(_Trained):
+        T.main(T.get_args_parser().parse_args(argv))
+    groups = json.load(open(out / "groups.json"))
+    assert groups["epoch"] == 0 and groups["assign"] == "cluster_qr"
+    assert groups["graph"] == gbg.NCUT_GRAPH == "W = affinity + 1 off the diagonal, no self-loops (W_ii = 0)"
+    (A, G, kw), = calls
+    assert G == 4 and kw["assign"] == "cluster_qr"
+    want = real_ncut(A, G, assign="cluster_qr")
+    assert groups["groups"] == [np.flatnonzero(want == g).tolist() for g in range(want.max() + 1)]
