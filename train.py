@@ -887,6 +887,69 @@ def moo_gram_params(model, moo_params, args):
     return None
 
 
+def available_memory(device):
+    """Bytes a new allocation on `device` can take now, or None if unknown. CUDA: the free memory
+    the driver reports. CPU: the kernel's MemAvailable (/proc/meminfo: free pages plus reclaimable
+    cache; free pages from os.sysconf where there is no /proc), capped by this process's cgroup v2
+    memory limit (a SLURM job's allocation) when it has one."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:")), None)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(l.split(":", 2)[2].strip() for l in f if l.startswith("0::"))
+        cgroup = Path("/sys/fs/cgroup") / path.lstrip("/")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return avail
+
+
+def check_class_objectives_fit(model, args, num_present, device):
+    """--grouping none --moo mgda makes every class in a batch its own objective, and MGDA holds
+    their gradients as one [objectives, P] matrix (gbg.group_gradients) on every process. Which
+    classes are present is read from the GLOBAL batch (the rows are summed over the processes),
+    so the worst case is min(classes with training images, --batch-size) objectives: on
+    ImageNet-LT, 256 x 25.6 M float32 = 26 GB per GPU, and as many backward passes a step. Refuse
+    up front, in one line, when that matrix alone exceeds the memory available now (the smallest
+    over the processes), instead of running out of memory later."""
+    moo_params = moo_parameters(model)
+    gram = moo_gram_params(model, moo_params, args)
+    rows = min(num_present, args.batch_size)
+    itemsize = moo_params[0].element_size()
+    P = sum(p.numel() for p in (gram if args.moo_grad == "last" else moo_params))
+    need = rows * P * itemsize
+    avail = available_memory(device)
+    if args.distributed:  # every process decides alike
+        t = torch.tensor([float("inf") if avail is None else avail], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        avail = None if math.isinf(t.item()) else int(t.item())
+    if avail is None or need <= avail:
+        return need, avail
+    fits = int(avail // (P * itemsize)) // args.world_size * args.world_size
+    last = sum(p.numel() for p in last_stage_params(model) + (list(model.fc.parameters())
+                                                              if args.moo_gram == "all" else []))
+    smaller = f", or --batch-size {fits} or less" if fits >= args.world_size else ""
+    raise data_lt.UserError(
+        f"--grouping none --moo mgda: up to {rows} objectives a step (min of the {num_present} classes with training "
+        f"images and --batch-size {args.batch_size}) need a [{rows}, {P:,}] {moo_params[0].dtype} gradient matrix of "
+        f"{need / 2**30:.1f} GiB on every process, more than the {avail / 2**30:.1f} GiB available on {device}; "
+        f"use --moo-grad last (the matrix over the last stage: {rows * last * itemsize / 2**30:.1f} GiB), "
+        f"--grouping gbg (--num-groups objectives){smaller}")
+
+
 def take_step(losses, present, mean_loss, contrast, model, args, state, step, measure=False):
     """How the step is taken: p.grad <- the update for this batch's losses, summed over the
     processes (gbg does every sum, given the process group). Plain CE; the paper's "average"
@@ -1240,6 +1303,7 @@ def main(args):
         (out / "log.txt").unlink()
     if args.grouping == "none" and args.moo == "mgda":
         # every class with training images its own objective (the paper's "MOO" ablation)
+        check_class_objectives_fit(model, args, present.size, device)
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
     best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None

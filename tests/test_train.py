@@ -347,3 +347,49 @@ def test_release_preset_groups_with_cluster_qr_and_records_it(monkeypatch, tmp_p
     assert G == 4 and kw["assign"] == "cluster_qr"
     want = real_ncut(A, G, assign="cluster_qr")
     assert groups["groups"] == [np.flatnonzero(want == g).tolist() for g in range(want.max() + 1)]
+
+
+def test_class_objectives_refused_when_their_gradients_cannot_fit(monkeypatch, tmp_path):
+    """--grouping none --moo mgda: the worst case, min(classes, batch) objectives, each a row of
+    MGDA's [objectives, P] gradient matrix (P: every parameter the class losses reach, float32),
+    is checked against the memory available (a monkeypatched figure here) before training: one
+    line with the estimate and the fixes, and no checkpoint touched. The estimate is counted
+    here from the model's parameters, independently of train.py's helpers."""
+    T, _ = parse()
+    import data_lt
+    net = T.build_model("resnet8", 10)
+    P = sum(p.numel() for p in net.parameters())  # CE: backbone + fc, all reached by the class losses
+    last = sum(p.numel() for b in net.backbone.blocks[-1:] for p in b.parameters()) + sum(
+        p.numel() for p in net.fc.parameters())  # ResNet-8: one block a stage, the last one
+    need = 10 * P * 4  # synthetic-lt: 10 classes < batch 64
+    seen = []
+
+    def fake(device):
+        seen.append(device)
+        return free
+    monkeypatch.setattr(T, "available_memory", fake)
+    argv = [*TINY[:TINY.index("--print-freq")], "--workers", "0", "--grouping", "none", "--moo", "mgda", "--epochs",
+            "1", "--output-dir", str(tmp_path / "out")]
+    free = need - 1
+    with pytest.raises(data_lt.UserError) as e:
+        T.main(T.get_args_parser().parse_args(argv))
+    msg = str(e.value)
+    assert "\n" not in msg and seen and seen[0].type == "cpu"
+    assert f"[10, {P:,}] torch.float32" in msg and f"{need / 2**30:.1f} GiB" in msg
+    assert "--moo-grad last" in msg and f"{10 * last * 4 / 2**30:.1f} GiB" in msg and "--grouping gbg" in msg
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    # a batch smaller than the classes bounds the objectives: 8 rows; and the fix names the batch that fits
+    free = 8 * P * 4 - 1
+    with pytest.raises(data_lt.UserError, match=rf"up to 8 objectives .*\[8, {P:,}\].*--batch-size 7 or less"):
+        T.main(T.get_args_parser().parse_args(argv[:-2] + ["--batch-size", "8", "--output-dir", str(tmp_path / "b8")]))
+    # --moo-grad last holds the last stage's rows only
+    free = 10 * last * 4
+    monkeypatch.setattr(T, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(_Trained()))
+    with pytest.raises(_Trained):
+        T.main(T.get_args_parser().parse_args(argv + ["--moo-grad", "last"]))
+
+
+def test_available_memory_is_plausible():
+    T, _ = parse()
+    avail = T.available_memory(torch.device("cpu"))
+    assert 0 < avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
