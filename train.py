@@ -608,11 +608,23 @@ def mlp_head(dim_in, hidden, dim_out):
 def make_bcl_model(model, class_counts):
     """Net -> BCL's two-branch model: cosine classifier, contrastive head `head` and prototype head
     `head_fc` (ResNet-32: 64 -> 512 -> 128; ResNet-50 / ResNeXt-50: 2048 -> 2048 -> 1024, as BCL),
-    and the log class prior of the logit adjustment (a buffer outside the state dict)."""
+    and the log class prior of the logit adjustment (a buffer outside the state dict).
+
+    The heads' Linear layers as the releases initialise them. CIFAR-sized (D < 2048): Kaiming
+    normal weights (fan_in, gain sqrt 2), biases left at nn.Linear's default, as the authors' CIFAR
+    model (GBG_v1 models/resnet_cifar.py l.34-37, `init.kaiming_normal_(m.weight)` on every Linear
+    and Conv2d, applied by `self.apply(_weights_init)` at l.149 after `head` and `head_center`, our
+    `head_fc`, are built at l.144-147). ResNet-50 / ResNeXt-50: nn.Linear's default, as BCL's
+    BCLModel (models/resnext.py l.285-302, whose Kaiming loop runs inside the encoder only) and
+    GBG_v1's copy of it."""
     D, K = model.fc.in_features, model.fc.out_features
     hidden, out = (D, 1024) if D >= 2048 else (512, 128)
     model.fc = CosineClassifier(D, K)
     model.head, model.head_fc = mlp_head(D, hidden, out), mlp_head(D, hidden, out)
+    if D < 2048:
+        for layer in (*model.head, *model.head_fc):
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight)
     counts = torch.as_tensor(np.asarray(class_counts), dtype=model.fc.weight.dtype).clamp(min=1)  # no log 0
     model.register_buffer("log_prior", torch.log(counts / counts.sum()), persistent=False)
     return model
@@ -642,12 +654,19 @@ def bcl_loss(features, targets, prototypes, temperature):
     return -(torch.where(pos, s, 0.0).sum(1) / pos.sum(1) - log_den).mean()
 
 
-def bcl_contrast(model, z_views, targets, temperature):
-    """BCL loss of the backbone features z_views [V*B, D] of V contrastive views (stacked view
-    by view) of the samples with labels targets [B]."""
-    emb = F.normalize(model.head(z_views.to(model.fc.weight.dtype)), dim=1)  # bf16 autocast -> the heads' dtype
+def bcl_contrast(model, z, targets, temperature):
+    """BCL loss from the backbone features z [V*B, D] of ALL V views, stacked view by view with the
+    classification view first, of the samples with labels targets [B]. The projection head runs
+    over all V*B rows, so its BatchNorm1d statistics include the classification view; the loss
+    then takes the V - 1 contrastive views' rows. Both releases do so: BCL's BCLModel.forward
+    (models/resnext.py l.305-306: `head` over the features of the whole batch) on the three views
+    concatenated (main.py l.301-306: torch.cat, model(inputs), then the first third of feat_mlp
+    dropped), and GBG_v1's ResNet_s.forward (models/resnet_cifar.py l.171) with
+    cifar_Group_full.py l.286-291."""
+    B = len(targets)
+    emb = F.normalize(model.head(z.to(model.fc.weight.dtype)), dim=1)[B:]  # bf16 autocast -> the heads' dtype
     prototypes = F.normalize(model.head_fc(model.fc.weight), dim=1)
-    return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
+    return bcl_loss(emb, targets.repeat(len(emb) // B), prototypes, temperature)
 
 
 def bcl_train_views(data, args):
@@ -843,7 +862,7 @@ def batch_losses(model, x, y, counts, args, device):
     adjusted = logits
     if args.loss == "bcl":  # the contrastive loss is per process; /world_size, as the gradients are summed
         adjusted = logits + model.log_prior
-        contrast = args.bcl_weight * bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size
+        contrast = args.bcl_weight * bcl_contrast(model, z, y, args.bcl_temp) / args.world_size
     mean_loss = F.cross_entropy(adjusted, y, reduction="sum") / counts.sum()
     group_logits = logits if args.loss == "bcl" and args.bcl_group_loss == "ce" else adjusted  # see --bcl-group-loss
     return group_logits, mean_loss, contrast
