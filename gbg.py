@@ -288,10 +288,40 @@ def _fill_empty_groups(X, labels, num_groups):
     return labels
 
 
-def ncut_groups(affinity, num_groups, *, seed=0, n_init=10):
-    """Partition the K classes into G groups by spectral normalised cut (Shi & Malik; the
-    embedding of Ng, Jordan & Weiss). Returns int64 group ids [K], every group non-empty, labelled
-    in order of their smallest class id, deterministic for a seed."""
+# What ncut_groups cuts and how it labels, as groups.json records them.
+NCUT_GRAPH = "W = affinity + 1 off the diagonal, no self-loops (W_ii = 0)"
+NCUT_ASSIGN = ("kmeans", "cluster_qr")
+
+
+def _cluster_qr(V):
+    """Damle, Minden & Ying (2019), "Simple, direct and efficient multi-way spectral clustering":
+    QR with column pivoting of V^T [G, K] picks G well-separated classes, the SVD of their rows
+    gives the rotation (its polar factor) that takes them closest to the G axes, and each class
+    goes to the axis of largest |coordinate|. No seed, no restarts. As scikit-learn's
+    `cluster_qr` (sklearn/cluster/_spectral.py l.23-52, 1.9.1), which the release calls."""
+    G = V.shape[1]
+    _, _, piv = scipy.linalg.qr(V.T, pivoting=True)
+    u, _, vh = scipy.linalg.svd(V[piv[:G]].T)
+    return np.abs(V @ (u @ vh)).argmax(axis=1)
+
+
+def ncut_groups(affinity, num_groups, *, seed=0, n_init=10, assign="kmeans"):
+    """Partition the K classes into G groups by spectral normalised cut (Shi & Malik) of the graph
+    _graph_weights(affinity) (NCUT_GRAPH). Returns int64 group ids [K], labelled in order of their
+    smallest class id.
+
+    assign="kmeans" (default): the G leading eigenvectors of D^-1/2 W D^-1/2 with unit rows (Ng,
+        Jordan & Weiss), seeded k-means++ with n_init restarts, the lowest k-means cost kept;
+        every group non-empty; deterministic for a seed.
+    assign="cluster_qr": the release's grouping (WickyLee1998/GBG_v1 utils.py l.147: scikit-
+        learn's `spectral_clustering(affinity=cos + 1, assign_labels="cluster_qr")`): the same
+        eigenvectors divided by sqrt(degree), as scikit-learn's spectral embedding
+        (sklearn/manifold/_spectral_embedding.py, `embedding / dd`), then _cluster_qr. seed and
+        n_init are unused. Like scikit-learn it can leave a group empty (an axis no class is
+        nearest to); the groups are then fewer than G, with a warning, as the release would have
+        them (it skips empty groups)."""
+    if assign not in NCUT_ASSIGN:
+        raise ValueError(f"unknown assign {assign!r}; use 'kmeans' or 'cluster_qr'")
     W = _graph_weights(affinity)
     K = W.shape[0]
     _check_num_groups(num_groups, K)
@@ -301,10 +331,18 @@ def ncut_groups(affinity, num_groups, *, seed=0, n_init=10):
         return np.arange(K, dtype=np.int64)
 
     # The G leading eigenvectors of D^-1/2 W D^-1/2 (the smallest of the normalised Laplacian)
-    # relax the NCut indicator vectors; unit rows make the k-means step scale free.
+    # relax the NCut indicator vectors.
     d = np.maximum(W.sum(1), 1e-12)
     M = W / np.sqrt(np.outer(d, d))
     _, U = scipy.linalg.eigh(M, subset_by_index=[K - num_groups, K - 1])
+    if assign == "cluster_qr":
+        labels = _cluster_qr(U / np.sqrt(d)[:, None])
+        found = np.unique(labels).size
+        if found < num_groups:
+            warnings.warn(f"ncut_groups: cluster_qr left {num_groups - found} of {num_groups} groups empty; "
+                          f"returning {found} groups", stacklevel=2)
+        return _canonical(labels)
+    # unit rows make the k-means step scale free
     U = U / np.maximum(np.linalg.norm(U, axis=1, keepdims=True), 1e-12)
 
     rng = np.random.default_rng(seed)

@@ -56,6 +56,7 @@ BASE = dict(
     moo_update="scaled",      # ours: [paper] Eq. 12's Pareto descent direction, at the raw gradients' size
     moo_gram="all",           # MGDA's Gram over every parameter the group losses reach
     recalibrate_bn=True,      # ours, measured: see README "The MGDA step and the grouping"
+    ncut_assign="kmeans",     # ours, measured: a lower Eq. 9 value than cluster_qr (the release's), see --ncut-assign
     bcl_group_loss="la",      # [bcl] main.py l.231: BCL's classification loss is logit-adjusted
     schedule="step", lr_drops=None,  # None: x0.1 at 80 % and x0.01 at 90 % of --epochs
 )
@@ -74,10 +75,14 @@ RECIPES = {
 # drops of adjust_lr (l.422-434), shuffled batches without a sampler (l.218-222), group losses
 # averaged over the group's samples with plain CE (l.231-232, 303, 318), MGDA on "loss+"-normalised
 # gradients (l.536) whose weights then scale the raw losses (l.315-322), Gram over the backbone
-# only (l.514), grouping on the initial model's raw eval-mode outputs (utils.py l.70-133). It reports the best test epoch (l.252-260): results.json's best_test.
+# only (l.514), grouping on the initial model's raw eval-mode outputs (utils.py l.70-133) by
+# scikit-learn's spectral_clustering(cos + 1, assign_labels="cluster_qr") (utils.py l.147; its
+# Laplacian ignores the diagonal, so the graph is gbg's, no self-loops). It reports the best test
+# epoch (l.252-260): results.json's best_test.
 RELEASE = dict(loss="bcl", imb_factor=50, epochs=300, lr=0.1, wd=5e-4, schedule="step", warmup_epochs=5,
                lr_drops=[160, 180], sampler="random", group_loss="sample", bcl_group_loss="ce",
-               normalize="loss+", moo_update="raw", moo_gram="backbone", recalibrate_bn=False, group_epoch=0)
+               normalize="loss+", moo_update="raw", moo_gram="backbone", recalibrate_bn=False, group_epoch=0,
+               ncut_assign="cluster_qr")
 # --preset paper: the method as the paper's text describes it, where our defaults differ from it
 # (README, "The MGDA step and the grouping"): alpha on the raw gradients (Eq. 11 has no
 # normaliser), grouping on the initial model's eval-mode outputs as they are (Alg. 1).
@@ -161,6 +166,12 @@ def get_args_parser():
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the grouping samples before the class gradients "
                         "(restored afterwards; default on); --no-recalibrate-bn: the release's eval-mode pass")
+    g.add_argument("--ncut-assign", default=None, choices=list(gbg.NCUT_ASSIGN),
+                   help="how NCut turns the spectral embedding into groups: kmeans (default: unit rows, seeded "
+                        "k-means, 10 restarts, the lowest cost kept) or cluster_qr (the release, utils.py l.147: "
+                        "scikit-learn's QR-pivoting assignment, no seed; --preset release). K-means stays the "
+                        "default: on 480 synthetic affinities it reached the lower Eq. 9 value 217 times, "
+                        "cluster_qr 26 times, the same value 237 times (results/graph_self_loops/README.md)")
     g.add_argument("--regroup-every", type=int, default=0,
                    help="regroup every N epochs (0: never); how far the groups moved (adjusted Rand index) is in "
                         "groups.json's history and log.txt's regroup_ari")
@@ -597,11 +608,23 @@ def mlp_head(dim_in, hidden, dim_out):
 def make_bcl_model(model, class_counts):
     """Net -> BCL's two-branch model: cosine classifier, contrastive head `head` and prototype head
     `head_fc` (ResNet-32: 64 -> 512 -> 128; ResNet-50 / ResNeXt-50: 2048 -> 2048 -> 1024, as BCL),
-    and the log class prior of the logit adjustment (a buffer outside the state dict)."""
+    and the log class prior of the logit adjustment (a buffer outside the state dict).
+
+    The heads' Linear layers as the releases initialise them. CIFAR-sized (D < 2048): Kaiming
+    normal weights (fan_in, gain sqrt 2), biases left at nn.Linear's default, as the authors' CIFAR
+    model (GBG_v1 models/resnet_cifar.py l.34-37, `init.kaiming_normal_(m.weight)` on every Linear
+    and Conv2d, applied by `self.apply(_weights_init)` at l.149 after `head` and `head_center`, our
+    `head_fc`, are built at l.144-147). ResNet-50 / ResNeXt-50: nn.Linear's default, as BCL's
+    BCLModel (models/resnext.py l.285-302, whose Kaiming loop runs inside the encoder only) and
+    GBG_v1's copy of it."""
     D, K = model.fc.in_features, model.fc.out_features
     hidden, out = (D, 1024) if D >= 2048 else (512, 128)
     model.fc = CosineClassifier(D, K)
     model.head, model.head_fc = mlp_head(D, hidden, out), mlp_head(D, hidden, out)
+    if D < 2048:
+        for layer in (*model.head, *model.head_fc):
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight)
     counts = torch.as_tensor(np.asarray(class_counts), dtype=model.fc.weight.dtype).clamp(min=1)  # no log 0
     model.register_buffer("log_prior", torch.log(counts / counts.sum()), persistent=False)
     return model
@@ -631,12 +654,19 @@ def bcl_loss(features, targets, prototypes, temperature):
     return -(torch.where(pos, s, 0.0).sum(1) / pos.sum(1) - log_den).mean()
 
 
-def bcl_contrast(model, z_views, targets, temperature):
-    """BCL loss of the backbone features z_views [V*B, D] of V contrastive views (stacked view
-    by view) of the samples with labels targets [B]."""
-    emb = F.normalize(model.head(z_views.to(model.fc.weight.dtype)), dim=1)  # bf16 autocast -> the heads' dtype
+def bcl_contrast(model, z, targets, temperature):
+    """BCL loss from the backbone features z [V*B, D] of ALL V views, stacked view by view with the
+    classification view first, of the samples with labels targets [B]. The projection head runs
+    over all V*B rows, so its BatchNorm1d statistics include the classification view; the loss
+    then takes the V - 1 contrastive views' rows. Both releases do so: BCL's BCLModel.forward
+    (models/resnext.py l.305-306: `head` over the features of the whole batch) on the three views
+    concatenated (main.py l.301-306: torch.cat, model(inputs), then the first third of feat_mlp
+    dropped), and GBG_v1's ResNet_s.forward (models/resnet_cifar.py l.171) with
+    cifar_Group_full.py l.286-291."""
+    B = len(targets)
+    emb = F.normalize(model.head(z.to(model.fc.weight.dtype)), dim=1)[B:]  # bf16 autocast -> the heads' dtype
     prototypes = F.normalize(model.head_fc(model.fc.weight), dim=1)
-    return bcl_loss(emb, targets.repeat(len(z_views) // len(targets)), prototypes, temperature)
+    return bcl_loss(emb, targets.repeat(len(emb) // B), prototypes, temperature)
 
 
 def bcl_train_views(data, args):
@@ -755,7 +785,10 @@ def make_groups(model, data, args, device):
             if G == "auto":  # rank 0 alone; the others learn G from the broadcast groups
                 stats["num_groups_auto"] = choose_groups_auto(A, args, present.size)
                 G = stats["num_groups_auto"]["num_groups"]
-            sub = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed), dtype=torch.long, device=device)
+            sub = torch.as_tensor(gbg.ncut_groups(A, G, seed=args.seed, assign=args.ncut_assign), dtype=torch.long,
+                                  device=device)
+            stats.update(graph=gbg.NCUT_GRAPH, assign=args.ncut_assign if args.ncut_assign == "cluster_qr" else
+                         f"kmeans (10 restarts, seed {args.seed})")
             norms = rows.norm(dim=1)  # near 0 for a class the saturated model already predicts
             stats.update(class_grad_norm_min=norms.min().item(), class_grad_norm_max=norms.max().item())
         if args.distributed:
@@ -829,7 +862,7 @@ def batch_losses(model, x, y, counts, args, device):
     adjusted = logits
     if args.loss == "bcl":  # the contrastive loss is per process; /world_size, as the gradients are summed
         adjusted = logits + model.log_prior
-        contrast = args.bcl_weight * bcl_contrast(model, z[len(y):], y, args.bcl_temp) / args.world_size
+        contrast = args.bcl_weight * bcl_contrast(model, z, y, args.bcl_temp) / args.world_size
     mean_loss = F.cross_entropy(adjusted, y, reduction="sum") / counts.sum()
     group_logits = logits if args.loss == "bcl" and args.bcl_group_loss == "ce" else adjusted  # see --bcl-group-loss
     return group_logits, mean_loss, contrast
@@ -871,6 +904,69 @@ def moo_gram_params(model, moo_params, args):
     if args.moo_gram == "backbone":
         return [p for p in moo_params if all(p is not q for q in fc)]
     return None
+
+
+def available_memory(device):
+    """Bytes a new allocation on `device` can take now, or None if unknown. CUDA: the free memory
+    the driver reports. CPU: the kernel's MemAvailable (/proc/meminfo: free pages plus reclaimable
+    cache; free pages from os.sysconf where there is no /proc), capped by this process's cgroup v2
+    memory limit (a SLURM job's allocation) when it has one."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:")), None)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(l.split(":", 2)[2].strip() for l in f if l.startswith("0::"))
+        cgroup = Path("/sys/fs/cgroup") / path.lstrip("/")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return avail
+
+
+def check_class_objectives_fit(model, args, num_present, device):
+    """--grouping none --moo mgda makes every class in a batch its own objective, and MGDA holds
+    their gradients as one [objectives, P] matrix (gbg.group_gradients) on every process. Which
+    classes are present is read from the GLOBAL batch (the rows are summed over the processes),
+    so the worst case is min(classes with training images, --batch-size) objectives: on
+    ImageNet-LT, 256 x 25.6 M float32 = 26 GB per GPU, and as many backward passes a step. Refuse
+    up front, in one line, when that matrix alone exceeds the memory available now (the smallest
+    over the processes), instead of running out of memory later."""
+    moo_params = moo_parameters(model)
+    gram = moo_gram_params(model, moo_params, args)
+    rows = min(num_present, args.batch_size)
+    itemsize = moo_params[0].element_size()
+    P = sum(p.numel() for p in (gram if args.moo_grad == "last" else moo_params))
+    need = rows * P * itemsize
+    avail = available_memory(device)
+    if args.distributed:  # every process decides alike
+        t = torch.tensor([float("inf") if avail is None else avail], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        avail = None if math.isinf(t.item()) else int(t.item())
+    if avail is None or need <= avail:
+        return need, avail
+    fits = int(avail // (P * itemsize)) // args.world_size * args.world_size
+    last = sum(p.numel() for p in last_stage_params(model) + (list(model.fc.parameters())
+                                                              if args.moo_gram == "all" else []))
+    smaller = f", or --batch-size {fits} or less" if fits >= args.world_size else ""
+    raise data_lt.UserError(
+        f"--grouping none --moo mgda: up to {rows} objectives a step (min of the {num_present} classes with training "
+        f"images and --batch-size {args.batch_size}) need a [{rows}, {P:,}] {moo_params[0].dtype} gradient matrix of "
+        f"{need / 2**30:.1f} GiB on every process, more than the {avail / 2**30:.1f} GiB available on {device}; "
+        f"use --moo-grad last (the matrix over the last stage: {rows * last * itemsize / 2**30:.1f} GiB), "
+        f"--grouping gbg (--num-groups objectives){smaller}")
 
 
 def take_step(losses, present, mean_loss, contrast, model, args, state, step, measure=False):
@@ -1226,6 +1322,7 @@ def main(args):
         (out / "log.txt").unlink()
     if args.grouping == "none" and args.moo == "mgda":
         # every class with training images its own objective (the paper's "MOO" ablation)
+        check_class_objectives_fit(model, args, present.size, device)
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
     best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None

@@ -1,6 +1,7 @@
 """BCL as a base method (--loss bcl): the loss against a per-anchor loop written from the paper's
 formula, the gradient bookkeeping under MGDA, per-sample seeded views, and train.py end to end
 (both BCL alone and BCL+GBG+MOO) with an exact resume over three views."""
+import argparse
 import json
 import math
 import os
@@ -93,14 +94,86 @@ def test_bcl_contrast_uses_heads_and_prototypes():
     assert (model.head[0].in_features, model.head[-1].out_features) == (64, 128)
     assert "log_prior" not in model.state_dict()  # rebuilt from the counts, not checkpointed
     assert torch.allclose(model.log_prior.exp().sum(), torch.tensor(1.0))
-    z = torch.randn(8, 64)  # 2 views x 4 samples
+    z = torch.randn(12, 64)  # 3 views x 4 samples, the classification view first
     y = torch.tensor([0, 1, 1, 4])
     loss = T.bcl_contrast(model, z, y, 0.1)
-    emb = F.normalize(model.head(z), dim=1)
+    # the releases' structure: the head over all 3B rows (its BatchNorm1d in train mode sees them
+    # all), then the first view's rows dropped
+    emb = F.normalize(model.head(z), dim=1)[4:]
     protos = F.normalize(model.head_fc(model.fc.weight), dim=1)
     assert loss.item() == pytest.approx(bcl_reference(emb.detach(), y.repeat(2), protos.detach(), 0.1), abs=1e-5)
     loss.backward()  # the prototypes tie the classifier weights to the contrastive loss
     assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
+
+
+def test_head_batchnorm_sees_all_three_views():
+    """One BCL training step (train.batch_losses, float64 ResNet-8): the contrastive head's
+    BatchNorm1d normalises the 3B rows of the three views' features, as BCL's BCLModel.forward and
+    the authors' CIFAR model do. Checked on its input (a forward hook) and on its running
+    statistics from the known start (mean 0, var 1, momentum 0.1) against the batch statistics
+    of head[0] applied to the backbone features of all three views, computed on a copy."""
+    import copy
+    torch.manual_seed(0)
+    model = T.make_bcl_model(T.build_model("resnet8", 5), np.array([50, 20, 10, 5, 2])).double().train()
+    g = torch.Generator().manual_seed(1)
+    B = 6
+    views = [torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    y = torch.tensor([0, 1, 1, 4, 2, 0])
+    ref = copy.deepcopy(model)
+    seen = []
+    bn = model.head[1]
+    hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+    args = argparse.Namespace(loss="bcl", amp=False, bcl_weight=1.6, bcl_temp=0.1, world_size=1, bcl_group_loss="la")
+    _, _, contrast = T.batch_losses(model, views, y, torch.bincount(y, minlength=5), args, torch.device("cpu"))
+    hook.remove()
+    with torch.no_grad():
+        z = ref.backbone(torch.cat(views))  # train mode: batch statistics, as in the step
+        h = ref.head[0](z)
+    assert len(seen) == 1 and seen[0].shape == (3 * B, 512)
+    assert torch.allclose(seen[0], h, rtol=0, atol=1e-12)
+    m = bn.momentum
+    assert torch.allclose(bn.running_mean, m * h.mean(0), rtol=0, atol=1e-12)
+    assert torch.allclose(bn.running_var, (1 - m) + m * h.var(0, unbiased=True), rtol=0, atol=1e-12)
+    # and the loss is BCL's on the contrastive views' rows of that head's output
+    emb = F.normalize(ref.head(z), dim=1)[B:]
+    protos = F.normalize(ref.head_fc(ref.fc.weight), dim=1)
+    want = 1.6 * bcl_reference(emb.detach(), y.repeat(2), protos.detach(), 0.1)
+    assert contrast.item() == pytest.approx(want, abs=1e-10)
+
+
+def _excess_kurtosis(w):
+    w = w.double().flatten()
+    w = w - w.mean()
+    return ((w ** 4).mean() / (w ** 2).mean() ** 2 - 3).item()
+
+
+def test_heads_initialised_as_the_releases():
+    """CIFAR-sized heads (ResNet-8/32, D = 64): Kaiming normal weights, std sqrt(2 / fan_in) (He et
+    al. 2015, the default of torch.nn.init.kaiming_normal_ that the authors' CIFAR model applies to
+    every Linear), Gaussian (excess kurtosis ~0, a uniform draw has -1.2); biases left at
+    nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). ResNet-50-sized heads (D = 2048):
+    nn.Linear's default for the weights too, as BCL's BCLModel. Tolerances: std within 3 % (the
+    sample std of 32,768+ draws is off by ~0.4 %), kurtosis within 0.15 (its standard error is
+    sqrt(24 / n) < 0.03)."""
+    torch.manual_seed(0)
+    model = T.make_bcl_model(T.build_model("resnet8", 5), np.array([50, 20, 10, 5, 2]))
+    for head in (model.head, model.head_fc):
+        for layer in (head[0], head[3]):
+            fan_in = layer.in_features
+            w, b = layer.weight.detach(), layer.bias.detach()
+            assert w.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.03)
+            assert abs(w.mean().item()) < 0.05 * math.sqrt(2 / fan_in)
+            assert abs(_excess_kurtosis(w)) < 0.15
+            bound = 1 / math.sqrt(fan_in)
+            assert b.abs().max().item() <= bound and b.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    big = T.make_bcl_model(T.Net(torch.nn.Identity(), 2048, 5), np.array([50, 20, 10, 5, 2]))
+    for head in (big.head, big.head_fc):
+        for layer in (head[0], head[3]):
+            bound = 1 / math.sqrt(layer.in_features)
+            w = layer.weight.detach()
+            assert w.abs().max().item() <= bound
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+            assert abs(_excess_kurtosis(w) + 1.2) < 0.15
 
 
 # --- views ----------------------------------------------------------------------------------------

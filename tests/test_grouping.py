@@ -394,3 +394,62 @@ def test_random_and_count_groups():
         gbg.count_groups(counts, 8)
     with pytest.raises(ValueError, match="num_groups=0"):
         gbg.random_groups(7, 0)
+
+
+# ---- 4. The release's label assignment (cluster_qr) against scikit-learn ----------------------------
+
+def _release_affinities():
+    """Random (i.i.d. Gaussian class gradients, no structure) and planted (blocks of random sizes,
+    weak: noise twice the centres' scale) affinities at K = 10 and 100, several G each."""
+    cases = []
+    for K, Gs in ((10, (2, 4, 7)), (100, (4, 10, 25))):
+        for G in Gs:
+            for seed in range(3):
+                rng = np.random.default_rng([K, G, seed])
+                cases.append(("random", K, G, gbg.affinity(torch.from_numpy(rng.normal(size=(K, 3 * K))))))
+                sizes = rng.multinomial(K - G, np.ones(G) / G) + 1
+                cases.append(("planted", K, G, planted(list(sizes), 2.0, seed=int(rng.integers(1 << 30)))[0]))
+    return cases
+
+
+def test_cluster_qr_equals_scikit_learn_spectral_clustering():
+    """assign="cluster_qr" is the release's grouping (GBG_v1 utils.py l.147): scikit-learn's
+    spectral_clustering on W = cos + 1 (the release passes the diagonal 2 as well; scikit-learn's
+    Laplacian ignores it), assign_labels="cluster_qr". Same partition on every case. The random
+    affinities have no structure, so the partition hangs on small differences of the embedding:
+    an embedding without the 1/sqrt(degree) scaling, or with self-loops, changes it (checked)."""
+    sklearn_cluster = pytest.importorskip(
+        "sklearn.cluster", reason="scikit-learn (a test-only dependency, requirements.txt) is the reference")
+    differs_unscaled = differs_self_loops = 0
+    for kind, K, G, A in _release_affinities():
+        W = A.numpy() + 1.0  # as the release: cosine + 1, diagonal 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-learn warns on graphs it deems not fully connected
+            want = sklearn_cluster.spectral_clustering(W, n_clusters=G, assign_labels="cluster_qr", random_state=0)
+        got = gbg.ncut_groups(A, G, assign="cluster_qr")
+        assert same_partition(got, want), (kind, K, G)
+        assert np.array_equal(got, gbg._canonical(want))
+        # what a near miss would give: the unit-row (k-means) embedding, or W_ii = 2 kept
+        d = W.sum(1) - 2.0
+        Wn = W.copy()
+        np.fill_diagonal(Wn, 0.0)
+        _, U = np.linalg.eigh(Wn / np.sqrt(np.outer(d, d)))
+        differs_unscaled += not same_partition(gbg._cluster_qr(U[:, -G:]), want)
+        d2 = W.sum(1)
+        _, U2 = np.linalg.eigh(W / np.sqrt(np.outer(d2, d2)))
+        differs_self_loops += not same_partition(gbg._cluster_qr(U2[:, -G:] / np.sqrt(d2)[:, None]), want)
+    assert differs_unscaled > 0 and differs_self_loops > 0
+
+
+def test_cluster_qr_is_seed_free_and_reports_empty_groups(monkeypatch):
+    A, truth = planted([3, 7, 12, 20], noise=0.8, seed=0)
+    a = gbg.ncut_groups(A, 4, seed=0, assign="cluster_qr")
+    assert np.array_equal(a, gbg.ncut_groups(A, 4, seed=5, n_init=1, assign="cluster_qr"))
+    assert same_partition(a, truth)
+    with pytest.raises(ValueError, match="unknown assign 'qr'"):
+        gbg.ncut_groups(A, 4, assign="qr")
+    # an axis that no class is nearest to leaves a group empty: fewer groups, with a warning
+    monkeypatch.setattr(gbg, "_cluster_qr", lambda V: np.minimum(np.arange(len(V)) % 4, 2))
+    with pytest.warns(UserWarning, match="cluster_qr left 1 of 4 groups empty; returning 3 groups"):
+        b = gbg.ncut_groups(A, 4, assign="cluster_qr")
+    assert np.array_equal(np.unique(b), np.arange(3))

@@ -217,7 +217,10 @@ def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, tempera
     la_weight * LA + bcl_weight * (mean over processes of each process's BCL loss), where
     LA = mean over the classes present of the class-mean CE of the logit-adjusted cosine logits
     30 cos(z, w_k) + log(N_k / N), over the global batch; the backbone's BatchNorm sees every
-    process's views (--sync-bn); each process's contrastive loss sees its own views."""
+    process's views (--sync-bn); each process's contrastive loss sees its own views, and its
+    projection head (BatchNorm1d, per process) runs over all three of them, as BCL's
+    BCLModel.forward and the authors' CIFAR model do, before the classification view's rows are
+    dropped."""
     model = small_bcl_model(len(class_counts), class_counts)
     model.load_state_dict(ranks[0]["init"])
     model.train()
@@ -232,7 +235,7 @@ def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, tempera
         B = len(y)
         cls_z.append(zr[:B])
         cls_y.append(y)
-        emb = F.normalize(model.head(zr[B:]), dim=1)
+        emb = F.normalize(model.head(zr), dim=1)[B:]
         protos = F.normalize(model.head_fc(w), dim=1)
         contrast = contrast + T.bcl_loss(emb, y.repeat(2), protos, temperature) / len(parts)
     zc, y = torch.cat(cls_z), torch.cat(cls_y)

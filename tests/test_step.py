@@ -86,7 +86,7 @@ def reference(model, x, y, args, weights=None):
         d = torch.as_tensor(weights, dtype=torch.float64) @ flat
     d = la * d
     if bcl:
-        contrast = args.bcl_weight * T.bcl_contrast(model, z[len(y):], y, args.bcl_temp)
+        contrast = args.bcl_weight * T.bcl_contrast(model, z, y, args.bcl_temp)
         d = d + torch.cat([t.reshape(-1) for t in grads(contrast, params)])
     return d
 

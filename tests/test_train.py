@@ -57,6 +57,8 @@ def test_two_epoch_run_writes_all_outputs(tmp_path):
     assert groups["ncut"] is not None and groups["sizes"] == [len(m) for m in groups["groups"]]
     assert 0.1 <= groups["max_softmax_mean"] <= 1 and groups["recalibrate_bn"] is True
     assert 0 < groups["class_grad_norm_min"] <= groups["class_grad_norm_max"]
+    assert groups["graph"] == "W = affinity + 1 off the diagonal, no self-loops (W_ii = 0)"
+    assert groups["assign"] == "kmeans (10 restarts, seed 0)"
     results = json.load(open(tmp_path / "results.json"))
     assert results["last"]["top1"] == log[-1]["test_top1"] and results["last"]["epoch"] == 1
     assert set(weights(tmp_path)) and "img/s" in r.stdout and "eta" in r.stdout
@@ -286,7 +288,7 @@ def test_release_preset_and_recipes():
     want = dict(loss="bcl", imb_factor=50, epochs=300, lr=0.1, wd=5e-4, warmup_epochs=5, lr_drops=[160, 180],
                 sampler="random", group_loss="sample", bcl_group_loss="ce", normalize="loss+", moo_update="raw",
                 moo_gram="backbone", arch="resnet32", batch_size=256, num_groups=4, group_epoch=0, grouping="gbg",
-                recalibrate_bn=False, moo_grad="exact", moo_every=1)
+                recalibrate_bn=False, moo_grad="exact", moo_every=1, ncut_assign="cluster_qr")
     assert {k: getattr(args, k) for k in want} == want
     # adjust_lr of the release: x0.1 after epoch 160, x0.01 after 180, flat to 300
     assert [T.lr_at(e, args) for e in (100, 159.9, 160, 179.9, 180, 299.9)] == pytest.approx(
@@ -299,8 +301,9 @@ def test_release_preset_and_recipes():
     # without the preset: the paper's defaults
     _, plain = parse()
     assert (plain.loss, plain.imb_factor, plain.normalize, plain.group_loss, plain.bcl_group_loss,
-            plain.moo_update, plain.moo_gram, plain.sampler, plain.recalibrate_bn) == (
-        "ce", 100, "l2", "class", "la", "scaled", "all", "gac", True)
+            plain.moo_update, plain.moo_gram, plain.sampler, plain.recalibrate_bn, plain.ncut_assign) == (
+        "ce", 100, "l2", "class", "la", "scaled", "all", "gac", True, "kmeans")
+    assert parse("--preset", "release", "--ncut-assign", "kmeans")[1].ncut_assign == "kmeans"
     # BCL's recipes: no warm-up on ImageNet-LT and iNat, lr 0.2 on iNat
     _, inet = parse("--dataset", "imagenet-lt")
     _, inat = parse("--dataset", "inat2018")
@@ -310,3 +313,83 @@ def test_release_preset_and_recipes():
     # --grouping none: plain batches unless asked
     assert parse("--grouping", "none")[1].sampler == "random"
     assert parse("--grouping", "none", "--sampler", "gac")[1].sampler == "gac"
+
+
+class _Trained(Exception):
+    pass
+
+
+def test_release_preset_groups_with_cluster_qr_and_records_it(monkeypatch, tmp_path):
+    """--preset release groups (at epoch 0, before any training) with cluster_qr on the graph
+    without self-loops, and groups.json says so. CIFAR-10-LT replaced by synthetic-lt (the preset
+    asks for a CIFAR data set; the test must not download it); the groups are those of
+    gbg.ncut_groups(..., assign="cluster_qr") on the affinity train.py computed."""
+    T, _ = parse()
+    import data_lt
+    import gbg
+    real_build, real_ncut, calls = data_lt.build_data, gbg.ncut_groups, []
+    monkeypatch.setattr(data_lt, "build_data", lambda name, root, **kw: real_build("synthetic-lt", root, **kw))
+
+    def recording_ncut(A, G, **kw):
+        calls.append((A, G, kw))
+        return real_ncut(A, G, **kw)
+    monkeypatch.setattr(gbg, "ncut_groups", recording_ncut)
+    monkeypatch.setattr(T, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(_Trained()))
+    out = tmp_path / "release"
+    argv = ["--preset", "release", "--arch", "resnet8", "--device", "cpu", "--workers", "0", "--batch-size", "64",
+            "--output-dir", str(out)]
+    with pytest.raises(_Trained):
+        T.main(T.get_args_parser().parse_args(argv))
+    groups = json.load(open(out / "groups.json"))
+    assert groups["epoch"] == 0 and groups["assign"] == "cluster_qr"
+    assert groups["graph"] == gbg.NCUT_GRAPH == "W = affinity + 1 off the diagonal, no self-loops (W_ii = 0)"
+    (A, G, kw), = calls
+    assert G == 4 and kw["assign"] == "cluster_qr"
+    want = real_ncut(A, G, assign="cluster_qr")
+    assert groups["groups"] == [np.flatnonzero(want == g).tolist() for g in range(want.max() + 1)]
+
+
+def test_class_objectives_refused_when_their_gradients_cannot_fit(monkeypatch, tmp_path):
+    """--grouping none --moo mgda: the worst case, min(classes, batch) objectives, each a row of
+    MGDA's [objectives, P] gradient matrix (P: every parameter the class losses reach, float32),
+    is checked against the memory available (a monkeypatched figure here) before training: one
+    line with the estimate and the fixes, and no checkpoint touched. The estimate is counted
+    here from the model's parameters, independently of train.py's helpers."""
+    T, _ = parse()
+    import data_lt
+    net = T.build_model("resnet8", 10)
+    P = sum(p.numel() for p in net.parameters())  # CE: backbone + fc, all reached by the class losses
+    last = sum(p.numel() for b in net.backbone.blocks[-1:] for p in b.parameters()) + sum(
+        p.numel() for p in net.fc.parameters())  # ResNet-8: one block a stage, the last one
+    need = 10 * P * 4  # synthetic-lt: 10 classes < batch 64
+    seen = []
+
+    def fake(device):
+        seen.append(device)
+        return free
+    monkeypatch.setattr(T, "available_memory", fake)
+    argv = [*TINY[:TINY.index("--print-freq")], "--workers", "0", "--grouping", "none", "--moo", "mgda", "--epochs",
+            "1", "--output-dir", str(tmp_path / "out")]
+    free = need - 1
+    with pytest.raises(data_lt.UserError) as e:
+        T.main(T.get_args_parser().parse_args(argv))
+    msg = str(e.value)
+    assert "\n" not in msg and seen and seen[0].type == "cpu"
+    assert f"[10, {P:,}] torch.float32" in msg and f"{need / 2**30:.1f} GiB" in msg
+    assert "--moo-grad last" in msg and f"{10 * last * 4 / 2**30:.1f} GiB" in msg and "--grouping gbg" in msg
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    # a batch smaller than the classes bounds the objectives: 8 rows; and the fix names the batch that fits
+    free = 8 * P * 4 - 1
+    with pytest.raises(data_lt.UserError, match=rf"up to 8 objectives .*\[8, {P:,}\].*--batch-size 7 or less"):
+        T.main(T.get_args_parser().parse_args(argv[:-2] + ["--batch-size", "8", "--output-dir", str(tmp_path / "b8")]))
+    # --moo-grad last holds the last stage's rows only
+    free = 10 * last * 4
+    monkeypatch.setattr(T, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(_Trained()))
+    with pytest.raises(_Trained):
+        T.main(T.get_args_parser().parse_args(argv + ["--moo-grad", "last"]))
+
+
+def test_available_memory_is_plausible():
+    T, _ = parse()
+    avail = T.available_memory(torch.device("cpu"))
+    assert 0 < avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
