@@ -305,6 +305,17 @@ def _cluster_qr(V):
     return np.abs(V @ (u @ vh)).argmax(axis=1)
 
 
+def _ncut_embedding(W, num_groups):
+    """The G leading eigenvectors U [K, G] of D^-1/2 W D^-1/2, i.e. those of the G smallest
+    eigenvalues of the normalised Laplacian I - D^-1/2 W D^-1/2, which relax the NCut indicator
+    vectors; and the degrees d = W 1."""
+    K = W.shape[0]
+    d = np.maximum(W.sum(1), 1e-12)
+    M = W / np.sqrt(np.outer(d, d))
+    _, U = scipy.linalg.eigh(M, subset_by_index=[K - num_groups, K - 1])
+    return U, d
+
+
 def ncut_groups(affinity, num_groups, *, seed=0, n_init=10, assign="kmeans"):
     """Partition the K classes into G groups by spectral normalised cut (Shi & Malik) of the graph
     _graph_weights(affinity) (NCUT_GRAPH). Returns int64 group ids [K], labelled in order of their
@@ -330,11 +341,7 @@ def ncut_groups(affinity, num_groups, *, seed=0, n_init=10, assign="kmeans"):
     if num_groups == K:
         return np.arange(K, dtype=np.int64)
 
-    # The G leading eigenvectors of D^-1/2 W D^-1/2 (the smallest of the normalised Laplacian)
-    # relax the NCut indicator vectors.
-    d = np.maximum(W.sum(1), 1e-12)
-    M = W / np.sqrt(np.outer(d, d))
-    _, U = scipy.linalg.eigh(M, subset_by_index=[K - num_groups, K - 1])
+    U, d = _ncut_embedding(W, num_groups)
     if assign == "cluster_qr":
         labels = _cluster_qr(U / np.sqrt(d)[:, None])
         found = np.unique(labels).size

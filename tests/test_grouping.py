@@ -453,3 +453,30 @@ def test_cluster_qr_is_seed_free_and_reports_empty_groups(monkeypatch):
     with pytest.warns(UserWarning, match="cluster_qr left 1 of 4 groups empty; returning 3 groups"):
         b = gbg.ncut_groups(A, 4, assign="cluster_qr")
     assert np.array_equal(np.unique(b), np.arange(3))
+
+
+@pytest.mark.parametrize("K, G", [(10, 4), (40, 4), (40, 6)])
+def test_ncut_embedding_is_that_of_scipys_laplacian_without_self_loops(K, G):
+    """The subspace NCut clusters is spanned by the eigenvectors of the G smallest eigenvalues of
+    scipy's normalised Laplacian of W = A + 1, which ignores the diagonal (Ng, Jordan & Weiss set
+    A_ii = 0; the release's scikit-learn builds its Laplacian the same way). Compared as
+    projectors, so that signs and rotations within the subspace do not matter."""
+    import scipy.sparse.csgraph
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        truth = rng.integers(0, G, K)
+        A = np.where(truth[:, None] == truth[None], 0.4, -0.1) + 0.3 * rng.normal(size=(K, K))
+        A = np.clip((A + A.T) / 2, -1, 1)
+        np.fill_diagonal(A, 1.0)
+        U, d = gbg._ncut_embedding(gbg._graph_weights(A), G)
+        W = A + 1.0
+        vals, vecs = np.linalg.eigh(scipy.sparse.csgraph.laplacian(W, normed=True))
+        assert vals[G] - vals[G - 1] > 1e-6  # a well-defined subspace
+        want = vecs[:, :G] @ vecs[:, :G].T
+        assert np.allclose(U @ U.T, want, atol=1e-9)
+        assert np.allclose(d, W.sum(1) - np.diag(W), rtol=1e-12)
+        # with the self-loops kept (W_ii = 2) the subspace is another one
+        Wl = A + 1.0
+        dl = Wl.sum(1)
+        _, Ul = np.linalg.eigh(Wl / np.sqrt(np.outer(dl, dl)))
+        assert not np.allclose(Ul[:, -G:] @ Ul[:, -G:].T, want, atol=1e-6)
