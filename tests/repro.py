@@ -97,15 +97,16 @@ ROWS = {
     # train.py) spelled out, since that preset accepts only --dataset cifar10-lt / cifar100-lt: BCL,
     # shuffled batches without a sampler, group loss = mean over the group's samples with plain CE,
     # MGDA on loss+-normalised gradients whose alpha weights the raw losses, Gram over the backbone,
-    # grouping the initial model with eval-mode BatchNorm. The protocol's IF 100 and --epochs replace
+    # grouping the initial model with eval-mode BatchNorm, labels by cluster_qr. The protocol's IF 100 and --epochs replace
     # the release's IF 50 and 300 epochs; the lr drops follow --epochs like every row's (160 and
     # 180 at 200 epochs, the release's).
     "release": "--loss bcl --grouping gbg --moo mgda --sampler random --group-loss sample --bcl-group-loss ce "
-               "--normalize loss+ --moo-update raw --moo-gram backbone --no-recalibrate-bn --group-epoch 0",
+               "--normalize loss+ --moo-update raw --moo-gram backbone --no-recalibrate-bn --group-epoch 0 "
+               "--ncut-assign cluster_qr",
     # No paper row: the release's grouping and MGDA rules (as in "release") on plain CE instead of
     # BCL, beside "ce" and "gbg": the CE rows of Table 6 with the authors' step instead of ours.
     "release_ce": "--loss ce --grouping gbg --moo mgda --sampler random --group-loss sample --normalize loss+ "
-                  "--moo-update raw --moo-gram backbone --no-recalibrate-bn --group-epoch 0",
+                  "--moo-update raw --moo-gram backbone --no-recalibrate-bn --group-epoch 0 --ncut-assign cluster_qr",
     # No paper row: the paper's future work (its conclusion), adjusting the groups during training.
     # "gbg" regrouped every 20 epochs (at 25, 45, ..., 185 with the grouping at 5), into the same G.
     "regroup": "--grouping gbg --moo mgda --sampler gac --regroup-every 20",

@@ -396,7 +396,7 @@ def test_every_loader_leaves_usr2_and_term_to_the_training_process(tmp_path):
                                                           views=[view(f), view(f)])), "views")
         # grouping: train.make_groups -> gbg.class_gradients, with its own DataLoader
         args = SimpleNamespace(num_groups=2, grouping="gbg", sketch_dim=0, grad_max_per_class=None, seed=0, rank=0,
-                               world_size=1, distributed=False, workers=2, recalibrate_bn=False)
+                               world_size=1, distributed=False, workers=2, recalibrate_bn=False, ncut_assign="kmeans")
         model = train.build_model("resnet8", 2)
         workers_of(lambda f: train.make_groups(model, SimpleNamespace(train_eval=SignalReport(f), num_classes=2,
                                                                       kind="files", class_counts=np.array([2, 2])),
