@@ -247,6 +247,33 @@ def _graph_with_self_loops(A):
     return np.clip((A + A.T) / 2 + 1.0, 0.0, None)
 
 
+def ncut_exhaustive(A, G):
+    """The partition of the K classes into G non-empty groups with the lowest Eq. 9 value on the
+    graph without self-loops, by enumerating every partition (restricted growth strings: S(10, 4)
+    = 34,105 at K = 10). Returns (labels, value)."""
+    W = gbg._graph_weights(A)
+    K = len(W)
+    parts = []
+
+    def grow(prefix, used):
+        if len(prefix) == K:
+            if used == G:
+                parts.append(prefix)
+            return
+        if G - used > K - len(prefix):
+            return
+        for g in range(min(used + 1, G)):
+            grow(prefix + [g], max(used, g + 1))
+    grow([0], 1)
+    labels = np.array(parts)
+    H = np.eye(G)[labels]  # [n, K, G]
+    assoc = np.einsum("nig,ij->ng", H, W)
+    within = np.einsum("nig,ij,njg->ng", H, W, H)
+    values = ((assoc - within) / assoc).sum(1)
+    best = int(np.argmin(values))
+    return labels[best], float(values[best])
+
+
 def groups_study(study):
     import data_lt
     import train
@@ -281,6 +308,8 @@ def groups_study(study):
         finally:
             gbg._graph_weights = real
         parts = {"with_self_loops": old, "without_self_loops": new, "cluster_qr": qr}
+        if len(present) <= 12:
+            parts["eq9_minimum"] = ncut_exhaustive(A, G)[0]
         entry = {"run": str(run), "seed": args.seed, "epoch_of_checkpoint": ckpt["epoch"],
                  "seconds": time.time() - t0, "G": G,
                  "partitions": {k: [[names[present[i]] for i in np.flatnonzero(v == g)] for g in range(v.max() + 1)]
@@ -289,7 +318,9 @@ def groups_study(study):
                  "eq9_with_self_loops_of_old": old_eq9_own_graph,
                  "ari": {"old_vs_new": gbg.adjusted_rand_index(old, new),
                          "new_vs_cluster_qr": gbg.adjusted_rand_index(new, qr),
-                         "old_vs_cluster_qr": gbg.adjusted_rand_index(old, qr)},
+                         "old_vs_cluster_qr": gbg.adjusted_rand_index(old, qr),
+                         **({f"{k}_vs_eq9_minimum": gbg.adjusted_rand_index(v, parts["eq9_minimum"])
+                             for k, v in parts.items() if k != "eq9_minimum"} if "eq9_minimum" in parts else {})},
                  "affinity": A.tolist()}
         runs.append(entry)
         print(f"{run} (seed {args.seed}, after epoch {ckpt['epoch']}):", flush=True)
@@ -299,7 +330,7 @@ def groups_study(study):
     if len(runs) == 2:
         a, b = runs
         across = {}
-        for k in ("with_self_loops", "without_self_loops", "cluster_qr"):
+        for k in a["partitions"]:
             la = np.zeros(len(names), int)
             lb = np.zeros(len(names), int)
             for g, members in enumerate(a["partitions"][k]):
