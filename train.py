@@ -625,7 +625,7 @@ def bcl_loss(features, targets, prototypes, temperature):
     not_self = torch.ones_like(same)
     not_self[:, :N].fill_diagonal_(False)
     # |A_c| of each candidate's class, as seen from each anchor: its own class has one fewer
-    size = torch.bincount(labels, minlength=K)[labels][None, :] - same.long()
+    size = gbg.count_labels(labels, K)[labels][None, :] - same.long()
     log_den = torch.logsumexp(torch.where(not_self, s - size.to(s.dtype).log(), float("-inf")), dim=1)
     pos = same & not_self
     return -(torch.where(pos, s, 0.0).sum(1) / pos.sum(1) - log_den).mean()
@@ -740,7 +740,8 @@ def make_groups(model, data, args, device):
                                           sketch_dim=sketch, max_per_class=args.grad_max_per_class,
                                           device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
                                           return_info=True, worker_init_fn=data_lt.worker_init,
-                                          num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
+                                          num_workers=0 if data.kind == "tensor" else min(args.workers, 4),
+                                          fetch=data.train_eval.batch if data.kind == "tensor" else None)
         grads = grads.to(device)
         confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
                                               dtype=torch.float64, device=device))
@@ -838,7 +839,7 @@ def batch_losses(model, x, y, counts, args, device):
 def step_losses(model, x, y, class_to_group, G, args, device):
     """One batch as a step sees it: the global class counts, batch_losses' outputs and, with
     groups, the G group losses and which groups are present (else None, None)."""
-    counts = all_reduce_(torch.bincount(y, minlength=model.fc.out_features))
+    counts = all_reduce_(gbg.count_labels(y, model.fc.out_features))
     logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
     losses = present = None
     if class_to_group is not None:
@@ -1062,8 +1063,9 @@ def evaluate(model, loader, class_counts, device, args):
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             pred = model(x.contiguous(memory_format=torch.channels_last) if args.amp else x).argmax(1)
-        total += torch.bincount(y, minlength=K).double()
-        correct += torch.bincount(y[pred == y], minlength=K).double()
+        # fixed-size counts: bincount and y[pred == y] would size their outputs on the host
+        total.index_add_(0, y, torch.ones_like(y, dtype=total.dtype))
+        correct.index_add_(0, y, (pred == y).to(correct.dtype))
     correct, total = all_reduce_(correct).cpu(), all_reduce_(total).cpu()
     out = {"top1": 100.0 * correct.sum().item() / max(total.sum().item(), 1)}
     for name, mask in data_lt.shot_masks(class_counts).items():

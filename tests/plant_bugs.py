@@ -157,8 +157,8 @@ BUGS = [
     # the number of groups from the spectrum, the grouping history (--num-groups auto, --regroup-every)
     # the gradient diagnostic (--diag-every) and the per-group training losses
     ("diag_local_counts", "gbg.py",
-     "counts = torch.bincount(targets, minlength=K) if class_counts is None else torch.as_tensor(class_counts)",
-     "counts = torch.bincount(targets, minlength=K)",
+     "counts = count_labels(targets, K) if class_counts is None else torch.as_tensor(class_counts)",
+     "counts = count_labels(targets, K)",
      [DG + "test_class_update_cosines_match_per_sample_gradients"]),
     ("diag_leaves_bn_updated", "train.py",
      "    model.load_state_dict(saved, strict=False)\n", "",
@@ -195,6 +195,17 @@ BUGS = [
     ("repro_shared_ends_without_sharing", "tests/repro.py",
      "t += (works[i] - done) * (len(works) - k)", "t += works[i] - done",
      [R + "test_shared_ends_match_a_fluid_simulation"]),
+    # ready for the GPU: no host waits on the step path, the same path on the CPU and CUDA
+    ("bincount_in_the_step", "train.py",
+     "counts = all_reduce_(gbg.count_labels(y, model.fc.out_features))",
+     "counts = all_reduce_(torch.bincount(y, minlength=model.fc.out_features))",
+     ["tests/test_host_sync.py::test_only_the_mgda_solve_reads_the_device"]),
+    ("sampler_numpy_of_device_labels", "train.py",
+     "labels = gbg._dataset_labels(data.train)", "labels = np.asarray(data.train.targets)",
+     ["tests/test_host_sync.py::test_training_pieces_run_on_device_resident_data"]),
+    ("max_pool_head", "train.py",
+     "return F.adaptive_avg_pool2d(x, 1).flatten(1)", "return F.adaptive_max_pool2d(x, 1).flatten(1)",
+     ["tests/test_host_sync.py::test_every_op_has_a_deterministic_cuda_kernel"]),
 ]
 
 
