@@ -997,11 +997,13 @@ def _loss_values(losses, device, normalize, process_group):
 
 
 def _accumulate(params, flat):
-    """p.grad += the matching slice of flat, as .backward() would (creating p.grad if None)."""
+    """p.grad += the matching slice of flat, as .backward() would (creating p.grad if None, in the
+    parameter's layout: a channels_last weight gets a channels_last grad, as autograd gives it; a
+    contiguous grad would push the optimiser's foreach kernels onto their slow path)."""
     for p, g in zip(params, flat.split([p.numel() for p in params])):
-        g = g.view_as(p)
+        g = g.view(p.shape)
         if p.grad is None:
-            p.grad = g.detach().to(p.dtype).clone()
+            p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g.detach())
         else:
             p.grad.add_(g.to(p.grad.dtype))
 

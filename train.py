@@ -360,6 +360,11 @@ def build_model(arch, num_classes):
 # --- Distributed helpers and output ---------------------------------------------------------------
 # No DDP wrapper, since the GBG step takes several gradients per step; instead every process adds
 # up the same sums, so all apply the update of the global batch. Rank 0 alone writes files.
+# How long a process waits in a collective before the run is ended. Rank 0 alone builds the
+# affinity, solves the NCut and (--num-groups auto) the permutation test while the others wait
+# in a broadcast: at iNaturalist scale choose_num_groups alone took 384 s (bench (h)), near
+# NCCL's default of 10 minutes. One hour covers that; a hung collective is reported after it.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=1)
 def init_distributed(args):
     args.rank, args.world_size, args.local_rank = 0, 1, 0
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -367,7 +372,14 @@ def init_distributed(args):
         args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.world_size > 1 and args.device.startswith("cuda:"):
+        raise data_lt.UserError(f"--device {args.device} under torchrun or srun would put all {args.world_size} "
+                                f"processes on one GPU; pass --device cuda (each process takes the GPU of its "
+                                f"LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if args.device == "cuda" and args.world_size > 1:
+        if torch.cuda.device_count() == 0:
+            raise data_lt.UserError("--device cuda, but this process sees no GPU; check CUDA_VISIBLE_DEVICES and "
+                                    "the job's GPU request, or pass --device cpu")
         # One GPU per process. A cluster may show each task all of the node's GPUs, one, or a
         # subset (srun --gpu-bind=closest: those of its socket); local_rank modulo what the task
         # sees picks its own in each case (as DeiT's and DINO's init_distributed_mode).
@@ -375,7 +387,7 @@ def init_distributed(args):
         args.device = f"cuda:{gpu}"
         torch.cuda.set_device(gpu)
     if args.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         # without this, gloo's threads can outlive the interpreter and abort the process at exit
         atexit.register(dist.destroy_process_group)
     args.distributed = args.world_size > 1
@@ -432,33 +444,45 @@ class SumOverRanks(torch.autograd.Function):
         return all_reduce_(grad.clone())
 
 
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are taken over the batches of all processes.
-    nn.SyncBatchNorm only runs on GPUs; this one also runs on the CPU with gloo, through the
-    differentiable all_reduce, so that the CPU tests check the multi-process run exactly."""
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are taken over the batches of all processes, for inputs
+    [N, C, ...] of any rank (BatchNorm1d and 2d alike, as nn.SyncBatchNorm). nn.SyncBatchNorm only
+    runs on GPUs; this one also runs on the CPU with gloo, through the differentiable all_reduce, so
+    that the CPU tests check the multi-process run exactly (tests/test_cuda_paths.py: the batch
+    norm of the whole batch, SyncBatchNorm's contract)."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects an input [N, C, ...], got {x.dim()}D")
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
         n_local = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), n_local]))
+        stats = SumOverRanks.apply(torch.cat([x.sum(dims), n_local]))
         n, mean = stats[-1], stats[:-1] / stats[-1]
         # Two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly in float32.
-        var = SumOverRanks.apply(((x - mean[None, :, None, None]) ** 2).sum((0, 2, 3))) / n
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        var = SumOverRanks.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
 def convert_sync_bn(module, device):
+    """--sync-bn: every BatchNorm (the BCL heads' BatchNorm1d included) made a synchronised one:
+    nn.SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere; the same modules either way."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:

@@ -206,6 +206,12 @@ BUGS = [
     ("max_pool_head", "train.py",
      "return F.adaptive_avg_pool2d(x, 1).flatten(1)", "return F.adaptive_max_pool2d(x, 1).flatten(1)",
      ["tests/test_host_sync.py::test_every_op_has_a_deterministic_cuda_kernel"]),
+    ("contiguous_mgda_grads", "gbg.py",
+     "p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g.detach())",
+     "p.grad = g.detach().clone()", ["tests/test_cuda_paths.py::test_mgda_grads_take_the_parameters_layout"]),
+    ("sync_bn_2d_only", "train.py",
+     "if isinstance(child, nn.modules.batchnorm._BatchNorm):", "if isinstance(child, nn.BatchNorm2d):",
+     ["tests/test_cuda_paths.py::test_sync_bn_converts_the_same_modules_on_cpu_and_cuda"]),
 ]
 
 
