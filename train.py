@@ -27,6 +27,9 @@ import time
 import traceback
 from pathlib import Path
 
+if sys.version_info < (3, 10):  # data_lt's `X | None` annotations, evaluated at import, need 3.10
+    sys.exit(f"train.py: error: Python >= 3.10 is needed (this is {sys.version.split()[0]}); see README")
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -285,6 +288,12 @@ def fill_defaults(args):
         (args.eval == (args.resume is not None),
          "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
          "from checkpoint.pth in --output-dir"),
+        (not args.compile or compile_supported(),
+         f"--compile needs torch >= 2.6 (torch.compiler.set_stance, torch._functorch.config.donated_buffer); "
+         f"this is torch {torch.__version__}: upgrade torch or drop --compile"),
+        (not (args.compile and args.moo_grad == "last"),
+         "--moo-grad last with --compile: the compiled backbone's backward is one autograd node, so the "
+         "partial backwards would run the whole backbone; drop --compile or use --moo-grad exact"),
     ]
     for ok, message in checks:
         if not ok:
@@ -688,6 +697,13 @@ def lr_at(epoch, args):
         return args.lr * 0.1 ** sum(epoch >= d for d in drops)
     t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
     return args.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def compile_supported():
+    """Whether this torch has what --compile uses: torch.compiler.set_stance (torch >= 2.6, for the
+    eager grouping and evaluation) and torch._functorch.config.donated_buffer (see compile_backbone)."""
+    functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+    return hasattr(torch.compiler, "set_stance") and hasattr(functorch_config, "donated_buffer")
 
 
 def compile_backbone(model):

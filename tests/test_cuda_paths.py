@@ -123,6 +123,26 @@ def parse(*argv):
     return args
 
 
+def test_compile_needs_the_apis_it_uses(monkeypatch):
+    """--compile uses torch.compiler.set_stance (torch >= 2.6) and
+    torch._functorch.config.donated_buffer: present here; without either, one line naming the
+    flag and the fix instead of a crash at the first grouping."""
+    assert T.compile_supported()
+    T.fill_defaults(parse("--compile"))  # accepted here
+    for owner, name in ((torch.compiler, "set_stance"), (torch._functorch.config, "donated_buffer")):
+        with monkeypatch.context() as m:
+            m.delattr(owner, name)
+            assert not T.compile_supported()
+            with pytest.raises(data_lt.UserError, match="--compile needs torch >= 2.6"):
+                T.fill_defaults(parse("--compile"))
+            T.fill_defaults(parse())  # without --compile, nothing needs them
+
+
+def test_last_stage_gram_with_compile_is_refused():
+    with pytest.raises(data_lt.UserError, match="--moo-grad last with --compile"):
+        T.fill_defaults(parse("--compile", "--moo-grad", "last"))
+
+
 def test_a_fixed_gpu_under_torchrun_is_refused(monkeypatch):
     """--device cuda:0 under torchrun would put every process on GPU 0: refused, before anything
     touches CUDA; --device cuda with no GPU visible: one line too."""
