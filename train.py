@@ -221,6 +221,10 @@ def get_args_parser():
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
                         "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (README)")
+    r.add_argument("--deterministic", action="store_true",
+                   help="runs that repeat bit for bit on CUDA too: deterministic algorithms, cuDNN benchmark off, "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8, TF32 off (README, 'What exact means'); CPU runs are "
+                        "bit-identical without it")
     r.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
@@ -706,6 +710,26 @@ def compile_supported():
     return hasattr(torch.compiler, "set_stance") and hasattr(functorch_config, "donated_buffer")
 
 
+def make_deterministic(args):
+    """--deterministic: what CUDA needs to repeat a run bit for bit (the CPU kernels here already do).
+    Atomic adds (index_add in the group losses and the sketch, index_put with accumulate in the
+    backward of indexing) switch to their sorted deterministic kernels, cuDNN to deterministic
+    algorithms without benchmarking, cuBLAS to a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when
+    cuBLAS starts, hence before any CUDA work), and fp32 convolutions and matmuls off TF32. An op
+    without a deterministic CUDA kernel then raises instead of running."""
+    if not args.deterministic:
+        return
+    if torch.cuda.is_initialized() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        raise data_lt.UserError("--deterministic: CUDA started before train.main; set CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                                "in the environment first")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def compile_backbone(model):
     """--compile: torch.compile the backbone in place (the state dict keeps its keys). The exact
     MGDA step runs G backward passes through one forward (retain_graph), which a compiled
@@ -1184,6 +1208,7 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
 
 def main(args):
     # --- setup ------------------------------------------------------------------------------------
+    make_deterministic(args)  # before any CUDA work (cuBLAS reads its workspace setting once)
     init_distributed(args)
     ckpt = load_for_eval(args) if args.eval else None  # takes the model's options from the checkpoint
     fill_defaults(args)

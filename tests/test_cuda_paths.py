@@ -168,3 +168,26 @@ def test_process_group_waits_for_rank_zeros_grouping(monkeypatch):
     monkeypatch.setattr(T.atexit, "register", lambda f: None)
     T.init_distributed(parse("--device", "cpu"))
     assert seen["backend"] == "gloo" and seen["timeout"] >= datetime.timedelta(minutes=30)
+
+
+# --- --deterministic ------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved[1:]
+
+
+def test_deterministic_sets_what_cuda_needs(restore_determinism):
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = True
+    T.make_deterministic(parse())  # without the flag: nothing changes
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    T.make_deterministic(parse("--deterministic"))
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
