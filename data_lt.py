@@ -104,10 +104,32 @@ def shot_masks(class_counts):
 
 # --- Tensor data sets -----------------------------------------------------------------------------
 
+def to_device(t, device):
+    """t on `device` without making the host wait: a CPU tensor bound for a GPU is staged in pinned
+    memory and copied with non_blocking=True (a copy from pageable memory waits for the device's
+    queue to drain first). The same as gbg.to_device (this module imports nothing of the project)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+_CONSTANTS = {}
+
+
+def constant(values, device, dtype=torch.float32):
+    """torch.tensor(values) on `device`, made once per process and device: built per batch, each
+    would be a copy from pageable host memory, which on a GPU waits for the device. Read-only."""
+    key = (values, str(torch.device(device)), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = to_device(torch.tensor(values, dtype=dtype), device)
+    return _CONSTANTS[key]
+
+
 def normalize(images, mean, std):
     """uint8 [..., 3, H, W] -> float, (x/255 - mean)/std."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    m = constant(tuple(mean), images.device).view(-1, 1, 1)
+    s = constant(tuple(std), images.device).view(-1, 1, 1)
     return (images.float() / 255 - m) / s
 
 
@@ -128,6 +150,11 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i):
         return normalize(self.images[i], self.mean, self.std), int(self.targets[i])
+
+    def batch(self, index):
+        """(normalised images, labels) of the samples `index` (a LongTensor on the data's device), in
+        one gather: what gbg.class_gradients' fetch takes, with no per-sample label read."""
+        return normalize(self.images[index], self.mean, self.std), self.targets[index]
 
     def to(self, device):
         return TensorImages(self.images.to(device), self.targets.to(device), self.mean, self.std)
@@ -592,8 +619,26 @@ def aa_magnitude(op, bin_, H, W):
     return 0.0, False  # AutoContrast, Equalize, Invert
 
 
-def aa_op(x, op, m):
-    """One AutoAugment op on a batch of uint8 images, as v2.AutoAugment applies it (nearest, fill 0)."""
+_GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_PIXEL_MAPS = {}
+
+
+def _geometric(x, op, m):
+    """A geometric AutoAugment op (_GEOMETRIC) on uint8 images [..., H, W], as one gather. With nearest
+    sampling and fill 0 every output pixel copies one input pixel or is 0, so the op is a map from output to
+    input pixels: found once per (op, magnitude, size, device) by running torchvision's op on an image of
+    pixel numbers, it gives torchvision's result exactly. torchvision builds its sampling grid from
+    Python numbers on every call (torch.tensor(..., device=...)), each a copy that waits for a GPU."""
+    H, W = x.shape[-2:]
+    key = (op, m, H, W, str(x.device))
+    if key not in _PIXEL_MAPS:
+        numbers = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W)  # 0: outside the image
+        _PIXEL_MAPS[key] = to_device(_torchvision_geometric(numbers, op, m).round().long().view(-1), x.device)
+    padded = torch.cat([x.new_zeros(*x.shape[:-2], 1), x.flatten(-2)], -1)  # position 0 holds the fill
+    return padded[..., _PIXEL_MAPS[key]].view(x.shape)
+
+
+def _torchvision_geometric(x, op, m):
     near = v2.InterpolationMode.NEAREST
     if op == "ShearX":
         return v2.functional.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(m)), 0.0],
@@ -605,22 +650,50 @@ def aa_op(x, op, m):
         t = [int(m), 0] if op == "TranslateX" else [0, int(m)]
         return v2.functional.affine(x, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=near,
                                     fill=None)
-    if op == "Rotate":
-        return v2.functional.rotate(x, angle=m, interpolation=near, fill=None)
+    return v2.functional.rotate(x, angle=m, interpolation=near, fill=None)
+
+
+def _sharpness(x, factor):
+    """v2.functional.adjust_sharpness of uint8 images [B,3,H,W] (torchvision's adjust_sharpness_image
+    step by step), with its 3x3 kernel made once (torchvision copies it from the host every call)."""
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
+        return x
+    kernel = constant(((1 / 13, 1 / 13, 1 / 13), (1 / 13, 5 / 13, 1 / 13), (1 / 13, 1 / 13, 1 / 13)), x.device)
+    out = x.to(torch.float32, copy=True)
+    blurred = F.conv2d(out, kernel.expand(x.shape[-3], 1, 3, 3), groups=x.shape[-3]).round_()
+    view = out[..., 1:-1, 1:-1]
+    view.add_(blurred.sub_(view), alpha=1.0 - factor)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _autocontrast(x):
+    """v2.functional.autocontrast of uint8 images (torchvision's autocontrast_image), with torch.where
+    in place of its boolean-mask assignments (each a nonzero(), which waits for a GPU)."""
+    img = x.to(torch.float32)
+    low, high = img.amin(dim=(-2, -1), keepdim=True), img.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, (high - low) * (1.0 / 255))
+    return img.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
+
+
+def aa_op(x, op, m):
+    """One AutoAugment op on a batch of uint8 images, as v2.AutoAugment applies it (nearest, fill 0)."""
+    if op in _GEOMETRIC:
+        return _geometric(x, op, m)
+    if op == "Sharpness":
+        return _sharpness(x, 1.0 + m)
+    if op == "AutoContrast":
+        return _autocontrast(x)
     if op == "Brightness":
         return v2.functional.adjust_brightness(x, 1.0 + m)
     if op == "Color":
         return v2.functional.adjust_saturation(x, 1.0 + m)
     if op == "Contrast":
         return v2.functional.adjust_contrast(x, 1.0 + m)
-    if op == "Sharpness":
-        return v2.functional.adjust_sharpness(x, 1.0 + m)
     if op == "Posterize":
         return v2.functional.posterize(x, bits=int(m))
     if op == "Solarize":
         return v2.functional.solarize(x, threshold=255.0 * m)
-    if op == "AutoContrast":
-        return v2.functional.autocontrast(x)
     if op == "Equalize":
         return v2.functional.equalize(x)
     if op == "Invert":
@@ -733,7 +806,7 @@ def _hsv_to_rgb(x):
     t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
     p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    select = constant(((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2)), x.device, torch.long)
     return vpqt.gather(-3, select[:, i].moveaxis(0, -3))
 
 
@@ -755,8 +828,8 @@ def jitter_op(x, op, factor):
 
 def _normalize_v2(x, mean, std):
     """v2.ToDtype(float32, scale=True) then v2.Normalize(mean, std), batched."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    m = constant(tuple(mean), x.device).view(-1, 1, 1)
+    s = constant(tuple(std), x.device).view(-1, 1, 1)
     return x.float().mul_(1.0 / 255).sub_(m).div_(s)
 
 
@@ -766,7 +839,7 @@ def _on(x, sel, fn):
     draws are made, so a GPU never waits for it (nonzero() on the device would sync every group)."""
     idx = sel.nonzero()[:, 0]
     if len(idx):
-        idx = idx.to(x.device, non_blocking=True)
+        idx = to_device(idx, x.device)
         x = x.index_copy(0, idx, fn(x[idx], idx))
     return x
 
@@ -775,7 +848,7 @@ def cls_view(images, p, mean, std):
     """The classification view from cls_view_params' draws: pad-4 crop + flip, AutoAugment CIFAR-10
     (samples grouped by sub-policy and sign, one torchvision call per group), normalise, Cutout 16."""
     H, W = images.shape[-2:]
-    d = {k: p[k].to(images.device, non_blocking=True) for k in ("dy", "dx", "flip", "cy", "cx")}
+    d = {k: to_device(p[k], images.device) for k in ("dy", "dx", "flip", "cy", "cx")}
     x = crop_flip(images, d["dy"], d["dx"], d["flip"])
     for stage in range(2):
         for k, sub in enumerate(AA_CIFAR10):
@@ -796,7 +869,7 @@ def cls_view(images, p, mean, std):
 def sim_view(images, p, mean, std):
     """A contrastive view from sim_view_params' draws: resized crop + flip, ColorJitter where drawn
     (each sample's four ops in its own random order, uint8 between ops as in v2), grayscale, normalise."""
-    d = {k: p[k].to(images.device, non_blocking=True) for k in ("top", "left", "h", "w", "flip", "factors")}
+    d = {k: to_device(p[k], images.device) for k in ("top", "left", "h", "w", "flip", "factors")}
     x = resized_crop(images, d["top"], d["left"], d["h"], d["w"], d["flip"], tuple(images.shape[-2:]))
     for step in range(4):
         for op in range(4):
@@ -875,7 +948,7 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
         def device_epoch():
             for idx in batch_sampler:
                 cpu_idx = torch.as_tensor(idx, dtype=torch.long)
-                idx = cpu_idx.to(device, non_blocking=True)
+                idx = to_device(cpu_idx, device)
                 yield device_views(ds.images[idx], cpu_idx, view_seed, ds.mean, ds.std), ds.targets[idx]
         return Loader(device_epoch, lambda: len(batch_sampler))
     if views is not None and train:
@@ -897,9 +970,10 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
         def epoch():
             table = None
             if train and seed is not None:
-                table = [t.to(device) for t in augment_draws(len(ds), "cpu", torch.Generator().manual_seed(seed))]
+                draws = augment_draws(len(ds), "cpu", torch.Generator().manual_seed(seed))
+                table = [to_device(t, device) for t in draws]
             for idx in batch_sampler:
-                idx = torch.as_tensor(idx, dtype=torch.long, device=device)
+                idx = to_device(torch.as_tensor(idx, dtype=torch.long), device)
                 draws = None if table is None else [t[idx] for t in table]
                 yield (gpu_augment(ds.images[idx], ds.mean, ds.std, train=train, generator=generator, draws=draws),
                        ds.targets[idx])

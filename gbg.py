@@ -42,6 +42,24 @@ def _same_device(a, b):
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def to_device(t, device):
+    """t on `device` without making the host wait: a CPU tensor bound for a GPU is staged in pinned
+    memory and copied with non_blocking=True (a copy from pageable memory waits for the device's
+    queue to drain first). A tensor already there comes back as it is."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def count_labels(targets, num_classes):
+    """Samples per class, int64 [num_classes], on the targets' device. A fixed-size scatter, where
+    torch.bincount would read the largest label back to the host to size its output (on a GPU,
+    a synchronisation every step)."""
+    return torch.zeros(num_classes, dtype=torch.long, device=targets.device).index_add_(
+        0, targets, torch.ones_like(targets))
+
+
 def _count_sketch_hashes(num_params, sketch_dim, seed):
     """CountSketch bucket h: [P] -> [m] and sign s: [P] -> +-1. Drawn on the CPU from a seeded
     generator, so every process (whatever its device) sketches with the same map."""
@@ -53,7 +71,7 @@ def _count_sketch_hashes(num_params, sketch_dim, seed):
 
 def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_per_class=None,
                     sketch_dim=None, device=None, seed=0, classes=None, num_workers=0,
-                    recalibrate_bn=False, return_info=False, worker_init_fn=None):
+                    recalibrate_bn=False, return_info=False, worker_init_fn=None, fetch=None):
     """Mean per-sample cross-entropy gradient of each class, as a float32 CPU tensor [K, D].
 
     `params`: the parameters to differentiate, e.g. the backbone's (the authors leave the
@@ -72,6 +90,12 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
 
     `return_info`: also return {"max_softmax_mean": mean over the samples used of the largest
     softmax probability, "samples": how many}; near 1 means saturated outputs.
+
+    `fetch`: a function from a LongTensor of indices on `device` to the batch (x, y) of those
+    samples on `device` (e.g. data_lt.TensorImages.batch), used in place of a DataLoader over
+    dataset[i]. For a data set held on a GPU it gathers whole batches: per sample, dataset[i]
+    would read each label back to the host (about 25,000 waits for the GPU on CIFAR-10-LT). With
+    it, the host reads the device three times a call: the labels, the rows, the confidence.
 
     Cost is about one forward+backward over the samples: every batch holds ONE class, so the
     gradient of the summed loss is that class's gradient sum; the sums are divided by the counts.
@@ -136,16 +160,21 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
             batch_class.append(k)
 
     dim = num_params if sketch_dim is None else int(sketch_dim)
-    out = torch.zeros(num_classes, dim, dtype=torch.float32)
+    # the rows stay on the device until the end (one copy back); at most 2 GB (train.py sketches above)
+    out = torch.zeros(num_classes, dim, dtype=torch.float32, device=device)
     if sketch_dim is not None:
-        h, s = _count_sketch_hashes(num_params, dim, seed)
-        h, s = h.to(device), s.to(device)
+        h, s = (to_device(t, device) for t in _count_sketch_hashes(num_params, dim, seed))
     dtype = params[0].dtype  # lets a float64 model take float32 images
-    confidence, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+    # summed on the device, read once: the largest softmax probabilities, and labels != the class
+    tally, seen = torch.zeros(2, dtype=torch.float64, device=device), 0
+    pinned = device.type == "cuda"
 
     def load(batch_list):
+        if fetch is not None:  # the indices go to the device in one copy; each batch is one gather
+            flat = torch.as_tensor(np.concatenate(batch_list) if batch_list else np.zeros(0), dtype=torch.long)
+            return (fetch(i) for i in to_device(flat, device).split([len(b) for b in batch_list]))
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_list, num_workers=num_workers,
-                                           worker_init_fn=worker_init_fn)
+                                           worker_init_fn=worker_init_fn, pin_memory=pinned)
 
     modes = [(m, m.training) for m in model.modules()]
     saved_bn = None
@@ -164,18 +193,16 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
         for k, batch in zip(batch_class, load(batches)):
             if k != current:  # batches of a class are consecutive: flush the finished class
                 if current is not None:
-                    out[current] = (running / members[current].size).float().cpu()
+                    out[current] = (running / members[current].size).float()
                 running, current = torch.zeros(dim, dtype=torch.float64, device=device), k
             x, y = batch[0], torch.as_tensor(batch[1])
-            if not bool((y == k).all()):
-                raise ValueError(f"class_gradients: dataset[i][1] disagrees with dataset.targets "
-                                 f"for class {k}; make the two label sources agree")
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype, non_blocking=pinned)
+            y = y.to(device, non_blocking=pinned)
             with torch.enable_grad():
                 logits = model(x)
-                loss = F.cross_entropy(logits, y.to(device), reduction="sum")
+                loss = F.cross_entropy(logits, y, reduction="sum")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-            confidence += logits.detach().double().softmax(1).amax(1).sum()
+            tally += torch.stack([logits.detach().double().softmax(1).amax(1).sum(), (y != k).sum().double()])
             seen += len(y)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                               for g, p in zip(grads, params)]).double()
@@ -184,14 +211,19 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
             else:
                 running.index_add_(0, h, flat * s)
         if current is not None:
-            out[current] = (running / members[current].size).float().cpu()
+            out[current] = (running / members[current].size).float()
     finally:
         for m, mode in modes:
             m.training = mode
         if saved_bn is not None:
             _restore_bn(saved_bn)
+    confidence, mismatched = tally.tolist()
+    if mismatched:
+        raise ValueError("class_gradients: the labels of the batches (dataset[i][1], or fetch) disagree with "
+                         "dataset.targets; make the two label sources agree")
+    out = out.cpu()
     if return_info:
-        return out, {"max_softmax_mean": confidence.item() / max(seen, 1), "samples": seen}
+        return out, {"max_softmax_mean": confidence / max(seen, 1), "samples": seen}
     return out
 
 
@@ -204,12 +236,13 @@ def _recalibrate_bn(model, loader, device, dtype):
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
+    batches = [0]  # counted on the host: reading num_batches_tracked would wait for the device
 
     def local_forward(m):
         def forward(x):  # momentum 1/t: the t-th batch's statistics enter a plain average
             m.num_batches_tracked += 1
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True,
-                                1.0 / float(m.num_batches_tracked), m.eps)
+                                1.0 / batches[0], m.eps)
         return forward
 
     for m in bns:
@@ -219,7 +252,9 @@ def _recalibrate_bn(model, loader, device, dtype):
     try:
         with torch.no_grad():
             for x, _ in loader:
-                model(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype))
+                batches[0] += 1
+                model(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype,
+                           non_blocking=device.type == "cuda"))
     finally:
         for m in bns:
             del m.forward
@@ -709,7 +744,7 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
     class_to_group = class_to_group.to(logits.device)
     per_sample = F.cross_entropy(logits, targets, reduction="none")
     if class_counts is None:
-        counts = torch.bincount(targets, minlength=K)
+        counts = count_labels(targets, K)
     else:
         counts = class_counts.to(logits.device)
         if validate and bool((counts[targets] == 0).any()):
@@ -1007,11 +1042,13 @@ def _loss_values(losses, device, normalize, process_group):
 
 
 def _accumulate(params, flat):
-    """p.grad += the matching slice of flat, as .backward() would (creating p.grad if None)."""
+    """p.grad += the matching slice of flat, as .backward() would (creating p.grad if None, in the
+    parameter's layout: a channels_last weight gets a channels_last grad, as autograd gives it; a
+    contiguous grad would push the optimiser's foreach kernels onto their slow path)."""
     for p, g in zip(params, flat.split([p.numel() for p in params])):
-        g = g.view_as(p)
+        g = g.view(p.shape)
         if p.grad is None:
-            p.grad = g.detach().to(p.dtype).clone()
+            p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g.detach())
         else:
             p.grad.add_(g.to(p.grad.dtype))
 
@@ -1025,7 +1062,7 @@ def weighted_backward(losses, weights, params, *, retain_graph=False, process_gr
     params = [p for p in params if p.requires_grad]
     if torch.is_tensor(weights):
         stacked = torch.stack([L.reshape(()) for L in losses])
-        total = (weights.to(stacked.device, stacked.dtype) * stacked).sum()
+        total = (to_device(weights, stacked.device).to(stacked.dtype) * stacked).sum()
     else:
         total = sum(float(w) * L.reshape(()) for w, L in zip(weights, losses))
     _accumulate(params, _all_reduce(_flat_grad(total, params, retain_graph), process_group))
@@ -1059,7 +1096,7 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
     if workspace is not None:
         workspace["flat"] = flat
     alpha, w, gram = mgda_weights(_gram(flat, columns), values, normalize=normalize, update=update)
-    _accumulate(params, w.to(flat.device, flat.dtype) @ flat)
+    _accumulate(params, to_device(w, flat.device).to(flat.dtype) @ flat)
     return {"alpha": alpha, "weights": w, "gram": gram}
 
 
@@ -1124,7 +1161,7 @@ def class_update_cosines(logits, targets, update, params, *, class_counts=None, 
     default, this batch's. Returns float64 CPU tensors cos [K] and ratio [K], NaN for the classes
     that have no sample in the batch."""
     K = logits.shape[1]
-    counts = torch.bincount(targets, minlength=K) if class_counts is None else torch.as_tensor(class_counts)
+    counts = count_labels(targets, K) if class_counts is None else torch.as_tensor(class_counts)
     counts = counts.to(logits.device)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> float32
     per_sample = F.cross_entropy(logits, targets, reduction="none")

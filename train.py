@@ -27,6 +27,9 @@ import time
 import traceback
 from pathlib import Path
 
+if sys.version_info < (3, 10):  # data_lt's `X | None` annotations, evaluated at import, need 3.10
+    sys.exit(f"train.py: error: Python >= 3.10 is needed (this is {sys.version.split()[0]}); see README")
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -229,6 +232,10 @@ def get_args_parser():
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
                         "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (README)")
+    r.add_argument("--deterministic", action="store_true",
+                   help="runs that repeat bit for bit on CUDA too: deterministic algorithms, cuDNN benchmark off, "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8, TF32 off (README, 'What exact means'); CPU runs are "
+                        "bit-identical without it")
     r.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
@@ -296,6 +303,12 @@ def fill_defaults(args):
         (args.eval == (args.resume is not None),
          "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
          "from checkpoint.pth in --output-dir"),
+        (not args.compile or compile_supported(),
+         f"--compile needs torch >= 2.6 (torch.compiler.set_stance, torch._functorch.config.donated_buffer); "
+         f"this is torch {torch.__version__}: upgrade torch or drop --compile"),
+        (not (args.compile and args.moo_grad == "last"),
+         "--moo-grad last with --compile: the compiled backbone's backward is one autograd node, so the "
+         "partial backwards would run the whole backbone; drop --compile or use --moo-grad exact"),
     ]
     for ok, message in checks:
         if not ok:
@@ -371,6 +384,11 @@ def build_model(arch, num_classes):
 # --- Distributed helpers and output ---------------------------------------------------------------
 # No DDP wrapper, since the GBG step takes several gradients per step; instead every process adds
 # up the same sums, so all apply the update of the global batch. Rank 0 alone writes files.
+# How long a process waits in a collective before the run is ended. Rank 0 alone builds the
+# affinity, solves the NCut and (--num-groups auto) the permutation test while the others wait
+# in a broadcast: at iNaturalist scale choose_num_groups alone took 384 s (bench (h)), near
+# NCCL's default of 10 minutes. One hour covers that; a hung collective is reported after it.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=1)
 def init_distributed(args):
     args.rank, args.world_size, args.local_rank = 0, 1, 0
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -378,7 +396,14 @@ def init_distributed(args):
         args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.world_size > 1 and args.device.startswith("cuda:"):
+        raise data_lt.UserError(f"--device {args.device} under torchrun or srun would put all {args.world_size} "
+                                f"processes on one GPU; pass --device cuda (each process takes the GPU of its "
+                                f"LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if args.device == "cuda" and args.world_size > 1:
+        if torch.cuda.device_count() == 0:
+            raise data_lt.UserError("--device cuda, but this process sees no GPU; check CUDA_VISIBLE_DEVICES and "
+                                    "the job's GPU request, or pass --device cpu")
         # One GPU per process. A cluster may show each task all of the node's GPUs, one, or a
         # subset (srun --gpu-bind=closest: those of its socket); local_rank modulo what the task
         # sees picks its own in each case (as DeiT's and DINO's init_distributed_mode).
@@ -386,7 +411,7 @@ def init_distributed(args):
         args.device = f"cuda:{gpu}"
         torch.cuda.set_device(gpu)
     if args.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         # without this, gloo's threads can outlive the interpreter and abort the process at exit
         atexit.register(dist.destroy_process_group)
     args.distributed = args.world_size > 1
@@ -443,33 +468,45 @@ class SumOverRanks(torch.autograd.Function):
         return all_reduce_(grad.clone())
 
 
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are taken over the batches of all processes.
-    nn.SyncBatchNorm only runs on GPUs; this one also runs on the CPU with gloo, through the
-    differentiable all_reduce, so that the CPU tests check the multi-process run exactly."""
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are taken over the batches of all processes, for inputs
+    [N, C, ...] of any rank (BatchNorm1d and 2d alike, as nn.SyncBatchNorm). nn.SyncBatchNorm only
+    runs on GPUs; this one also runs on the CPU with gloo, through the differentiable all_reduce, so
+    that the CPU tests check the multi-process run exactly (tests/test_cuda_paths.py: the batch
+    norm of the whole batch, SyncBatchNorm's contract)."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects an input [N, C, ...], got {x.dim()}D")
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
         n_local = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), n_local]))
+        stats = SumOverRanks.apply(torch.cat([x.sum(dims), n_local]))
         n, mean = stats[-1], stats[:-1] / stats[-1]
         # Two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly in float32.
-        var = SumOverRanks.apply(((x - mean[None, :, None, None]) ** 2).sum((0, 2, 3))) / n
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        var = SumOverRanks.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * n / (n - 1), factor)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
 def convert_sync_bn(module, device):
+    """--sync-bn: every BatchNorm (the BCL heads' BatchNorm1d included) made a synchronised one:
+    nn.SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere; the same modules either way."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
@@ -648,7 +685,7 @@ def bcl_loss(features, targets, prototypes, temperature):
     not_self = torch.ones_like(same)
     not_self[:, :N].fill_diagonal_(False)
     # |A_c| of each candidate's class, as seen from each anchor: its own class has one fewer
-    size = torch.bincount(labels, minlength=K)[labels][None, :] - same.long()
+    size = gbg.count_labels(labels, K)[labels][None, :] - same.long()
     log_den = torch.logsumexp(torch.where(not_self, s - size.to(s.dtype).log(), float("-inf")), dim=1)
     pos = same & not_self
     return -(torch.where(pos, s, 0.0).sum(1) / pos.sum(1) - log_den).mean()
@@ -694,6 +731,33 @@ def lr_at(epoch, args):
         return args.lr * 0.1 ** sum(epoch >= d for d in drops)
     t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
     return args.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def compile_supported():
+    """Whether this torch has what --compile uses: torch.compiler.set_stance (torch >= 2.6, for the
+    eager grouping and evaluation) and torch._functorch.config.donated_buffer (see compile_backbone)."""
+    functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+    return hasattr(torch.compiler, "set_stance") and hasattr(functorch_config, "donated_buffer")
+
+
+def make_deterministic(args):
+    """--deterministic: what CUDA needs to repeat a run bit for bit (the CPU kernels here already do).
+    Atomic adds (index_add in the group losses and the sketch, index_put with accumulate in the
+    backward of indexing) switch to their sorted deterministic kernels, cuDNN to deterministic
+    algorithms without benchmarking, cuBLAS to a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when
+    cuBLAS starts, hence before any CUDA work), and fp32 convolutions and matmuls off TF32. An op
+    without a deterministic CUDA kernel then raises instead of running."""
+    if not args.deterministic:
+        return
+    if torch.cuda.is_initialized() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        raise data_lt.UserError("--deterministic: CUDA started before train.main; set CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                                "in the environment first")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def compile_backbone(model):
@@ -770,7 +834,8 @@ def make_groups(model, data, args, device):
                                           sketch_dim=sketch, max_per_class=args.grad_max_per_class,
                                           device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
                                           return_info=True, worker_init_fn=data_lt.worker_init,
-                                          num_workers=0 if data.kind == "tensor" else min(args.workers, 4))
+                                          num_workers=0 if data.kind == "tensor" else min(args.workers, 4),
+                                          fetch=data.train_eval.batch if data.kind == "tensor" else None)
         grads = grads.to(device)
         confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
                                               dtype=torch.float64, device=device))
@@ -871,7 +936,7 @@ def batch_losses(model, x, y, counts, args, device):
 def step_losses(model, x, y, class_to_group, G, args, device):
     """One batch as a step sees it: the global class counts, batch_losses' outputs and, with
     groups, the G group losses and which groups are present (else None, None)."""
-    counts = all_reduce_(torch.bincount(y, minlength=model.fc.out_features))
+    counts = all_reduce_(gbg.count_labels(y, model.fc.out_features))
     logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
     losses = present = None
     if class_to_group is not None:
@@ -1158,8 +1223,9 @@ def evaluate(model, loader, class_counts, device, args):
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             pred = model(x.contiguous(memory_format=torch.channels_last) if args.amp else x).argmax(1)
-        total += torch.bincount(y, minlength=K).double()
-        correct += torch.bincount(y[pred == y], minlength=K).double()
+        # fixed-size counts: bincount and y[pred == y] would size their outputs on the host
+        total.index_add_(0, y, torch.ones_like(y, dtype=total.dtype))
+        correct.index_add_(0, y, (pred == y).to(correct.dtype))
     correct, total = all_reduce_(correct).cpu(), all_reduce_(total).cpu()
     out = {"top1": 100.0 * correct.sum().item() / max(total.sum().item(), 1)}
     for name, mask in data_lt.shot_masks(class_counts).items():
@@ -1238,6 +1304,7 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
 
 def main(args):
     # --- setup ------------------------------------------------------------------------------------
+    make_deterministic(args)  # before any CUDA work (cuBLAS reads its workspace setting once)
     init_distributed(args)
     ckpt = load_for_eval(args) if args.eval else None  # takes the model's options from the checkpoint
     fill_defaults(args)

@@ -306,7 +306,9 @@ def bench_amp(args, device):
     ds, _ = lt_dataset(10, 500 if args.quick else 5000)
     bs, n_exact = 256, 2 if args.quick else 4
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    batches = [perm[i:i + bs] for i in range(0, len(ds), bs)]
+    batches = [perm[i:i + bs].to(device) for i in range(0, len(ds), bs)]
+    # the set held on the device, as train.py holds CIFAR: the model is measured, not the copies
+    images, targets = ds.images.to(device), ds.targets.to(device)
     groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3], device=device)
     out = {}
     print(f"(f) --amp: ResNet-32, batch {bs}; a CE epoch over {len(ds):,} images ({len(batches)} steps) and "
@@ -320,15 +322,14 @@ def bench_amp(args, device):
         def ce_epoch_():
             for idx in batches:
                 optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(amp_forward(model, ds.images[idx].to(device), amp, device),
-                                ds.targets[idx].to(device)).backward()
+                F.cross_entropy(amp_forward(model, images[idx], amp, device), targets[idx]).backward()
                 optimizer.step()
 
         def exact_steps():
             for idx in batches[:n_exact]:
                 optimizer.zero_grad(set_to_none=True)
-                losses, _ = gbg.group_losses(amp_forward(model, ds.images[idx].to(device), amp, device),
-                                             ds.targets[idx].to(device), groups, 4, validate=False)
+                losses, _ = gbg.group_losses(amp_forward(model, images[idx], amp, device), targets[idx], groups, 4,
+                                             validate=False)
                 gbg.mgda_backward(list(losses), params, workspace=workspace)
                 optimizer.step()
 

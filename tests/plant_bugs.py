@@ -158,8 +158,8 @@ BUGS = [
     # the number of groups from the spectrum, the grouping history (--num-groups auto, --regroup-every)
     # the gradient diagnostic (--diag-every) and the per-group training losses
     ("diag_local_counts", "gbg.py",
-     "counts = torch.bincount(targets, minlength=K) if class_counts is None else torch.as_tensor(class_counts)",
-     "counts = torch.bincount(targets, minlength=K)",
+     "counts = count_labels(targets, K) if class_counts is None else torch.as_tensor(class_counts)",
+     "counts = count_labels(targets, K)",
      [DG + "test_class_update_cosines_match_per_sample_gradients"]),
     ("diag_leaves_bn_updated", "train.py",
      "    model.load_state_dict(saved, strict=False)\n", "",
@@ -224,6 +224,23 @@ BUGS = [
     ("plot_bars_in_class_id_order", "tests/plot_runs.py",
      "key=lambda k: (-counts[k], k)", "key=lambda k: k",
      [PL + "test_diagnostic_classes_follow_the_training_counts"]),
+    # ready for the GPU: no host waits on the step path, the same path on the CPU and CUDA
+    ("bincount_in_the_step", "train.py",
+     "counts = all_reduce_(gbg.count_labels(y, model.fc.out_features))",
+     "counts = all_reduce_(torch.bincount(y, minlength=model.fc.out_features))",
+     ["tests/test_host_sync.py::test_only_the_mgda_solve_reads_the_device"]),
+    ("sampler_numpy_of_device_labels", "train.py",
+     "labels = gbg._dataset_labels(data.train)", "labels = np.asarray(data.train.targets)",
+     ["tests/test_host_sync.py::test_training_pieces_run_on_device_resident_data"]),
+    ("max_pool_head", "train.py",
+     "return F.adaptive_avg_pool2d(x, 1).flatten(1)", "return F.adaptive_max_pool2d(x, 1).flatten(1)",
+     ["tests/test_host_sync.py::test_every_op_has_a_deterministic_cuda_kernel"]),
+    ("contiguous_mgda_grads", "gbg.py",
+     "p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g.detach())",
+     "p.grad = g.detach().clone()", ["tests/test_cuda_paths.py::test_mgda_grads_take_the_parameters_layout"]),
+    ("sync_bn_2d_only", "train.py",
+     "if isinstance(child, nn.modules.batchnorm._BatchNorm):", "if isinstance(child, nn.BatchNorm2d):",
+     ["tests/test_cuda_paths.py::test_sync_bn_converts_the_same_modules_on_cpu_and_cuda"]),
 ]
 
 

@@ -152,6 +152,9 @@ def get_args_parser():
                         'alone: --extra=--compile)')
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter that runs train.py (default: the one running this script)")
+    p.add_argument("--gpu-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="on cuda: run tests/gpu_check.py into OUT/gpu_check first, and with --budget start only the "
+                        "runs its measured images/s say can end in time (default: on)")
     p.add_argument("--summarize", action="store_true",
                    help="only rebuild OUT/table.json and table.md from the run folders in --out")
     return p
@@ -422,7 +425,8 @@ def run_all(args, t_start):
     queue = [dict(row=row, seed=seed, name=run_name(row, seed), dir=Path(args.out) / run_name(row, seed),
                   flags=row_flags(row, args.extra), epochs=args.epochs, commit=commit,
                   grouping=flag_value(row_flags(row, args.extra), "--grouping", "gbg") != "none")
-             for seed in args.seeds for row in args.runs]
+             for seed in args.seeds for row in args.runs
+             if run_name(row, seed) not in getattr(args, "planned_out", ())]
     deadline = t_start + args.budget - RESERVE_S if args.budget is not None else None
     # one GPU is shared by its runs; CPU runs share the cores when they ask for more threads than there are
     shared = args.device == "cuda" or args.jobs * args.threads > (os.cpu_count() or 1)
@@ -495,6 +499,73 @@ def run_all(args, t_start):
                 os.killpg(r["proc"].pid, signal.SIGKILL)
                 r["proc"].wait()
                 write_wall(r)
+
+
+# --- GPU check and sizing -------------------------------------------------------------------------
+TRAIN_IMAGES, TEST_IMAGES = 12406, 10000  # CIFAR-10-LT IF 100 (the protocol of run_command), its test split
+
+
+def run_seconds(row, args, report):
+    """Seconds of GPU time one run of `row` needs alone, from tests/gpu_check.py's report: its
+    epochs at train.py's images/s of the matching step (CE or BCL, with or without MGDA, --amp;
+    every class its own objective: 10 group backwards instead of 4, so 4/10 of the rate; without
+    --amp, bench (f)'s fp32/bf16 ratio), plus a test pass per epoch at 3x the CE rate. None when
+    the report lacks the rate."""
+    flags = row_flags(row, args.extra)
+    mgda = flag_value(flags, "--moo", "mgda") == "mgda"
+    kind = ("bcl" if flag_value(flags, "--loss", "ce") == "bcl" else "ce") + ("_gbg" if mgda else "")
+    step = report.get("steps", {})
+    rate = step.get({"ce_gbg": "gbg"}.get(kind, kind), {}).get("images_per_s")
+    ce_rate = step.get("ce", {}).get("images_per_s")
+    if not rate or not ce_rate:
+        return None
+    if mgda and flag_value(flags, "--grouping", "gbg") == "none":
+        rate *= 4 / 10
+    f = report.get("bench_f")
+    if not args.amp and f:
+        rate *= f["fp32"]["exact" if mgda else "ce"] / f["bf16"]["exact" if mgda else "ce"]
+    return args.epochs * (TRAIN_IMAGES / rate + TEST_IMAGES / (3 * ce_rate))
+
+
+def plan_runs(names, seconds, left):
+    """The runs (in priority order, each needing seconds[i] of the GPU alone; None: unknown, 0) that
+    can all end within `left` seconds sharing one GPU: the last of them ends when the sum of their
+    needs is spent, whatever the sharing. Returns (kept, dropped)."""
+    kept, dropped, total = [], [], 0.0
+    for name, need in zip(names, seconds):
+        if total + (need or 0.0) <= left:
+            kept.append(name)
+            total += need or 0.0
+        else:
+            dropped.append(name)
+    return kept, dropped
+
+
+def gpu_check_first(args, t_start):
+    """--device cuda: tests/gpu_check.py first (a CUDA-only failure shows before the long runs,
+    issue 27), into OUT/gpu_check; with --budget, the runs that its images/s say cannot end in
+    time are not started (stop.json says why) rather than cut."""
+    folder = Path(args.out) / "gpu_check"
+    print(f"gpu check: tests/gpu_check.py {folder}", flush=True)
+    code = subprocess.run([args.python, str(ROOT / "tests" / "gpu_check.py"), str(folder)], cwd=ROOT).returncode
+    report = read_json(folder / "report.json")
+    if code != 0 or not report:
+        print(f"gpu check: exit {code}{'' if report else ', no report'}; see {folder} (the runs go on)", flush=True)
+    if args.budget is None or not report or args.arch != "resnet32":
+        return
+    names = [run_name(row, seed) for seed in args.seeds for row in args.runs]
+    seconds = [run_seconds(row, args, report) for seed in args.seeds for row in args.runs]
+    left = args.budget - RESERVE_S - (time.time() - t_start)
+    kept, args.planned_out = plan_runs(names, seconds, left)
+    for name, need in zip(names, seconds):
+        if name in args.planned_out:
+            reason = f"planned out: needs {need:.0f} s of the GPU (tests/gpu_check.py's images/s), {left:.0f} s left"
+            run_dir = Path(args.out) / name
+            if not run_dir.exists() or not any(run_dir.iterdir()):  # an earlier run's files stay as they are
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "stop.json").write_text(json.dumps(
+                    {"status": "not started", "reason": reason, "epochs": args.epochs}))
+            print(f"{name}: not started ({reason})", flush=True)
 
 
 # --- Table ----------------------------------------------------------------------------------------
@@ -641,6 +712,8 @@ def main(args):
         fail(f"--out {args.out} is a file; give a folder")
     ensure_data(args.data, args.tarball)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and args.gpu_check:
+        gpu_check_first(args, t_start)
     run_all(args, t_start)
     wall = time.time() - t_start
     card = machine(args)

@@ -216,11 +216,11 @@ def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, tempera
     """The gradient of one BCL+GBG step with one group, written from BCL's definition:
     la_weight * LA + bcl_weight * (mean over processes of each process's BCL loss), where
     LA = mean over the classes present of the class-mean CE of the logit-adjusted cosine logits
-    30 cos(z, w_k) + log(N_k / N), over the global batch; the backbone's BatchNorm sees every
-    process's views (--sync-bn); each process's contrastive loss sees its own views, and its
-    projection head (BatchNorm1d, per process) runs over all three of them, as BCL's
-    BCLModel.forward and the authors' CIFAR model do, before the classification view's rows are
-    dropped."""
+    30 cos(z, w_k) + log(N_k / N), over the global batch; every BatchNorm, the backbone's and the
+    heads', sees every process's views (--sync-bn, as nn.SyncBatchNorm on CUDA); the projection
+    head runs over all three views, as BCL's BCLModel.forward and the authors' CIFAR model do,
+    before the classification view's rows are dropped; each process's contrastive loss sees its
+    own views."""
     model = small_bcl_model(len(class_counts), class_counts)
     model.load_state_dict(ranks[0]["init"])
     model.train()
@@ -228,16 +228,19 @@ def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, tempera
     z = model.backbone(torch.cat([x for x, _ in parts]))
     log_prior = torch.log(torch.as_tensor(class_counts, dtype=torch.float64) / float(np.sum(class_counts)))
     w = model.fc.weight
-    cls_z, cls_y, contrast, offset = [], [], 0.0, 0
+    cls_z, cls_y, con_z, offset = [], [], [], 0
     for x, y in parts:
         zr = z[offset:offset + len(x)]
         offset += len(x)
         B = len(y)
         cls_z.append(zr[:B])
         cls_y.append(y)
-        emb = F.normalize(model.head(zr), dim=1)[B:]
-        protos = F.normalize(model.head_fc(w), dim=1)
-        contrast = contrast + T.bcl_loss(emb, y.repeat(2), protos, temperature) / len(parts)
+        con_z.append(zr)
+    # the head's BatchNorm over all processes' three views; head_fc's over the K prototypes
+    # (every process feeds it the same K rows, whose statistics are those of one copy)
+    emb = F.normalize(model.head(torch.cat(con_z)), dim=1).split([len(c) for c in con_z])
+    protos = F.normalize(model.head_fc(w), dim=1)
+    contrast = sum(T.bcl_loss(e[len(y):], y.repeat(2), protos, temperature) for e, y in zip(emb, cls_y)) / len(parts)
     zc, y = torch.cat(cls_z), torch.cat(cls_y)
     logits = 30.0 * F.normalize(zc, dim=1) @ F.normalize(w, dim=1).T + log_prior
     per_sample = -torch.log_softmax(logits, dim=1)[torch.arange(len(y)), y]
