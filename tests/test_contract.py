@@ -72,6 +72,67 @@ def image_tree(root, size=72, per_class=(4, 2), classes=3, ext="png"):
     return root
 
 
+# ------------------------------------------------------------------------------------------ 1. resume
+def test_resume_never_continues_another_experiment(tmp_path, monkeypatch, capsys):
+    """The issue's sequence in the default output/: a GBG run stopped after its first epoch, then the CE
+    baseline's command without --output-dir. It stops with one line naming the flags and the fix; the
+    GBG run's files are left as they were. Every flag that changes the experiment is refused the same
+    way (no state_dict traceback for --arch / --loss); the flags that do not are logged and resume."""
+    monkeypatch.chdir(tmp_path)
+    gbg_run = [*FAST, "--epochs", "2"]
+    run(*gbg_run, "--exit-after-epoch", "0")
+    saved = (tmp_path / "output" / "checkpoint.pth").read_bytes()
+    ce = train(*gbg_run, *PLAIN, cwd=tmp_path)
+    err = one_line(ce.returncode, ce.stderr, "--grouping none", "--moo none", "--sampler random", "--grouping gbg",
+                   "--output-dir")
+    assert "output/checkpoint.pth" in err and "resumed" not in ce.stdout
+    assert (tmp_path / "output" / "checkpoint.pth").read_bytes() == saved
+    assert not (tmp_path / "output" / "results.json").exists()
+    for flags in (["--num-groups", "3"], ["--imb-factor", "10"], ["--lr", "0.5"], ["--arch", "resnet20"],
+                  ["--loss", "bcl"], ["--seed", "1"], ["--amp"], ["--no-recalibrate-bn"]):
+        with pytest.raises(data_lt.UserError, match=flags[0].replace("--no-", "no --")) as e:
+            run(*gbg_run, *flags)
+        assert "\n" not in str(e.value) and "--output-dir" in str(e.value)
+    capsys.readouterr()
+    # where the data is, the loaders, the printing and evaluating cadence: the same run goes on
+    run(*gbg_run, "--workers", "1", "--print-freq", "3", "--eval-every", "2", "--data-root", "elsewhere")
+    out = capsys.readouterr().out
+    assert "resumed from output/checkpoint.pth at epoch 1" in out
+    resume = [l for l in out.splitlines() if l.startswith("resume: ")]
+    assert len(resume) == 1 and "do not change the experiment" in resume[0], out
+    for flag in ("--workers 1", "--print-freq 3", "--eval-every 2", "--data-root elsewhere", "--workers 0",
+                 "--print-freq 1000", "--data-root ./data"):
+        assert flag in resume[0], (flag, resume[0])
+    assert [e["epoch"] for e in read_log(tmp_path / "output")] == [0, 1]
+    assert json.load(open(tmp_path / "output" / "results.json"))["args"]["grouping"] == "gbg"
+
+
+def test_resume_flag_comparison_by_hand():
+    """Which flags may change is one list; --num-groups auto matches the G it chose, --views left
+    out matches the run's own, and a flag the checkpoint does not know is not compared."""
+    _, args = parse(*FAST)
+    saved = dict(vars(args))
+    T.check_resume_flags({"args": saved}, args, "c.pth")
+    for key in T.RESUME_MAY_CHANGE:
+        assert key in vars(args), key  # no stale names in the list
+    args.num_groups = "auto"
+    with pytest.raises(data_lt.UserError, match="--num-groups auto"):
+        T.check_resume_flags({"args": saved}, args, "c.pth")
+    T.check_resume_flags({"args": saved, "groups_info": {"num_groups_auto": {}}}, args, "c.pth")
+    args.views, saved["views"] = None, "device"
+    T.check_resume_flags({"args": saved, "groups_info": {"num_groups_auto": {}}}, args, "c.pth")
+    del saved["momentum"]
+    args.momentum = 0.5
+    T.check_resume_flags({"args": saved, "groups_info": {"num_groups_auto": {}}}, args, "c.pth")
+
+
+def parse(*argv):
+    args = T.get_args_parser().parse_args(list(argv))
+    T.init_distributed(args)  # rank, world size, device, as main sets them
+    T.fill_defaults(args)
+    return T, args
+
+
 # ------------------------------------------------------------------------------------------ 2. workers
 def bad_image_cases(tmp_path):
     """Two data sets with one bad image each: a folder-lt tree of 72 px images with a truncated JPEG
@@ -145,3 +206,101 @@ def test_image_files_train_the_same_with_0_1_and_2_workers(tmp_path):
     assert loss0[0] != loss0[1]
 
 
+# ------------------------------------------------------------------------------------------ 5. bad input
+def test_output_dir_that_cannot_hold_the_run_stops_before_training(tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    locked = Path("/proc/self")  # a folder not even root can write to
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+    trained = []
+    monkeypatch.setattr(T, "train_one_epoch", lambda *a, **k: trained.append(1) or {})
+    for out, words in ((a_file, "is a file"), (a_file / "sub", "cannot be written"), (locked, "cannot be written")):
+        with pytest.raises(data_lt.UserError, match=words) as e:
+            run(*FAST, *PLAIN, "--epochs", "1", "--output-dir", out)
+        assert f"--output-dir {out}" in str(e.value) and "\n" not in str(e.value)
+    assert trained == []
+    assert not list(tmp_path.glob("**/.write-test-*"))
+
+
+@pytest.mark.parametrize("argv, flag", [(["--wd", "nan"], "--wd nan"), (["--wd", "inf"], "--wd inf"),
+                                        (["--lr", "inf"], "--lr inf"), (["--imb-factor", "nan"], "--imb-factor nan"),
+                                        (["--wd", "-1"], "--wd -1")])
+def test_non_finite_and_negative_flags_are_refused(argv, flag):
+    with pytest.raises(data_lt.UserError, match=flag) as e:
+        parse(*argv)
+    assert "\n" not in str(e.value)
+
+
+def test_divergence_message_is_true(tmp_path):
+    """A run diverging in its first epoch has no checkpoint to keep, and the message says so; the
+    message names --wd beside --lr (here a huge --wd made it diverge)."""
+    with pytest.raises(data_lt.UserError) as e:
+        run(*FAST, *PLAIN, "--epochs", "1", "--wd", "1e30", "--output-dir", tmp_path)
+    msg = str(e.value)
+    assert "no checkpoint was written" in msg and "is kept" not in msg, msg
+    assert "--wd (now 1e+30)" in msg and "--lr (now 0.1)" in msg and "--output-dir" in msg
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_ctrl_c_and_sigterm_say_which_checkpoint_is_kept(tmp_path, capsys):
+    """SIGINT (Ctrl-C) and SIGTERM mid-run: one line naming the epoch of the checkpoint left behind
+    (read back from the file afterwards) and that the same command resumes; it does."""
+    argv = [*FAST, *PLAIN, "--epochs", "50"]
+    procs = {sig: start(*argv, "--output-dir", tmp_path / sig.name) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deadline = time.time() + 600
+    for sig, p in procs.items():
+        while not (tmp_path / sig.name / "checkpoint.pth").exists() and time.time() < deadline:
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            time.sleep(0.05)
+        p.send_signal(sig)
+    for sig, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 128 + sig, (sig, p.returncode, err[-3000:])
+        kept = tmp_path / sig.name / "checkpoint.pth"
+        if not kept.exists():  # stopped between save_atomic's two renames: the previous one is the one kept
+            kept = kept.with_name("checkpoint.prev.pth")
+        epoch = torch.load(kept, map_location="cpu", weights_only=False)["epoch"]
+        err = one_line(p.returncode, err, f"stopped by {sig.name}",
+                       f"the checkpoint of epoch {epoch} in {tmp_path / sig.name} is kept",
+                       f"the same command resumes from epoch {epoch + 1}")
+    run(*argv, "--output-dir", tmp_path / "SIGTERM", "--exit-after-epoch", epoch + 1)  # the same command, stopped
+    assert f"resumed from {tmp_path / 'SIGTERM' / 'checkpoint.pth'} at epoch {epoch + 1}" in capsys.readouterr().out
+
+
+def test_eval_reads_the_data_root_of_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """--eval --resume CKPT without --data-root evaluates on the data the run trained on (folder-lt
+    here, whose images exist only there), from any folder; a --data-root given still wins."""
+    data = image_tree(tmp_path / "data", size=32, per_class=(4, 3))
+    out = tmp_path / "run"
+    run("--dataset", "folder-lt", "--data-root", data, "--imb-factor", "1", *FAST[2:], *PLAIN, "--epochs", "1",
+        "--output-dir", out)
+    logged = read_log(out)[-1]["test_top1"]
+    monkeypatch.chdir(tmp_path / "run")
+    results = run("--device", "cpu", "--eval", "--resume", out / "checkpoint.pth")
+    assert results["test"]["top1"] == logged and f"data root {data}" in capsys.readouterr().out
+    with pytest.raises(data_lt.UserError, match="nowhere"):
+        run("--device", "cpu", "--eval", "--resume", out / "checkpoint.pth", "--data-root", tmp_path / "nowhere")
+
+
+def test_a_negligible_gbg_update_is_reported(tmp_path, monkeypatch, capsys):
+    """An MGDA update a millionth of the plain gradient (scripted: the real step, scaled) for 3 epochs
+    in a row: a warning in the log at the third, none before."""
+    real = gbg.mgda_backward
+
+    def tiny(losses, params, **kw):
+        out = real(losses, params, **kw)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(1e-6)
+        return out
+    monkeypatch.setattr(gbg, "mgda_backward", tiny)
+    run(*FAST, "--batch-size", "256", "--grouping", "count", "--num-groups", "2", "--ratio-every", "1", "--epochs", "3",
+        "--output-dir", tmp_path)
+    assert all(e["update_ratio"] < 1e-5 for e in read_log(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    warned = [i for i, l in enumerate(lines) if "warning: the GBG update" in l]
+    epochs = [i for i, l in enumerate(lines) if l.startswith("epoch ") and ": test top-1" in l]
+    assert len(warned) == 1 and epochs[1] < warned[0] < epochs[2], lines
+    assert "for 3 epochs" in lines[warned[0]]
