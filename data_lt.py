@@ -31,9 +31,12 @@ yields ([x_cls, x_con1, x_con2], y), each sample's views made on the CPU by Seed
 by (epoch seed, sample index) alone, for either kind. For "tensor" data, views="device" makes the
 same views batch by batch on the device (device_views), seeded by (epoch seed, sample index) too.
 """
+import atexit
 import math
+import multiprocessing.util  # noqa: F401 (its exit hook is registered before end_workers, which runs first)
 import os
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +60,14 @@ PAD = 4               # CIFAR random-crop padding
 class UserError(Exception):
     """What the user can fix (bad input, missing data, a diverging loss): one line naming the problem
     and the fix. train.py and slurm/submit.py print it without a traceback and exit with status 1."""
+
+    def __init__(self, message=""):
+        # A DataLoader worker's exception reaches the training process as type(e)("Caught UserError in
+        # DataLoader worker process N.\nOriginal Traceback ...\ndata_lt.UserError: <message>"): keep the line
+        text = str(message)
+        if text.startswith("Caught UserError") and "Original Traceback" in text:
+            text = text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+        super().__init__(text)
 
 
 def _one_line(text):
@@ -204,7 +215,7 @@ def read_split(root, list_file, num_classes):
     if not os.path.isfile(path):
         raise UserError(f"split file {path} not found; put it in the data root (--data-root {root})")
     samples = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not part of a path
         for line_no, line in enumerate(f, 1):
             text = line.strip()
             if not text:
@@ -256,6 +267,9 @@ class ImageList(Dataset):
             listed = f" (listed in {self.list_file})" if self.list_file else ""
             raise UserError(f"image {path}{listed} does not exist; check --data-root ({self.root}) "
                           f"and that the images are unpacked there") from None
+        except Exception as e:  # truncated or corrupt files: PIL raises OSError, SyntaxError, ValueError, ...
+            raise UserError(f"cannot decode image {path} ({type(e).__name__}: {_one_line(e)[:120]}); replace "
+                            f"or remove it") from None
 
     def __getitem__(self, i):
         img = self.load(i)
@@ -911,6 +925,23 @@ def worker_init(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def end_workers():
+    """At exit, kill the DataLoader workers that still run. multiprocessing ends a process's daemonic
+    children at exit with SIGTERM, which they ignore (worker_init), and then waits for them: after an
+    error raised while a loader was being read (in a worker, or in the training step) the process
+    would wait forever, holding its GPUs. Loaders read to their end have stopped their workers."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers and threading.current_thread() is threading.main_thread():
+        # PyTorch's SIGCHLD handler would report each killed worker as a failure (a traceback after the
+        # run's own one-line error); the process is ending, so nothing is left for it to report
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in workers:
+        p.kill()
+
+
+atexit.register(end_workers)  # atexit runs last-registered first: before multiprocessing's own hook
+
+
 class Loader:
     """Re-iterable batches: each iter() is one epoch; len() is the number of batches."""
 
@@ -931,7 +962,9 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
     With `seed`, each SAMPLE's crop and flip are drawn up front from that seed, so they do not
     depend on which batch or process the sample lands in: resumed and multi-process runs then
     see exactly the images of an uninterrupted single-process run.
-    Anything else: a DataLoader with worker processes, copied to the device without blocking.
+    Anything else: a DataLoader with worker processes, copied to the device without blocking; for
+    training image files (ImageList) with `seed`, each sample's transform is seeded by (seed, index)
+    (SeededViews), so that the images do not depend on the workers either.
     views (training only; e.g. bcl_views): batches are ([x_view1, x_view2, ...], y), each view
     made per sample on the CPU (DataLoader workers) by SeededViews, seeded by (seed, index).
     views="device" (TensorImages only): the BCL views made batch by batch on `device` by
@@ -979,6 +1012,17 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
                        ds.targets[idx])
         return Loader(epoch, lambda: len(batch_sampler))
 
+    if train and seed is not None and isinstance(ds, ImageList) and ds.transform is not None:
+        # Image files (ImageNet-LT, iNat, folder-lt above 64 px): each sample's crop and flip drawn
+        # from (seed, index) alone, as the BCL views, not from the RNG of whichever worker loads it,
+        # so that --workers, resuming and the number of processes leave the run as it is.
+        seeded = DataLoader(SeededViews(ds, [ds.transform], seed), batch_sampler=batch_sampler,
+                            num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+
+        def seeded_epoch():
+            for (x,), y in seeded:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return Loader(seeded_epoch, lambda: len(seeded))
     cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
     # Workers end with each pass (no persistent_workers): a rank's training, validation and test
     # loaders then never hold --workers idle processes each at once, only the one in use does.

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import traceback
@@ -119,7 +120,8 @@ def get_args_parser():
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="cifar10-lt",
                    choices=["cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt"])
-    d.add_argument("--data-root", default="./data", help="folder holding the data set (see README)")
+    d.add_argument("--data-root", default=None,
+                   help="folder holding the data set (see README; default ./data, or with --eval the checkpoint's)")
     d.add_argument("--imb-factor", type=float, default=None, help="N_max / N_min of the made-long-tailed sets (100)")
     d.add_argument("--data-seed", type=int, default=0,
                    help="seed of the long-tailed subset (CIFAR, folder-lt; synthetic-lt's images): fixed across "
@@ -263,18 +265,25 @@ def fill_defaults(args):
         args.sampler = "random" if args.grouping == "none" else "gac"
     if args.workers is None:
         args.workers = default_workers()
+    if args.data_root is None:  # torchvision downloads CIFAR here (README, Quick start)
+        args.data_root = "./data"
     if args.group_epoch is None:
         # Ours, measured (README, "Grouping on outputs that mean something"): groups taken at the
         # end of the warm-up agree across seeds (adjusted Rand 0.66), those of the initial model
         # hardly (0.14 recalibrated, -0.02 not). A run no longer than its warm-up groups at once.
         warm = math.ceil(args.warmup_epochs)
         args.group_epoch = warm if warm < args.epochs else 0
+    not_finite = [k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
+    if not_finite:  # nan compares False with everything, so the range checks below would let it through
+        raise data_lt.UserError(f"{as_flag(not_finite[0], getattr(args, not_finite[0]))} is not a number a run "
+                                f"can use; give a finite value")
     checks = [
         (args.batch_size >= 1 and args.batch_size % args.world_size == 0,
          f"--batch-size {args.batch_size} does not split over the {args.world_size} process(es); "
          f"pick a positive multiple of {args.world_size}"),
         (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
         (args.lr > 0, f"--lr {args.lr} must be positive"),
+        (args.wd >= 0 and args.momentum >= 0, f"--wd {args.wd} and --momentum {args.momentum} must be >= 0"),
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
         (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
          f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
@@ -592,6 +601,82 @@ def load_resume_checkpoint(ckpt_path, args):
                                   f"rank 0 read epoch {epoch}; the nodes see different files: put --output-dir "
                                   f"on a file system that every node sees the same")
     return ckpt, candidates[index]
+
+
+# Resuming from checkpoint.pth: the flags that may differ from the checkpoint's, because they change
+# how the run is carried out, not what it computes (where the data and outputs are, the device and
+# the number of processes, which keep the global batch, the loaders, how often it prints, evaluates
+# and measures, compiling, the tests' stop; --preset only fills the flags, which are compared one by
+# one). A difference here is logged; a difference in any other flag is another experiment, and the
+# run stops (check_resume_flags) instead of training or reporting the checkpoint's run under it.
+RESUME_MAY_CHANGE = ("data_root", "output_dir", "device", "world_size", "workers", "print_freq", "eval_every",
+                     "ratio_every", "diag_every", "diag_batches", "compile", "exit_after_epoch", "preset",
+                     "rank", "local_rank", "distributed", "eval", "resume")
+
+
+def as_flag(key, value):
+    """A flag and its value as a command line spells it (for messages)."""
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return name
+    if value is False or value is None:
+        return f"no {name}"
+    return f"{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+def check_resume_flags(ckpt, args, path):
+    """Compare the command's flags with those the checkpoint was trained with: stop with one line
+    naming every flag that changes the experiment (and the fix), log those that may change."""
+    saved = ckpt["args"]
+    auto = "num_groups_auto" in (ckpt.get("groups_info") or {})
+
+    def same(key):
+        mine, theirs = getattr(args, key), saved[key]
+        if key == "views" and mine is None:  # not given: the run's own views (taken from the checkpoint)
+            return True
+        if key == "num_groups" and mine == "auto" and auto:  # auto chose the checkpoint's G, kept for the run
+            return True
+        return mine == theirs
+
+    # flags newer than the checkpoint were not recorded: nothing to compare
+    keys = [k for k in vars(args) if k in saved]
+    changed = [k for k in keys if k not in RESUME_MAY_CHANGE and not same(k)]
+    if changed:
+        raise data_lt.UserError(
+            f"{path} is the checkpoint of another run ({', '.join(as_flag(k, saved[k]) for k in changed)}) than this "
+            f"command asks for ({', '.join(as_flag(k, getattr(args, k)) for k in changed)}); pass another "
+            f"--output-dir to start a new run, or the checkpoint's flags to resume it")
+    moved = [k for k in keys if k in RESUME_MAY_CHANGE and k not in ("rank", "local_rank", "distributed", "eval",
+                                                                      "resume") and not same(k)]
+    if moved:
+        log(args, f"resume: {', '.join(as_flag(k, getattr(args, k)) for k in moved)} (the checkpoint's run had "
+                  f"{', '.join(as_flag(k, saved[k]) for k in moved)}); these do not change the experiment")
+
+
+def check_output_dir(out):
+    """Make --output-dir and write a file there, so that a folder that cannot hold the run's files
+    stops it now, not after its first epoch."""
+    if out.exists() and not out.is_dir():
+        raise data_lt.UserError(f"--output-dir {out} is a file; pass a folder")
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise data_lt.UserError(f"--output-dir {out} cannot be written ({e.strerror or type(e).__name__}: "
+                                f"{e.filename}); pass a folder you can write to") from None
+
+
+def checkpoint_kept(out):
+    """Which checkpoint a stopped run leaves in `out`, and what the same command then does."""
+    for path in (Path(out) / "checkpoint.pth", previous_checkpoint(Path(out) / "checkpoint.pth")):
+        try:
+            epoch = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"]
+        except Exception:  # absent, or cut short by the stop
+            continue
+        return f"the checkpoint of epoch {epoch} in {out} is kept: the same command resumes from epoch {epoch + 1}"
+    return f"no checkpoint was written in {out} yet: the same command starts the run again"
 
 
 def write_json(path, obj, mode="w"):
@@ -1135,9 +1220,12 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
         if step % args.print_freq == 0 or step == len(loader) - 1:
             seen = all_reduce_(sums.clone()).tolist()  # the global sums, on every process
             if not math.isfinite(seen[0]):
-                raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: lower --lr (now "
-                                        f"{args.lr}) or drop --amp; the last good checkpoint in {args.output_dir} "
-                                        f"is kept")
+                # every epoch before this one ended with a checkpoint (this run's, or the one it resumed)
+                kept = (f"the checkpoint of epoch {epoch - 1} in {args.output_dir} is kept" if epoch > 0 else
+                        "no checkpoint was written (the first epoch diverged)")
+                raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: the run diverged; start "
+                                        f"it again with a lower --lr (now {args.lr}) or --wd (now {args.wd})"
+                                        f"{' or without --amp' if args.amp else ''} in another --output-dir; {kept}")
             if is_main(args):
                 elapsed = time.time() - t0
                 print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {seen[0] / (step + 1):.4f} "
@@ -1280,6 +1368,8 @@ def load_for_eval(args):
     except Exception as e:
         raise data_lt.UserError(f"--resume {path} is not a train.py checkpoint ({type(e).__name__}); pass the "
                                 f"checkpoint.pth of a run") from None
+    if args.data_root is None:  # where the checkpoint's run read its data, unless given
+        args.data_root = trained.get("data_root")
     for k in MODEL_OPTIONS:
         # checkpoints from before --data-seed cut the subset with --seed
         value = trained.get(k, trained.get("seed") if k == "data_seed" else None)
@@ -1302,6 +1392,12 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
     return results
 
 
+# A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
+# many epochs in a row is reported: the default rule's steps are 0.3-0.6 of it (README, "CPU
+# miniature", by lr phase), and a collapsed run (issue 24: 1e-8 .. 1e-11 for 130 epochs) sat at chance.
+NEGLIGIBLE_UPDATE, NEGLIGIBLE_EPOCHS = 1e-3, 3
+
+
 def main(args):
     # --- setup ------------------------------------------------------------------------------------
     make_deterministic(args)  # before any CUDA work (cuBLAS reads its workspace setting once)
@@ -1318,10 +1414,10 @@ def main(args):
     random.seed(args.seed)
     out = Path(args.output_dir)
     if is_main(args) and not args.eval:
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out)
     if args.eval:
         log(args, f"eval: {args.resume} ({args.dataset} IF {args.imb_factor:g}, data seed {args.data_seed}, "
-                  f"{args.arch}, loss {args.loss}); device {device}")
+                  f"{args.arch}, loss {args.loss}); data root {args.data_root}; device {device}")
     else:
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
                   f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
@@ -1370,6 +1466,7 @@ def main(args):
     start_epoch, groups, groups_info, best, ckpt_path = 0, None, None, None, out / "checkpoint.pth"
     ckpt, resume_path = load_resume_checkpoint(ckpt_path, args)
     if ckpt is not None:
+        check_resume_flags(ckpt, args, resume_path)  # never another experiment's weights under these flags
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, groups, best = ckpt["epoch"] + 1, ckpt["groups"], ckpt["best"]
@@ -1400,7 +1497,7 @@ def main(args):
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
-    t_start = time.time()
+    t_start, negligible = time.time(), 0  # negligible: epochs in a row with a negligible GBG update
     for epoch in range(start_epoch, args.epochs):
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
@@ -1428,6 +1525,11 @@ def main(args):
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
         if regroup_ari is not None:
             stats["regroup_ari"] = regroup_ari
+        negligible = negligible + 1 if stats.get("update_ratio", 1.0) < NEGLIGIBLE_UPDATE else 0
+        if negligible >= NEGLIGIBLE_EPOCHS:
+            log(args, f"train.py: warning: the GBG update has been under {NEGLIGIBLE_UPDATE:g} of the plain gradient's "
+                      f"size for {negligible} epochs (update_ratio {stats['update_ratio']:.3g} at epoch {epoch}): the "
+                      f"model barely moves; see README, 'The MGDA step' (--normalize, --moo-update)")
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if args.diag_every and (epoch + 1) % args.diag_every == 0:
             t0 = time.time()
@@ -1474,10 +1576,22 @@ def main(args):
     return results
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (kill, a scheduler's stop) ends a run as Ctrl-C does, with the same line."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 if __name__ == "__main__":
     args = argparse.ArgumentParser("GBG training", parents=[get_args_parser()]).parse_args()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # here only: submit.py's jobs keep submitit's handlers
     try:
         main(args)
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"  # Ctrl-C raises a bare KeyboardInterrupt
+        if getattr(args, "rank", 0) == 0:
+            what = "the evaluation" if args.eval else checkpoint_kept(args.output_dir)
+            print(f"train.py: stopped by {name}; {what}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.Signals[name])
     except data_lt.UserError as e:
         sys.exit(f"train.py: error: {e}")
     except ValueError as e:

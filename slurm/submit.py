@@ -53,6 +53,7 @@ CODE = ["train.py", "gbg.py", "data_lt.py", "slurm/submit.py"]  # what a job run
 # The dry run prints submitit's sbatch template through a private function (sbatch_text); it was
 # checked against these releases (requirements.txt pins them).
 SUBMITIT_TESTED = "1.5."
+DRY_RUN_ROOT = "/path/to/shared"  # what a dry run without a shared folder shows in its place
 CPUS_PER_TASK = 10  # when sinfo can't say: DeiT's and DINO's run_with_submitit (10 per GPU)
 
 
@@ -142,6 +143,8 @@ class Trainer:
         # core each; PyTorch runs them single-threaded). Set per task here, so that tasks sharing
         # a node don't each start one thread per core of the whole node.
         cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or args.cpus_per_task or 1
+        if args.workers is None:  # train.py's default (the cores this process may use, at most 8), the task's
+            args.workers = min(cores, 8)
         threads = max(1, cores - args.workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
@@ -250,13 +253,21 @@ def resolve_job_dir(args):
             roots.append(os.path.join(ROOT, "runs"))
         root = next((r for r in roots if r), None)
         if root is None:
-            raise SubmitError("no shared folder for the job: pass --job-dir on a file system every node "
-                              "sees, or set GBG_JOB_ROOT (or SCRATCH)")
+            problem = ("no shared folder for the job: pass --job-dir on a file system every node sees, or set "
+                       "GBG_JOB_ROOT (or SCRATCH)")
+            if not args.dry_run:
+                raise SubmitError(problem)
+            # a dry run writes nothing: it shows the script with the folder still to be chosen
+            print(f"submit.py: warning: {problem}; the script shows it as {DRY_RUN_ROOT}", file=sys.stderr)
+            return os.path.join(DRY_RUN_ROOT, "gbg", "%j")
         job_dir = os.path.join(root, "gbg", "%j")
     job_dir = os.path.abspath(os.path.expanduser(os.path.expandvars(job_dir)))
     if args.cluster == "slurm" and any(job_dir == d or job_dir.startswith(d + "/") for d in NODE_LOCAL):
-        raise SubmitError(f"--job-dir {job_dir} is on a node-local disk that the compute nodes can't "
-                          f"see; pass --job-dir on a shared file system, or set GBG_JOB_ROOT")
+        problem = (f"--job-dir {job_dir} is on a node-local disk that the compute nodes can't see; pass --job-dir "
+                   f"on a shared file system, or set GBG_JOB_ROOT")
+        if not args.dry_run:
+            raise SubmitError(problem)
+        print(f"submit.py: warning: {problem}", file=sys.stderr)
     return job_dir
 
 
@@ -285,8 +296,8 @@ def check_request(args):
         if args.gpus_per_node > have:
             raise SubmitError(f"--gpus-per-node {args.gpus_per_node} but this machine has {have} GPU(s); "
                               f"lower --gpus-per-node (0 with --device cpu runs on the CPU)")
-    if args.dataset in NEEDS_DATA_ROOT and not os.path.isdir(args.data_root):
-        raise SubmitError(f"data root {args.data_root} does not exist on this machine; pass --data-root "
+    if args.dataset in NEEDS_DATA_ROOT and not os.path.isdir(probe.data_root):
+        raise SubmitError(f"data root {probe.data_root} does not exist on this machine; pass --data-root "
                           f"pointing at the {args.dataset} folder (on a file system the nodes see)")
 
 
@@ -295,10 +306,20 @@ def slurm_mem(gb):
     return "0" if gb == 0 else f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
 
 
+def job_name(args):
+    """gbg-<dataset>-<arch>[-bcl]: the jobs of one script (ResNet-50 and ResNeXt-50 on ImageNet-LT)
+    apart in squeue, with the architecture and base method train.py will fill in."""
+    run = copy.copy(args)
+    run.world_size = 1
+    with contextlib.suppress(data_lt.UserError):  # a bad flag is reported by check_request
+        train.fill_defaults(run)
+    return "-".join(["gbg", args.dataset] + [run.arch] * bool(run.arch) + ["bcl"] * (run.loss == "bcl"))
+
+
 def slurm_parameters(args):
     """sbatch options, in submitit.SlurmExecutor's names (its public update_parameters)."""
     gpus, tasks = args.gpus_per_node, tasks_per_node(args)
-    params = dict(job_name=f"gbg-{args.dataset}", nodes=args.nodes, ntasks_per_node=tasks,
+    params = dict(job_name=job_name(args), nodes=args.nodes, ntasks_per_node=tasks,
                   gpus_per_node=None if args.gres else gpus or None, gres=args.gres,
                   cpus_per_task=args.cpus_per_task, mem=slurm_mem(args.mem_gb),
                   time=max(1, math.ceil(args.timeout)), signal_delay_s=args.signal_delay_s,
@@ -417,7 +438,7 @@ def main(args):
     check_request(args)
     if args.cluster == "slurm" and submitit.SlurmExecutor.affinity() < 0:
         raise SubmitError("no srun here: submit from a SLURM login node, or use --cluster local or --dry-run")
-    if args.cluster == "slurm" and args.workers > args.cpus_per_task:
+    if args.cluster == "slurm" and args.workers is not None and args.workers > args.cpus_per_task:
         print(f"submit.py: warning: --workers {args.workers} leaves no core of the {args.cpus_per_task} per task "
               f"to the training process; lower --workers or raise --cpus-per-task", file=sys.stderr)
     parent = Path(args.job_dir.split("%j")[0])

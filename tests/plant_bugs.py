@@ -38,6 +38,9 @@ R = "tests/test_repro.py::"
 NG = "tests/test_num_groups.py::"
 DG = "tests/test_diag.py::"
 PL = "tests/test_plot_runs.py::"
+C = "tests/test_contract.py::"
+LOOP = [PT + "test_lr_batches_augmentations_and_sgd_steps_as_main_runs_them"]
+DIST = ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]
 
 # (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
 # be rewritten; the ones inside train_one_epoch are kept to a single expression.
@@ -200,6 +203,45 @@ BUGS = [
     ("class_objectives_memory_in_elements", "train.py",
      "need = rows * P * itemsize", "need = rows * P",
      ["tests/test_train.py::test_class_objectives_refused_when_their_gradients_cannot_fit"]),
+    # the loop's bookkeeping as main runs it: lr per step, batches and augmentations per epoch, SGD
+    ("lr_once_per_epoch", "train.py",
+     'group["lr"] = lr_at(epoch + step / len(loader), args)', 'group["lr"] = lr_at(epoch, args)', LOOP),
+    ("cosine_ignores_warmup", "train.py",
+     "t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)", "t = epoch / args.epochs",
+     LOOP),
+    ("cosine_ends_an_epoch_early", "train.py",
+     "max(args.epochs - args.warmup_epochs, 1e-8)", "max(args.epochs - 1 - args.warmup_epochs, 1e-8)", LOOP),
+    ("same_batches_every_epoch", "train.py", "sampler.set_epoch(epoch)", "sampler.set_epoch(0)", LOOP),
+    ("same_crops_every_epoch", "train.py", "seed=args.seed * 100003 + epoch,", "seed=args.seed * 100003,", LOOP),
+    ("no_momentum", "train.py", "momentum=args.momentum, weight_decay=args.wd)", "weight_decay=args.wd)", LOOP),
+    ("nesterov", "train.py", "momentum=args.momentum, weight_decay=args.wd)",
+     "momentum=args.momentum, weight_decay=args.wd, nesterov=True)", LOOP),
+    ("no_weight_decay_on_bn_and_biases", "train.py", "torch.optim.SGD(model.parameters(), lr=args.lr",
+     'torch.optim.SGD([{"params": [p for p in model.parameters() if p.dim() > 1]}, {"params": [p for p in '
+     'model.parameters() if p.dim() == 1], "weight_decay": 0.0}], lr=args.lr', LOOP),
+    ("best_on_val_lost_on_resume", "train.py",
+     'start_epoch, groups, best = ckpt["epoch"] + 1, ckpt["groups"], ckpt["best"]',
+     'start_epoch, groups, best = ckpt["epoch"] + 1, ckpt["groups"], None', [PT + "test_resume_keeps_best_on_val"]),
+    ("plain_step_not_summed_over_processes", "train.py",
+     "gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=pg)",
+     "gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=None)", DIST),
+    # the contract with the user (issue 24)
+    ("resume_ignores_the_flags", "train.py",
+     "        check_resume_flags(ckpt, args, resume_path)", "        pass",
+     [C + "test_resume_never_continues_another_experiment"]),
+    ("resume_lets_lr_change", "train.py", '"eval_every",\n', '"eval_every", "lr",\n',
+     [C + "test_resume_never_continues_another_experiment"]),
+    ("file_crops_from_the_workers_rng", "data_lt.py",
+     "if train and seed is not None and isinstance(ds, ImageList) and ds.transform is not None:", "if False:",
+     [C + "test_image_files_train_the_same_with_0_1_and_2_workers"]),
+    ("eval_ignores_the_checkpoints_data_root", "train.py",
+     '        args.data_root = trained.get("data_root")', '        pass',
+     [C + "test_eval_reads_the_data_root_of_the_checkpoint"]),
+    ("divergence_claims_a_checkpoint", "train.py", "if epoch > 0 else", "if True else",
+     [C + "test_divergence_message_is_true"]),
+    ("negligible_update_warned_an_epoch_late", "train.py",
+     "if negligible >= NEGLIGIBLE_EPOCHS:", "if negligible > NEGLIGIBLE_EPOCHS:",
+     [C + "test_a_negligible_gbg_update_is_reported"]),
     # the reproduction script and its budget
     ("repro_python_on_path", "tests/repro.py",
      'cmd = [args.python, str(ROOT / "train.py")', 'cmd = ["python", str(ROOT / "train.py")',

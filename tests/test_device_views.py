@@ -264,6 +264,7 @@ def test_resume_with_device_views_is_exact(tmp_path):
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert ckpt["args"]["views"] == "device"
     del ckpt["args"]["views"]
+    ckpt["args"]["epochs"] = 3  # a 3-epoch run of that time, stopped after epoch 1
     torch.save(ckpt, tmp_path / "cut" / "checkpoint.pth")
     older = run_train(*FAST, "--epochs", "3", "--output-dir", str(tmp_path / "cut"))
     assert "views made in DataLoader workers" in older

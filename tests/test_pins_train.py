@@ -80,6 +80,116 @@ def test_best_on_val_is_the_val_argmax_not_the_test_one(tmp_path, monkeypatch):
     assert [e["val_top1"] for e in read_log(tmp_path)] == val_top1
 
 
+def test_resume_keeps_best_on_val(tmp_path, monkeypatch):
+    """The same scripted val and test accuracies (val peaks at epoch 1), the run stopped after epoch 1
+    and resumed: best_on_val is still epoch 1 with its test numbers, not the best of the resumed
+    epochs (3, val 30 > 20)."""
+    build = data_lt.build_data
+
+    def with_val(*a, **kw):
+        data = build(*a, **kw)
+        t = data.test
+        data.val = data_lt.TensorImages(t.images[:37], t.targets[:37], t.mean, t.std)
+        return data
+
+    top1 = {"val": [10.0, 40.0, 20.0, 30.0], "test": [50.0, 10.0, 60.0, 5.0]}
+    calls = {"val": 0, "test": 0}
+
+    def scripted(model, loader, class_counts, device, args):
+        split = "val" if sum(len(y) for _, y in loader) == 37 else "test"
+        calls[split] += 1
+        return {"top1": top1[split][calls[split] - 1], "many": 1.0, "medium": 2.0, "few": 3.0}
+
+    monkeypatch.setattr(data_lt, "build_data", with_val)
+    monkeypatch.setattr(T, "evaluate", scripted)
+    argv = [*FAST, *PLAIN, "--batch-size", "512", "--epochs", "4", "--output-dir", str(tmp_path)]
+    parser = argparse.ArgumentParser(parents=[T.get_args_parser()])
+    assert T.main(parser.parse_args(argv + ["--exit-after-epoch", "1"])) is None
+    results = T.main(parser.parse_args(argv))
+    assert calls == {"val": 4, "test": 4}
+    assert results["best_on_val"]["epoch"] == 1 and results["best_on_val"]["test_top1"] == 10.0
+    assert json.load(open(tmp_path / "results.json"))["best_on_val"] == results["best_on_val"]
+
+
+# ----------------------------------------------------------------------------- the loop's bookkeeping
+
+def test_lr_batches_augmentations_and_sgd_steps_as_main_runs_them(tmp_path, monkeypatch):
+    """One CE run of 3 epochs (lr 0.1, 1 warm-up epoch, then cosine; 492 images in batches of 128:
+    4 steps an epoch), watched step by step as main runs it:
+    - the lr of each step, by hand: 0.1 (t + 0.001) over the warm-up, t = epoch + step / 4, then
+      0.05 (1 + cos(pi (t - 1) / 2)) down to its last step;
+    - the batches: each epoch every sample once, in a new order; and the augmented images, sample
+      by sample: new crops and flips every epoch;
+    - every optimizer step against SGD written out: weight decay 5e-4 on every parameter
+      (convolutions, BatchNorm, the classifier's weight and bias), momentum 0.9, no dampening,
+      no Nesterov."""
+    batches, images, lrs, checked = [], [], [], []
+    real_sampler, real_losses, real_step = T.make_sampler, T.step_losses, torch.optim.SGD.step
+
+    class Watched:  # the run's own sampler; its batches noted as the loader reads them
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def set_epoch(self, epoch):
+            self.sampler.set_epoch(epoch)
+            batches.append([])
+
+        def __len__(self):
+            return len(self.sampler)
+
+        def __iter__(self):
+            for b in self.sampler:
+                batches[-1].append(list(b))
+                yield b
+
+    def step_losses(model, x, y, *a, **kw):
+        images.append(x.detach().clone())
+        return real_losses(model, x, y, *a, **kw)
+
+    def sgd_step(self, *a, **kw):
+        lr, wd, momentum = 0.1, 5e-4, 0.9
+        lrs.append([g["lr"] for g in self.param_groups])
+        want = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                d = p.grad.add(p, alpha=wd)
+                buf = self.state[p].get("momentum_buffer")
+                buf = d.clone() if buf is None else buf.mul(momentum).add(d)
+                want.append((p, p.detach().add(buf, alpha=-lrs[-1][0]), buf))
+        out = real_step(self, *a, **kw)
+        for p, value, buf in want:
+            assert torch.equal(p.detach(), value) and torch.equal(self.state[p]["momentum_buffer"], buf), p.shape
+        checked.append(len(want))
+        return out
+
+    monkeypatch.setattr(T, "make_sampler", lambda *a, **kw: Watched(real_sampler(*a, **kw)))
+    monkeypatch.setattr(T, "step_losses", step_losses)
+    monkeypatch.setattr(torch.optim.SGD, "step", sgd_step)
+    args = argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(
+        [*FAST, *PLAIN, "--epochs", "3", "--warmup-epochs", "1", "--schedule", "cosine", "--output-dir", str(tmp_path)])
+    T.main(args)
+    model = T.build_model("resnet8", 10)
+    assert checked == [len(list(model.parameters()))] * 12  # every parameter, at every step
+    t = [e + s / 4 for e in range(3) for s in range(4)]
+    hand = [0.1 * (x + 1e-3) if x < 1 else 0.05 * (1 + np.cos(np.pi * (x - 1) / 2)) for x in t]
+    assert [l[0] for l in lrs] == pytest.approx(hand, rel=1e-12, abs=0) and all(len(set(l)) == 1 for l in lrs)
+    assert hand[-1] == pytest.approx(0.0038060, rel=1e-4)  # the last step's, near the end of the cosine
+    # batches: each epoch a permutation of the 492 samples, a different one every epoch
+    assert [len(b) for b in batches] == [4, 4, 4]
+    order = [sum(b, []) for b in batches]
+    assert all(sorted(o) == list(range(492)) for o in order)
+    assert order[0] != order[1] != order[2] != order[0]
+    # augmentations: the image of a sample in one epoch against the next (pad-4 crop and flip: the
+    # same draw 1 time in 162)
+    seen = [{} for _ in range(3)]
+    for step, x in enumerate(images):
+        for row, i in enumerate(batches[step // 4][step % 4]):
+            seen[step // 4][i] = x[row]
+    for e in (0, 1):
+        same = sum(torch.equal(seen[e][i], seen[e + 1][i]) for i in range(492))
+        assert same < 25, (e, same)
+
+
 # ----------------------------------------------------------------------------- grouping schedule
 
 def reference_groups(checkpoint_dir, num_groups):

@@ -180,6 +180,12 @@ def test_slurm_submission_writes_the_dry_run_script_and_a_requeueable_trainer(tm
     again = trainer.checkpoint()
     assert type(again.function) is type(trainer) and vars(again.function.args) == vars(trainer.args)
     assert again.function.code_dir == trainer.code_dir
+    # without --workers (the task fills it in from its cores, as train.py would): submitted the same
+    assert argv[-2:] == ["--workers", "4"]
+    submit_py.main(submit_py.get_args_parser().parse_args(argv[:-2] + ["--job-dir", str(tmp_path / "jobs2" / "%j")]))
+    capsys.readouterr()
+    delayed = submitit.core.utils.DelayedSubmission.load(tmp_path / "jobs2" / "4242" / "4242_submitted.pkl")
+    assert delayed.function.args.workers is None
     # sbatch refusing the job, or answering without a job id: one line that says so, nothing left
     refusals = {"bin2": ('echo "sbatch: error: Batch job submission failed: Requested time limit is invalid" >&2; '
                          'exit 1', "Requested time limit is invalid"),

@@ -1,0 +1,157 @@
+"""README's commands, run as written (issue 24). Every command in README's code blocks either runs
+here, verbatim (bash -c with the text README shows), in a copy of the checkout whose data the test
+makes, or is skipped with the reason it cannot run on a CPU machine without data sets: real data,
+GPUs, a SLURM cluster. A command README gains that no rule below covers fails the test until it is
+given a check or a reason."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = re.compile(r"(python|torchrun|bash|pip|squeue|tail|OMP_NUM_THREADS=\S+ python)\b")
+
+
+def readme_commands(text):
+    """The commands of README's shell code blocks (``` fenced, or indented by 4 spaces), each with its
+    continuation lines, as README shows it."""
+    commands, fence, lang, pending = [], False, "", None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence, lang = not fence, line[3:].strip()
+            continue
+        if fence and lang not in ("bash", "sh", ""):
+            continue
+        body = line if fence else line[4:] if line.startswith("    ") else None
+        if body is None or (pending is None and not COMMAND.match(body.strip())):
+            continue
+        pending = body.strip() if pending is None else pending + "\n" + body
+        if not body.rstrip().endswith("\\"):
+            commands.append(pending)
+            pending = None
+    return commands
+
+
+def normal(command):
+    """One line, without its comment: how the rules below name a command."""
+    return " ".join(command.replace("\\\n", " ").split(" #")[0].split())
+
+
+# What a command needs that this machine does not have, first match wins.
+SKIP = [
+    (r"^pip install ", "installs packages: the suite runs in the environment it made"),
+    (r"^python -m pytest", "the test suite itself"),
+    (r"/tmp/cifar10", "the CIFAR-10 JPEG copy (real data), and 20 min to hours on a CPU"),
+    (r"^python tests/repro\.py (?!--summarize)", "the CIFAR-10 JPEG tarball in .data/ (real data), and hours"),
+    (r"^torchrun ", "several GPUs and ImageNet-LT or iNaturalist 2018 (real data)"),
+    (r"--gpus-per-node [1-9]", "GPUs and ImageNet-LT (real data)"),
+    (r"^bash slurm/\S+\.sh$", "submits to a SLURM cluster"),
+    (r"^(squeue|tail) ", "a job on a SLURM cluster"),
+    (r"^python train\.py (?!.*--dataset (synthetic-lt|folder-lt))", "CIFAR-10/100 (downloaded into ./data) and "
+                                                                    "200-300 epochs, for a GPU"),
+]
+
+
+def env():
+    """A `python` first on PATH that is this interpreter; no shared job folder (a fresh machine)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("GBG_JOB_ROOT", "SCRATCH")}
+    return dict(e, OMP_NUM_THREADS="1")
+
+
+def checkout(tmp_path):
+    """A copy of the code README's commands run, and a `python` that is this interpreter."""
+    for name in ("train.py", "gbg.py", "data_lt.py", "slurm/submit.py", "slurm/imagenet_lt.sh", "slurm/inat2018.sh",
+                 "tests/repro.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    return tmp_path
+
+
+def bash(command, cwd, timeout=900):
+    e = env()
+    e["PATH"] = f"{cwd / 'bin'}:{e['PATH']}"
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if "__pycache__" not in p.parts)
+
+
+# ------------------------------------------------------------------------------ what runs, and what it must do
+def demo(tmp_path, command):
+    """The one-minute CPU demo learns: its last epoch is well above chance (10 %), as README shows."""
+    r = bash(command, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.load(open(tmp_path / "runs" / "demo" / "results.json"))
+    assert results["last"]["top1"] >= 40, results["last"]
+    shown = README.split("It prints")[1].split("```")[1].splitlines()  # README's copy of what it prints
+    assert shown[0] == "text" and shown[1].startswith("data: ") and shown[-1].startswith("done: ")
+    assert shown[1] in r.stdout.splitlines()
+
+
+def summarize(tmp_path, command):
+    """The CPU miniature's table rebuilt from its run folders alone is the table README quotes from."""
+    shutil.copytree(ROOT / "results" / "cpu_miniature", tmp_path / "runs" / "cpu_mini")
+    r = bash(command, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == (ROOT / "results" / "cpu_miniature" / "table.md").read_text()
+
+
+def dry_run(tmp_path, command):
+    """Off the cluster, with no shared folder and no data: both ImageNet-LT jobs are printed, under
+    two job names, and nothing is written."""
+    before = files(tmp_path)
+    r = bash(command, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = re.findall(r"^#SBATCH --job-name=(\S+)$", r.stdout, re.M)
+    assert len(names) == 2 and len(set(names)) == 2, names
+    assert r.stderr.count("nothing submitted") == 2 and "no shared folder" in r.stderr
+    assert files(tmp_path) == before
+
+
+def local_job(tmp_path, command):
+    """Two CPU processes through submitit's LocalExecutor, to the end, in the checkout's runs/gbg."""
+    r = bash(command, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = re.search(r"job (\d+) done: (\S+)/results.json", r.stdout)
+    assert done, r.stdout[-3000:]
+    folder = tmp_path / "runs" / "gbg" / done.group(1)
+    assert Path(done.group(2)) == folder
+    results = json.load(open(folder / "results.json"))
+    assert results["args"]["world_size"] == 2 and results["last"]["top1"] is not None
+
+
+RUN = {
+    "python train.py --dataset synthetic-lt --arch resnet8 --epochs 5 --warmup-epochs 1 --batch-size 64 "
+    "--output-dir runs/demo": demo,
+    "python tests/repro.py --summarize --out runs/cpu_mini": summarize,
+    "bash slurm/imagenet_lt.sh --dry-run": dry_run,
+    "python slurm/submit.py --cluster local --dataset synthetic-lt --device cpu --arch resnet8 --gpus-per-node 0 "
+    "--tasks-per-node 2 --epochs 1": local_job,
+}
+README = (ROOT / "README.md").read_text()
+COMMANDS = readme_commands(README)
+
+
+def test_every_command_that_runs_here_is_in_readme():
+    found = {normal(c) for c in COMMANDS}
+    assert len(COMMANDS) > 30  # the parser finds README's blocks
+    for command in RUN:
+        assert command in found, command
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[normal(c)[:60] for c in COMMANDS])
+def test_readme_command(command, tmp_path):
+    check = RUN.get(normal(command))
+    if check is None:
+        reason = next((why for rule, why in SKIP if re.search(rule, normal(command))), None)
+        assert reason is not None, f"README command with neither a check nor a reason to skip: {command}"
+        pytest.skip(reason)
+    check(checkout(tmp_path), command)
