@@ -71,7 +71,7 @@ def _count_sketch_hashes(num_params, sketch_dim, seed):
 
 def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_per_class=None,
                     sketch_dim=None, device=None, seed=0, classes=None, num_workers=0,
-                    recalibrate_bn=False, return_info=False, worker_init_fn=None, fetch=None):
+                    recalibrate_bn=True, return_info=False, worker_init_fn=None, fetch=None):
     """Mean per-sample cross-entropy gradient of each class, as a float32 CPU tensor [K, D].
 
     `params`: the parameters to differentiate, e.g. the backbone's (the authors leave the
@@ -81,12 +81,14 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
     The model runs in eval mode (BatchNorm uses its running statistics, so a sample's gradient
     does not depend on its batch mates); each module's previous mode is restored afterwards.
 
-    `recalibrate_bn`: first re-estimate every BatchNorm's running statistics on the samples the
-    gradients use (see _recalibrated_bn). At initialisation the running statistics are the
-    placeholders mean 0 / var 1, so eval mode does not normalise at all: a CIFAR ResNet-32 then
-    outputs logits in the hundreds, softmax saturates, and every class gradient but the predicted
-    class's points the same way. The statistics are restored afterwards, so grouping never changes
-    the model.
+    `recalibrate_bn` (default True, as train.py): first re-estimate every BatchNorm's running
+    statistics on the samples the gradients use (see _recalibrate_bn). At initialisation the
+    running statistics are the placeholders mean 0 / var 1, so eval mode does not normalise at
+    all: a CIFAR ResNet-32 then outputs logits in the hundreds, softmax saturates, and every class
+    gradient but the predicted class's points the same way. The statistics are restored
+    afterwards, so grouping never changes the model. The paper's setting (Alg. 1: the model's
+    eval-mode outputs as they are) is recalibrate_bn=False; a model without BatchNorm gets the
+    same rows either way.
 
     `return_info`: also return {"max_softmax_mean": mean over the samples used of the largest
     softmax probability, "samples": how many}; near 1 means saturated outputs.
