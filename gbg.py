@@ -60,15 +60,6 @@ def count_labels(targets, num_classes):
         0, targets, torch.ones_like(targets))
 
 
-def _count_sketch_hashes(num_params, sketch_dim, seed):
-    """CountSketch bucket h: [P] -> [m] and sign s: [P] -> +-1. Drawn on the CPU from a seeded
-    generator, so every process (whatever its device) sketches with the same map."""
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randint(0, sketch_dim, (num_params,), generator=gen)
-    s = torch.randint(0, 2, (num_params,), generator=gen, dtype=torch.int8) * 2 - 1
-    return h, s
-
-
 def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_per_class=None,
                     sketch_dim=None, device=None, seed=0, classes=None, num_workers=0,
                     recalibrate_bn=True, return_info=False, worker_init_fn=None, fetch=None):
@@ -403,175 +394,7 @@ def ncut_groups(affinity, num_groups, *, seed=0, n_init=10, assign="kmeans"):
     return _canonical(best)
 
 
-def random_groups(num_classes, num_groups, *, seed=0):
-    """Seeded random partition into G non-empty groups of near-equal size (Table 5 baseline)."""
-    _check_num_groups(num_groups, num_classes)
-    perm = np.random.default_rng(seed).permutation(num_classes)
-    groups = np.empty(num_classes, dtype=np.int64)
-    groups[perm] = np.arange(num_classes) % num_groups
-    return _canonical(groups)
-
-
-def count_groups(class_counts, num_groups):
-    """Instance-number grouping (Li et al. 2020; Table 5 baseline): classes sorted by training
-    count, most frequent first (stable), cut into G contiguous near-equal groups; group 0 = head."""
-    counts = np.asarray(class_counts).reshape(-1)
-    _check_num_groups(num_groups, counts.size)
-    groups = np.empty(counts.size, dtype=np.int64)
-    for g, chunk in enumerate(np.array_split(np.argsort(-counts, kind="stable"), num_groups)):
-        groups[chunk] = g
-    return groups
-
-
-def ncut_value(affinity, groups):
-    """Normalised-cut objective of Eq. 9 on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
-    cut(V, rest) / assoc(V, all). Lower is better; 0 means no weight between groups."""
-    W = _graph_weights(affinity)
-    groups = np.asarray(groups).reshape(-1)
-    total = 0.0
-    for g in np.unique(groups):
-        inside = groups == g
-        assoc = W[inside].sum()
-        total += W[inside][:, ~inside].sum() / assoc if assoc > 0 else 0.0
-    return float(total)
-
-
-def adjusted_rand_index(a, b):
-    """Adjusted Rand index (Hubert & Arabie 1985) of two partitions of the same classes, given as
-    label arrays: 1 when they are the same partition (whatever the labels), 0 on average for
-    independent partitions with these group sizes, negative below that. Two partitions that are
-    both all-singletons or both one group are the same partition: 1."""
-    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"the two labellings must cover the same classes, got {a.size} and {b.size} labels")
-    if a.size < 2:
-        return 1.0
-    _, ia = np.unique(a, return_inverse=True)
-    _, ib = np.unique(b, return_inverse=True)
-    table = np.zeros((ia.max() + 1, ib.max() + 1))
-    np.add.at(table, (ia.reshape(-1), ib.reshape(-1)), 1.0)
-    pairs = lambda n: float((n * (n - 1) / 2).sum())
-    index, sum_a, sum_b = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = sum_a * sum_b / pairs(np.array([a.size]))
-    maximum = (sum_a + sum_b) / 2
-    if maximum == expected:
-        return 1.0
-    return (index - expected) / (maximum - expected)
-
-
-# Above this many classes the top eigenvalues come from Lanczos (scipy eigsh, O(K^2) a matvec)
-# instead of a dense solver (O(K^3)): measured on one core, they take about as long at K = 2,000
-# and Lanczos is faster above.
-_DENSE_MAX = 1000
-
-
-def _top_eigenvalues(W, n):
-    """The n largest eigenvalues of M = D^-1/2 W D^-1/2 (D = diag of W's row sums), decreasing.
-    Overwrites W with M to spare a K x K copy."""
-    K = W.shape[0]
-    s = 1.0 / np.sqrt(np.maximum(W.sum(1), 1e-12))
-    W *= s[:, None]
-    W *= s[None, :]
-    if K <= _DENSE_MAX:
-        return scipy.linalg.eigh(W, eigvals_only=True, subset_by_index=[K - n, K - 1])[::-1]
-    # a fixed start (the same result on every call); Ritz values to 1e-8 relative accuracy, far
-    # below the gaps compared (measured at K = 3,000: within 1e-15 of the dense values, and
-    # 1.7-2.8x faster than to machine precision with the default subspace)
-    v0 = np.random.default_rng(0).standard_normal(K)
-    return np.sort(scipy.sparse.linalg.eigsh(W, k=n, which="LA", v0=v0, ncv=min(K, max(2 * n + 1, 40)), tol=1e-8,
-                                             return_eigenvectors=False))[::-1]
-
-
-def _eigengaps(W, max_groups):
-    """gaps[G - 2] = l_G - l_{G+1} for G = 2 .. max_groups (l_1 = 1 is the trivial eigenvalue),
-    with the eigenvalues l. Gaps below rounding (64 K eps; |M| <= 1) count as 0, so that an
-    affinity without any spread (every gap 0) cannot beat its null by rounding alone."""
-    l = _top_eigenvalues(W, max_groups + 1)
-    gaps = l[1:max_groups] - l[2:]
-    return np.where(gaps > 64 * W.shape[0] * np.finfo(float).eps, gaps, 0.0), l
-
-
-def choose_num_groups(affinity, max_groups, *, fallback=4, num_permutations=19, alpha=0.05, seed=0):
-    """The number of groups G that the spectrum of the affinity graph supports, for ncut_groups.
-
-    The spectrum is that of M = D^-1/2 W D^-1/2 on W = affinity + 1 (zero diagonal), the matrix whose leading
-    eigenvectors ncut_groups clusters; l_1 = 1 >= l_2 >= ... are its eigenvalues and
-    gap_G = l_G - l_{G+1} (G = 2 .. max_groups) its eigengaps. G blocks of classes give G - 1
-    eigenvalues above the rest, hence a gap at G (von Luxburg 2007, "A tutorial on spectral
-    clustering", Sec. 8.3).
-
-    Criterion: the LARGEST G whose gap is significant, not the G of the largest gap (the
-    eigengap heuristic, returned as `eigengap_choice`). A block's eigenvalue grows with its size,
-    so between blocks of unequal sizes the gaps among the block eigenvalues (e.g. l_2 - l_3
-    between a large and a mid-sized block) can exceed the gap that ends the last block, and the
-    heuristic then stops early: on the 52 planted structures of tests/test_num_groups.py (2 to 6
-    blocks, sizes up to 4:1) it was right 28 times, mostly answering 2 where there were more,
-    and this criterion 52 times. A gap
-    is significant when no structureless affinity with the same values gives as large a gap:
-    the null is the same affinity with its off-diagonal entries permuted at random (keeping
-    symmetry and the diagonal), which keeps their distribution and destroys any block pattern.
-    Each permutation's LARGEST gap forms the null distribution, so every gap is tested against
-    the maximum over G (the max-statistic adjustment of Westfall & Young): the chance that a
-    structureless affinity shows any significant gap is at most alpha.
-    p_G = (1 + #{null maxima >= gap_G}) / (1 + num_permutations), significant when p_G <= alpha.
-
-    structured (p_value = min_G p_G <= alpha): num_groups is the largest significant G.
-    Otherwise num_groups = fallback (default 4: the paper's choice, Fig. 4) and fallback_used.
-
-    What the null assumes: exchangeable off-diagonal affinities. Cosines of vectors that span
-    few dimensions (K comparable to their dimension) are not: their random low-rank geometry
-    reads as structure (measured: cosines of 100 Gaussian vectors in 200 dimensions came out
-    structured 13 times in 20; i.i.d. affinities, about alpha of the time as they should).
-
-    Cost: 1 + num_permutations eigenproblems (the top max_groups + 1 eigenvalues of a dense
-    K x K matrix: LAPACK up to K = 1000, Lanczos above) and num_permutations shuffles of the
-    K (K - 1) / 2 affinities. Measured on one CPU thread (tests/bench_gbg.py part h): 1.8 s at
-    K = 1,000, 384 s at K = 8,142 (iNaturalist), with 1.9 GB of memory at the peak.
-    num_permutations = 19 is the fewest with which a test at 5 % can reject (p = 1/20).
-
-    Returns a dict of JSON-ready values: num_groups, structured, p_value, eigenvalues (the top
-    max_groups + 1), gaps (for G = 2 .. max_groups), gap_p_values, null_max_gaps (each
-    permutation's largest gap), null_gap_quantile (the value a gap must exceed: the upper
-    alpha point of null_max_gaps in the permutation test's sense), eigengap_choice,
-    fallback_used, and the settings (max_groups, fallback, num_permutations, alpha, seed).
-    """
-    W = _graph_weights(affinity)
-    K = len(W)
-    if not 2 <= max_groups <= K - 1:
-        raise ValueError(f"max_groups={max_groups} must be between 2 and K - 1 = {K - 1} (the gap at G needs "
-                         f"l_(G+1)); K={K} classes")
-    if not 1 <= fallback <= K:
-        raise ValueError(f"fallback={fallback} must be between 1 and the number of classes K={K}")
-    if not 0 < alpha < 1 or (num_permutations + 1) * alpha < 1:
-        raise ValueError(f"alpha={alpha} with num_permutations={num_permutations}: the smallest p-value is "
-                         f"1 / (num_permutations + 1), so alpha must be in (0, 1) and num_permutations >= "
-                         f"{math.ceil(1 / alpha) - 1 if 0 < alpha < 1 else 1}")
-    rng = np.random.default_rng(seed)
-    upper = np.triu_indices(K, 1)
-    values, diagonal = W[upper], np.diag(W).copy()
-    gaps, eigenvalues = _eigengaps(W.copy(), max_groups)
-    null = np.empty(num_permutations)
-    for r in range(num_permutations):
-        W[upper] = values[rng.permutation(values.size)]
-        W.T[upper] = W[upper]
-        np.fill_diagonal(W, diagonal)
-        null[r] = _eigengaps(W, max_groups)[0].max()
-    # p_G <= alpha  <=>  at most `allowed` null maxima reach gap_G  <=>  gap_G > the threshold
-    allowed = int(math.floor(alpha * (num_permutations + 1) + 1e-9)) - 1
-    threshold = float(np.sort(null)[::-1][allowed])
-    gap_p = (1 + (null[None, :] >= gaps[:, None]).sum(1)) / (1 + num_permutations)
-    significant = np.flatnonzero(gap_p <= alpha)
-    structured = significant.size > 0
-    return {"num_groups": int(2 + significant.max()) if structured else int(fallback),
-            "structured": bool(structured), "p_value": float(gap_p.min()),
-            "eigenvalues": eigenvalues.tolist(), "gaps": gaps.tolist(), "gap_p_values": gap_p.tolist(),
-            "null_max_gaps": null.tolist(), "null_gap_quantile": threshold,
-            "eigengap_choice": int(2 + np.argmax(gaps)), "fallback_used": not structured,
-            "max_groups": int(max_groups), "fallback": int(fallback), "num_permutations": int(num_permutations),
-            "alpha": float(alpha), "seed": int(seed)}
-
-
-# --- 3. Group-Aware Completion (GAC) sampler ------------------------------------------------------
+# --- 3. Group-Aware Completion (GAC) sampler (appendix) -------------------------------------------
 
 def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
     """P_j: the probability that a completion of group i draws class j (sums to 1 per group).
@@ -903,7 +726,8 @@ def _min_norm(M, max_iter=2000, tol=1e-12, polish_steps=50):
     return a
 
 
-# --- 6. The Pareto descent step (Eq. 12) ----------------------------------------------------------
+# --- 6. The Pareto descent step (Eq. 12, Alg. 2): mgda_backward -----------------------------------
+
 #
 # Every step below builds d = sum_i w_i g_i from the RAW group gradients g_i, with weights w_i
 # derived from the min-norm alpha of the normalised gradients g_i / n_i (update rules):
@@ -1102,6 +926,197 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
     return {"alpha": alpha, "weights": w, "gram": gram}
 
 
+# =================================================================================================
+# Extras: none of what follows is needed to train with GBG. Sketched class gradients (large K x P),
+# choosing G automatically, baseline groupings and comparing groupings (Eq. 9's value, the
+# adjusted Rand index), the cheaper last-stage step, and diagnostics of a step.
+# =================================================================================================
+
+# --- Extras: sketched class gradients (class_gradients(sketch_dim=m)) -----------------------------
+
+def _count_sketch_hashes(num_params, sketch_dim, seed):
+    """CountSketch bucket h: [P] -> [m] and sign s: [P] -> +-1. Drawn on the CPU from a seeded
+    generator, so every process (whatever its device) sketches with the same map."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randint(0, sketch_dim, (num_params,), generator=gen)
+    s = torch.randint(0, 2, (num_params,), generator=gen, dtype=torch.int8) * 2 - 1
+    return h, s
+
+
+# --- Extras: choosing G automatically (beyond the paper) ------------------------------------------
+
+# Above this many classes the top eigenvalues come from Lanczos (scipy eigsh, O(K^2) a matvec)
+# instead of a dense solver (O(K^3)): measured on one core, they take about as long at K = 2,000
+# and Lanczos is faster above.
+_DENSE_MAX = 1000
+
+
+def _top_eigenvalues(W, n):
+    """The n largest eigenvalues of M = D^-1/2 W D^-1/2 (D = diag of W's row sums), decreasing.
+    Overwrites W with M to spare a K x K copy."""
+    K = W.shape[0]
+    s = 1.0 / np.sqrt(np.maximum(W.sum(1), 1e-12))
+    W *= s[:, None]
+    W *= s[None, :]
+    if K <= _DENSE_MAX:
+        return scipy.linalg.eigh(W, eigvals_only=True, subset_by_index=[K - n, K - 1])[::-1]
+    # a fixed start (the same result on every call); Ritz values to 1e-8 relative accuracy, far
+    # below the gaps compared (measured at K = 3,000: within 1e-15 of the dense values, and
+    # 1.7-2.8x faster than to machine precision with the default subspace)
+    v0 = np.random.default_rng(0).standard_normal(K)
+    return np.sort(scipy.sparse.linalg.eigsh(W, k=n, which="LA", v0=v0, ncv=min(K, max(2 * n + 1, 40)), tol=1e-8,
+                                             return_eigenvectors=False))[::-1]
+
+
+def _eigengaps(W, max_groups):
+    """gaps[G - 2] = l_G - l_{G+1} for G = 2 .. max_groups (l_1 = 1 is the trivial eigenvalue),
+    with the eigenvalues l. Gaps below rounding (64 K eps; |M| <= 1) count as 0, so that an
+    affinity without any spread (every gap 0) cannot beat its null by rounding alone."""
+    l = _top_eigenvalues(W, max_groups + 1)
+    gaps = l[1:max_groups] - l[2:]
+    return np.where(gaps > 64 * W.shape[0] * np.finfo(float).eps, gaps, 0.0), l
+
+
+def choose_num_groups(affinity, max_groups, *, fallback=4, num_permutations=19, alpha=0.05, seed=0):
+    """The number of groups G that the spectrum of the affinity graph supports, for ncut_groups.
+
+    The spectrum is that of M = D^-1/2 W D^-1/2 on W = affinity + 1 (zero diagonal), the matrix whose leading
+    eigenvectors ncut_groups clusters; l_1 = 1 >= l_2 >= ... are its eigenvalues and
+    gap_G = l_G - l_{G+1} (G = 2 .. max_groups) its eigengaps. G blocks of classes give G - 1
+    eigenvalues above the rest, hence a gap at G (von Luxburg 2007, "A tutorial on spectral
+    clustering", Sec. 8.3).
+
+    Criterion: the LARGEST G whose gap is significant, not the G of the largest gap (the
+    eigengap heuristic, returned as `eigengap_choice`). A block's eigenvalue grows with its size,
+    so between blocks of unequal sizes the gaps among the block eigenvalues (e.g. l_2 - l_3
+    between a large and a mid-sized block) can exceed the gap that ends the last block, and the
+    heuristic then stops early: on the 52 planted structures of tests/test_num_groups.py (2 to 6
+    blocks, sizes up to 4:1) it was right 28 times, mostly answering 2 where there were more,
+    and this criterion 52 times. A gap
+    is significant when no structureless affinity with the same values gives as large a gap:
+    the null is the same affinity with its off-diagonal entries permuted at random (keeping
+    symmetry and the diagonal), which keeps their distribution and destroys any block pattern.
+    Each permutation's LARGEST gap forms the null distribution, so every gap is tested against
+    the maximum over G (the max-statistic adjustment of Westfall & Young): the chance that a
+    structureless affinity shows any significant gap is at most alpha.
+    p_G = (1 + #{null maxima >= gap_G}) / (1 + num_permutations), significant when p_G <= alpha.
+
+    structured (p_value = min_G p_G <= alpha): num_groups is the largest significant G.
+    Otherwise num_groups = fallback (default 4: the paper's choice, Fig. 4) and fallback_used.
+
+    What the null assumes: exchangeable off-diagonal affinities. Cosines of vectors that span
+    few dimensions (K comparable to their dimension) are not: their random low-rank geometry
+    reads as structure (measured: cosines of 100 Gaussian vectors in 200 dimensions came out
+    structured 13 times in 20; i.i.d. affinities, about alpha of the time as they should).
+
+    Cost: 1 + num_permutations eigenproblems (the top max_groups + 1 eigenvalues of a dense
+    K x K matrix: LAPACK up to K = 1000, Lanczos above) and num_permutations shuffles of the
+    K (K - 1) / 2 affinities. Measured on one CPU thread (tests/bench_gbg.py part h): 1.8 s at
+    K = 1,000, 384 s at K = 8,142 (iNaturalist), with 1.9 GB of memory at the peak.
+    num_permutations = 19 is the fewest with which a test at 5 % can reject (p = 1/20).
+
+    Returns a dict of JSON-ready values: num_groups, structured, p_value, eigenvalues (the top
+    max_groups + 1), gaps (for G = 2 .. max_groups), gap_p_values, null_max_gaps (each
+    permutation's largest gap), null_gap_quantile (the value a gap must exceed: the upper
+    alpha point of null_max_gaps in the permutation test's sense), eigengap_choice,
+    fallback_used, and the settings (max_groups, fallback, num_permutations, alpha, seed).
+    """
+    W = _graph_weights(affinity)
+    K = len(W)
+    if not 2 <= max_groups <= K - 1:
+        raise ValueError(f"max_groups={max_groups} must be between 2 and K - 1 = {K - 1} (the gap at G needs "
+                         f"l_(G+1)); K={K} classes")
+    if not 1 <= fallback <= K:
+        raise ValueError(f"fallback={fallback} must be between 1 and the number of classes K={K}")
+    if not 0 < alpha < 1 or (num_permutations + 1) * alpha < 1:
+        raise ValueError(f"alpha={alpha} with num_permutations={num_permutations}: the smallest p-value is "
+                         f"1 / (num_permutations + 1), so alpha must be in (0, 1) and num_permutations >= "
+                         f"{math.ceil(1 / alpha) - 1 if 0 < alpha < 1 else 1}")
+    rng = np.random.default_rng(seed)
+    upper = np.triu_indices(K, 1)
+    values, diagonal = W[upper], np.diag(W).copy()
+    gaps, eigenvalues = _eigengaps(W.copy(), max_groups)
+    null = np.empty(num_permutations)
+    for r in range(num_permutations):
+        W[upper] = values[rng.permutation(values.size)]
+        W.T[upper] = W[upper]
+        np.fill_diagonal(W, diagonal)
+        null[r] = _eigengaps(W, max_groups)[0].max()
+    # p_G <= alpha  <=>  at most `allowed` null maxima reach gap_G  <=>  gap_G > the threshold
+    allowed = int(math.floor(alpha * (num_permutations + 1) + 1e-9)) - 1
+    threshold = float(np.sort(null)[::-1][allowed])
+    gap_p = (1 + (null[None, :] >= gaps[:, None]).sum(1)) / (1 + num_permutations)
+    significant = np.flatnonzero(gap_p <= alpha)
+    structured = significant.size > 0
+    return {"num_groups": int(2 + significant.max()) if structured else int(fallback),
+            "structured": bool(structured), "p_value": float(gap_p.min()),
+            "eigenvalues": eigenvalues.tolist(), "gaps": gaps.tolist(), "gap_p_values": gap_p.tolist(),
+            "null_max_gaps": null.tolist(), "null_gap_quantile": threshold,
+            "eigengap_choice": int(2 + np.argmax(gaps)), "fallback_used": not structured,
+            "max_groups": int(max_groups), "fallback": int(fallback), "num_permutations": int(num_permutations),
+            "alpha": float(alpha), "seed": int(seed)}
+
+
+# --- Extras: baseline groupings and comparing groupings (Table 5, Eq. 9's value, Rand index) ------
+
+def random_groups(num_classes, num_groups, *, seed=0):
+    """Seeded random partition into G non-empty groups of near-equal size (Table 5 baseline)."""
+    _check_num_groups(num_groups, num_classes)
+    perm = np.random.default_rng(seed).permutation(num_classes)
+    groups = np.empty(num_classes, dtype=np.int64)
+    groups[perm] = np.arange(num_classes) % num_groups
+    return _canonical(groups)
+
+
+def count_groups(class_counts, num_groups):
+    """Instance-number grouping (Li et al. 2020; Table 5 baseline): classes sorted by training
+    count, most frequent first (stable), cut into G contiguous near-equal groups; group 0 = head."""
+    counts = np.asarray(class_counts).reshape(-1)
+    _check_num_groups(num_groups, counts.size)
+    groups = np.empty(counts.size, dtype=np.int64)
+    for g, chunk in enumerate(np.array_split(np.argsort(-counts, kind="stable"), num_groups)):
+        groups[chunk] = g
+    return groups
+
+
+def ncut_value(affinity, groups):
+    """Normalised-cut objective of Eq. 9 on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
+    cut(V, rest) / assoc(V, all). Lower is better; 0 means no weight between groups."""
+    W = _graph_weights(affinity)
+    groups = np.asarray(groups).reshape(-1)
+    total = 0.0
+    for g in np.unique(groups):
+        inside = groups == g
+        assoc = W[inside].sum()
+        total += W[inside][:, ~inside].sum() / assoc if assoc > 0 else 0.0
+    return float(total)
+
+
+def adjusted_rand_index(a, b):
+    """Adjusted Rand index (Hubert & Arabie 1985) of two partitions of the same classes, given as
+    label arrays: 1 when they are the same partition (whatever the labels), 0 on average for
+    independent partitions with these group sizes, negative below that. Two partitions that are
+    both all-singletons or both one group are the same partition: 1."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"the two labellings must cover the same classes, got {a.size} and {b.size} labels")
+    if a.size < 2:
+        return 1.0
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(table, (ia.reshape(-1), ib.reshape(-1)), 1.0)
+    pairs = lambda n: float((n * (n - 1) / 2).sum())
+    index, sum_a, sum_b = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = sum_a * sum_b / pairs(np.array([a.size]))
+    maximum = (sum_a + sum_b) / 2
+    if maximum == expected:
+        return 1.0
+    return (index - expected) / (maximum - expected)
+
+
+# --- Extras: the last-stage step (mgda_backward_partial) ------------------------------------------
+
 def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update="scaled",
                           retain_graph=False, process_group=None):
     """The cheaper step: the G backward passes stop at gram_params (a trailing part of the shared
@@ -1120,6 +1135,8 @@ def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update
     weighted_backward(losses, w, params, retain_graph=retain_graph, process_group=process_group)
     return {"alpha": alpha, "weights": w, "gram": gram}
 
+
+# --- Extras: diagnostics (the Pareto descent property; Fig. 2, Eq. 3) -----------------------------
 
 def pareto_cosines(gram, alpha):
     """cos(d, g_i) for every group and |d|, d = sum_i alpha_i g_i, from the Gram [G, G] and alpha
@@ -1146,8 +1163,6 @@ def step_diagnostic(gram, alpha, losses):
         "d_norm": float(d_norm),
     }
 
-
-# --- 7. Gradient contributions per class (Fig. 2, Eq. 3) -------------------------------------------
 
 def class_update_cosines(logits, targets, update, params, *, class_counts=None, process_group=None):
     """The paper's measure of gradient imbalance (Fig. 2; its appendix figure for CE against
