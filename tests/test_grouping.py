@@ -244,7 +244,7 @@ def test_sketch_cosines_within_documented_bound(sketch_setup, m):
                                      recalibrate_bn=False)
         assert sketch.shape == (K, m)
         err = (gbg.affinity(sketch) - A).abs().numpy()[pairs]
-        # documented in class_gradients: max <= 3 sqrt(2/m), mean <= sqrt(2/m)
+        # documented in gbg.py (Extras: sketched class gradients): max <= 3 sqrt(2/m), mean <= sqrt(2/m)
         assert err.max() <= 3 * math.sqrt(2 / m), (seed, err.max())
         assert err.mean() <= math.sqrt(2 / m), (seed, err.mean())
 
