@@ -835,7 +835,7 @@ def make_groups(model, data, args, device):
                                           device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
                                           return_info=True, worker_init_fn=data_lt.worker_init,
                                           num_workers=0 if data.kind == "tensor" else min(args.workers, 4),
-                                          fetch=data.train_eval.batch if data.kind == "tensor" else None)
+                                          fetch=getattr(data.train_eval, "batch", None))
         grads = grads.to(device)
         confidence = all_reduce_(torch.tensor([info["max_softmax_mean"] * info["samples"], info["samples"]],
                                               dtype=torch.float64, device=device))

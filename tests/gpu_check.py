@@ -108,7 +108,8 @@ def make_args(loss, amp, compiled, batch_size=BATCH, **kw):
                 distributed=False, world_size=1, rank=0, amp=amp, group_loss="class", ratio_every=10, lr=0.1,
                 warmup_epochs=0, schedule="step", lr_drops=None, epochs=10, print_freq=10 ** 6, output_dir="unused",
                 batch_size=batch_size, gac_fill=0.1, seed=0, num_groups=4, grouping="gbg", sketch_dim=0,
-                grad_max_per_class=64, recalibrate_bn=True, workers=0, diag_batches=1, compile=compiled)
+                grad_max_per_class=64, recalibrate_bn=True, workers=0, diag_batches=1, compile=compiled,
+                ncut_assign="kmeans")
     args.update(kw)
     return argparse.Namespace(**args)
 

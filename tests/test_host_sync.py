@@ -252,7 +252,8 @@ def make_args(**kw):
                 distributed=False, world_size=1, rank=0, amp=False, group_loss="class", ratio_every=1, lr=0.05,
                 warmup_epochs=0, schedule="step", lr_drops=None, epochs=10, print_freq=1000, output_dir="unused",
                 batch_size=12, gac_fill=0.1, seed=0, num_groups=3, grouping="gbg", sketch_dim=64,
-                grad_max_per_class=None, recalibrate_bn=True, workers=0, diag_batches=1, compile=False)
+                grad_max_per_class=None, recalibrate_bn=True, workers=0, diag_batches=1, compile=False,
+                ncut_assign="kmeans")
     args.update(kw)
     return argparse.Namespace(**args)
 
