@@ -2,11 +2,62 @@
 GBG: Gradient-Balancing Grouping (Li et al., "Long-Tailed Learning as Multi-Objective
 Optimization", AAAI 2024).
 
-Stage 1 groups the K classes: each class's mean loss gradient w.r.t. the backbone, their cosine
-affinity (Eq. 7), and a spectral normalised cut of that affinity graph into G groups (Eq. 8-9);
-G is given, or read from the graph's spectrum (choose_num_groups, beyond the paper).
-Stage 2 trains with one objective per group: the GAC sampler puts every group into every
-mini-batch, and an MGDA min-norm step combines the G group gradients (Eq. 10-12).
+Stage 1 groups the K classes by the direction of their loss gradients; stage 2 trains with one
+loss per group, and every step follows a direction that lowers all the group losses at once.
+With a `model` whose classifier is `model.fc`, a `dataset` of (input, class id) pairs, its class
+ids `labels` [N], `num_classes`, a `batch_size`, a number of `epochs` and an `optimizer`:
+
+Usage::
+
+    import torch
+    import gbg
+
+    num_groups = 4  # G, the paper's choice
+    # Stage 1, once: class gradients of the backbone -> their cosine affinity -> NCut groups
+    backbone = [p for name, p in model.named_parameters() if not name.startswith("fc.")]
+    grads = gbg.class_gradients(model, dataset, num_classes, backbone)
+    groups = gbg.ncut_groups(gbg.affinity(grads), num_groups)
+    # Stage 2: every batch holds every group (GAC sampler); one MGDA step over the group losses
+    sampler = gbg.GACBatchSampler(labels, groups, batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            losses, present = gbg.group_losses(model(x), y, groups, num_groups)
+            optimizer.zero_grad()
+            step = gbg.mgda_backward(losses[present], model.parameters())  # sets every p.grad
+            optimizer.step()
+
+step["alpha"] holds the weights MGDA gave the groups (tests/test_usage.py runs this example).
+
+The core, in the order a user calls it, which is the order of this file and of the paper:
+    class_gradients   each class's mean cross-entropy gradient over `params`, [K, D] (Alg. 1).
+                      Recalibrates BatchNorm first (the default, as train.py);
+                      recalibrate_bn=False is the paper's setting.
+    affinity          their cosine similarity A, [K, K] (Eq. 7)
+    ncut_groups       spectral normalised cut of the graph A + 1 into G groups, int64 [K]
+                      (Eq. 8-9)
+    GACBatchSampler   batches that hold every group: a group a batch misses is topped up with
+                      ceil(B/10) of its samples, classes drawn with effective-number weights
+                      (gac_class_probs; the paper's appendix)
+    group_losses      one cross-entropy loss per group [G], and which groups are present (Eq. 10)
+    mgda_backward     THE step: one gradient per group, their min-norm weights alpha (Eq. 11,
+                      min_norm_weights), then p.grad += d = sum_i w_i g_i (Eq. 12, Alg. 2). Its
+                      defaults (normalize="l2", update="scaled") are train.py's;
+                      normalize="none" solves the paper's Eq. 11 on the raw gradients.
+                      Its parts, for a custom step: group_gradients, mgda_weights,
+                      weighted_backward.
+Groups may be a numpy array or a tensor wherever they are passed: what one function returns, the
+next accepts.
+
+Extras, after the "Extras" banner; none of them is needed to train:
+    sketching         class_gradients(sketch_dim=m): CountSketch rows when K x P is too large
+    choosing G        choose_num_groups: G from the affinity's eigengaps (beyond the paper)
+    groupings         random_groups, count_groups (Table 5's baselines), ncut_value (Eq. 9's
+                      value), adjusted_rand_index (how far two groupings agree)
+    last-stage step   mgda_backward_partial: alpha from the last stage's gradients, then one
+                      full backward
+    diagnostics       pareto_cosines, step_diagnostic, class_update_cosines (Fig. 2)
 
 This module needs only torch, numpy and scipy. It keeps no global state, and it communicates
 between processes only inside the functions that take a `process_group`, when one is passed.
@@ -52,6 +103,14 @@ def to_device(t, device):
     return t.to(device, non_blocking=True)
 
 
+def _numpy(x, dtype=None):
+    """x (a tensor on any device, a numpy array or a list) as a flat numpy array: group ids and
+    class counts may come either way, e.g. ncut_groups' numpy output or a tensor on the GPU."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype).reshape(-1)
+
+
 def count_labels(targets, num_classes):
     """Samples per class, int64 [num_classes], on the targets' device. A fixed-size scatter, where
     torch.bincount would read the largest label back to the host to size its output (on a GPU,
@@ -60,18 +119,9 @@ def count_labels(targets, num_classes):
         0, targets, torch.ones_like(targets))
 
 
-def _count_sketch_hashes(num_params, sketch_dim, seed):
-    """CountSketch bucket h: [P] -> [m] and sign s: [P] -> +-1. Drawn on the CPU from a seeded
-    generator, so every process (whatever its device) sketches with the same map."""
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randint(0, sketch_dim, (num_params,), generator=gen)
-    s = torch.randint(0, 2, (num_params,), generator=gen, dtype=torch.int8) * 2 - 1
-    return h, s
-
-
 def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_per_class=None,
                     sketch_dim=None, device=None, seed=0, classes=None, num_workers=0,
-                    recalibrate_bn=False, return_info=False, worker_init_fn=None, fetch=None):
+                    recalibrate_bn=True, return_info=False, worker_init_fn=None, fetch=None):
     """Mean per-sample cross-entropy gradient of each class, as a float32 CPU tensor [K, D].
 
     `params`: the parameters to differentiate, e.g. the backbone's (the authors leave the
@@ -81,12 +131,14 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
     The model runs in eval mode (BatchNorm uses its running statistics, so a sample's gradient
     does not depend on its batch mates); each module's previous mode is restored afterwards.
 
-    `recalibrate_bn`: first re-estimate every BatchNorm's running statistics on the samples the
-    gradients use (see _recalibrated_bn). At initialisation the running statistics are the
-    placeholders mean 0 / var 1, so eval mode does not normalise at all: a CIFAR ResNet-32 then
-    outputs logits in the hundreds, softmax saturates, and every class gradient but the predicted
-    class's points the same way. The statistics are restored afterwards, so grouping never changes
-    the model.
+    `recalibrate_bn` (default True, as train.py): first re-estimate every BatchNorm's running
+    statistics on the samples the gradients use (see _recalibrate_bn). At initialisation the
+    running statistics are the placeholders mean 0 / var 1, so eval mode does not normalise at
+    all: a CIFAR ResNet-32 then outputs logits in the hundreds, softmax saturates, and every class
+    gradient but the predicted class's points the same way. The statistics are restored
+    afterwards, so grouping never changes the model. The paper's setting (Alg. 1: the model's
+    eval-mode outputs as they are) is recalibrate_bn=False; a model without BatchNorm gets the
+    same rows either way.
 
     `return_info`: also return {"max_softmax_mean": mean over the samples used of the largest
     softmax probability, "samples": how many}; near 1 means saturated outputs.
@@ -104,14 +156,8 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
     those rows (the others stay zero), so processes can share the classes and sum the rows; the
     subsets and the sketch depend only on `seed`, never on which process computes a row.
 
-    Sketch mode (`sketch_dim=m`): every batch's flattened gradient g is compressed to
-    (S g)_b = sum_{i: h(i)=b} s_i g_i with a seeded CountSketch (h, s); S is linear, so the sum of
-    the sketches is the sketch of the sum and the K x P matrix is never built (memory O(K*m + P)).
-    For unit vectors a, b, <Sa, Sb> is unbiased for <a, b> with
-        Var = (1 + <a,b>^2 - 2 sum_i a_i^2 b_i^2) / m <= 2/m,
-    and the sketched norms obey the same bound, so each cosine of the sketches is off by
-    O(sqrt(2/m)). tests/test_grouping.py checks, for fixed seeds, m = 2048 and 8192, that the
-    largest error over all class pairs is <= 3 * sqrt(2/m) and the mean error <= sqrt(2/m).
+    `sketch_dim=m`: rows of m numbers, a seeded CountSketch of the exact ones, for when K x D
+    floats do not fit (see "Extras: sketched class gradients" for the method and its error).
     """
     model_device = next(model.parameters()).device
     device = model_device if device is None else torch.device(device)
@@ -279,6 +325,10 @@ def affinity(class_grads):
 
 
 # --- 2. Normalised-cut grouping of the affinity graph (Eq. 8-9) -----------------------------------
+#
+# Eq. 8 sums the affinity between two groups, a(V_m, V_n) = sum of W_ij over i in V_m, j in V_n;
+# Eq. 9 asks for the partition into G groups with the least affinity between groups, solved as
+# Shi & Malik's normalised cut, sum over groups V of a(V, rest) / a(V, all) (ncut_value).
 
 def _check_num_groups(num_groups, num_classes):
     if not 1 <= num_groups <= num_classes:
@@ -353,8 +403,9 @@ def _ncut_embedding(W, num_groups):
 
 def ncut_groups(affinity, num_groups, *, seed=0, n_init=10, assign="kmeans"):
     """Partition the K classes into G groups by spectral normalised cut (Shi & Malik) of the graph
-    _graph_weights(affinity) (NCUT_GRAPH). Returns int64 group ids [K], labelled in order of their
-    smallest class id.
+    _graph_weights(affinity) (NCUT_GRAPH). Returns int64 group ids [K] as a numpy array (every
+    function here takes groups as numpy or as a tensor), labelled in order of their smallest class
+    id.
 
     assign="kmeans" (default): the G leading eigenvectors of D^-1/2 W D^-1/2 with unit rows (Ng,
         Jordan & Weiss), seeded k-means++ with n_init restarts, the lowest k-means cost kept;
@@ -401,178 +452,11 @@ def ncut_groups(affinity, num_groups, *, seed=0, n_init=10, assign="kmeans"):
     return _canonical(best)
 
 
-def random_groups(num_classes, num_groups, *, seed=0):
-    """Seeded random partition into G non-empty groups of near-equal size (Table 5 baseline)."""
-    _check_num_groups(num_groups, num_classes)
-    perm = np.random.default_rng(seed).permutation(num_classes)
-    groups = np.empty(num_classes, dtype=np.int64)
-    groups[perm] = np.arange(num_classes) % num_groups
-    return _canonical(groups)
-
-
-def count_groups(class_counts, num_groups):
-    """Instance-number grouping (Li et al. 2020; Table 5 baseline): classes sorted by training
-    count, most frequent first (stable), cut into G contiguous near-equal groups; group 0 = head."""
-    counts = np.asarray(class_counts).reshape(-1)
-    _check_num_groups(num_groups, counts.size)
-    groups = np.empty(counts.size, dtype=np.int64)
-    for g, chunk in enumerate(np.array_split(np.argsort(-counts, kind="stable"), num_groups)):
-        groups[chunk] = g
-    return groups
-
-
-def ncut_value(affinity, groups):
-    """Normalised-cut objective of Eq. 9 on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
-    cut(V, rest) / assoc(V, all). Lower is better; 0 means no weight between groups."""
-    W = _graph_weights(affinity)
-    groups = np.asarray(groups).reshape(-1)
-    total = 0.0
-    for g in np.unique(groups):
-        inside = groups == g
-        assoc = W[inside].sum()
-        total += W[inside][:, ~inside].sum() / assoc if assoc > 0 else 0.0
-    return float(total)
-
-
-def adjusted_rand_index(a, b):
-    """Adjusted Rand index (Hubert & Arabie 1985) of two partitions of the same classes, given as
-    label arrays: 1 when they are the same partition (whatever the labels), 0 on average for
-    independent partitions with these group sizes, negative below that. Two partitions that are
-    both all-singletons or both one group are the same partition: 1."""
-    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"the two labellings must cover the same classes, got {a.size} and {b.size} labels")
-    if a.size < 2:
-        return 1.0
-    _, ia = np.unique(a, return_inverse=True)
-    _, ib = np.unique(b, return_inverse=True)
-    table = np.zeros((ia.max() + 1, ib.max() + 1))
-    np.add.at(table, (ia.reshape(-1), ib.reshape(-1)), 1.0)
-    pairs = lambda n: float((n * (n - 1) / 2).sum())
-    index, sum_a, sum_b = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = sum_a * sum_b / pairs(np.array([a.size]))
-    maximum = (sum_a + sum_b) / 2
-    if maximum == expected:
-        return 1.0
-    return (index - expected) / (maximum - expected)
-
-
-# Above this many classes the top eigenvalues come from Lanczos (scipy eigsh, O(K^2) a matvec)
-# instead of a dense solver (O(K^3)): measured on one core, they take about as long at K = 2,000
-# and Lanczos is faster above.
-_DENSE_MAX = 1000
-
-
-def _top_eigenvalues(W, n):
-    """The n largest eigenvalues of M = D^-1/2 W D^-1/2 (D = diag of W's row sums), decreasing.
-    Overwrites W with M to spare a K x K copy."""
-    K = W.shape[0]
-    s = 1.0 / np.sqrt(np.maximum(W.sum(1), 1e-12))
-    W *= s[:, None]
-    W *= s[None, :]
-    if K <= _DENSE_MAX:
-        return scipy.linalg.eigh(W, eigvals_only=True, subset_by_index=[K - n, K - 1])[::-1]
-    # a fixed start (the same result on every call); Ritz values to 1e-8 relative accuracy, far
-    # below the gaps compared (measured at K = 3,000: within 1e-15 of the dense values, and
-    # 1.7-2.8x faster than to machine precision with the default subspace)
-    v0 = np.random.default_rng(0).standard_normal(K)
-    return np.sort(scipy.sparse.linalg.eigsh(W, k=n, which="LA", v0=v0, ncv=min(K, max(2 * n + 1, 40)), tol=1e-8,
-                                             return_eigenvectors=False))[::-1]
-
-
-def _eigengaps(W, max_groups):
-    """gaps[G - 2] = l_G - l_{G+1} for G = 2 .. max_groups (l_1 = 1 is the trivial eigenvalue),
-    with the eigenvalues l. Gaps below rounding (64 K eps; |M| <= 1) count as 0, so that an
-    affinity without any spread (every gap 0) cannot beat its null by rounding alone."""
-    l = _top_eigenvalues(W, max_groups + 1)
-    gaps = l[1:max_groups] - l[2:]
-    return np.where(gaps > 64 * W.shape[0] * np.finfo(float).eps, gaps, 0.0), l
-
-
-def choose_num_groups(affinity, max_groups, *, fallback=4, num_permutations=19, alpha=0.05, seed=0):
-    """The number of groups G that the spectrum of the affinity graph supports, for ncut_groups.
-
-    The spectrum is that of M = D^-1/2 W D^-1/2 on W = affinity + 1 (zero diagonal), the matrix whose leading
-    eigenvectors ncut_groups clusters; l_1 = 1 >= l_2 >= ... are its eigenvalues and
-    gap_G = l_G - l_{G+1} (G = 2 .. max_groups) its eigengaps. G blocks of classes give G - 1
-    eigenvalues above the rest, hence a gap at G (von Luxburg 2007, "A tutorial on spectral
-    clustering", Sec. 8.3).
-
-    Criterion: the LARGEST G whose gap is significant, not the G of the largest gap (the
-    eigengap heuristic, returned as `eigengap_choice`). A block's eigenvalue grows with its size,
-    so between blocks of unequal sizes the gaps among the block eigenvalues (e.g. l_2 - l_3
-    between a large and a mid-sized block) can exceed the gap that ends the last block, and the
-    heuristic then stops early: on the 52 planted structures of tests/test_num_groups.py (2 to 6
-    blocks, sizes up to 4:1) it was right 28 times, mostly answering 2 where there were more,
-    and this criterion 52 times. A gap
-    is significant when no structureless affinity with the same values gives as large a gap:
-    the null is the same affinity with its off-diagonal entries permuted at random (keeping
-    symmetry and the diagonal), which keeps their distribution and destroys any block pattern.
-    Each permutation's LARGEST gap forms the null distribution, so every gap is tested against
-    the maximum over G (the max-statistic adjustment of Westfall & Young): the chance that a
-    structureless affinity shows any significant gap is at most alpha.
-    p_G = (1 + #{null maxima >= gap_G}) / (1 + num_permutations), significant when p_G <= alpha.
-
-    structured (p_value = min_G p_G <= alpha): num_groups is the largest significant G.
-    Otherwise num_groups = fallback (default 4: the paper's choice, Fig. 4) and fallback_used.
-
-    What the null assumes: exchangeable off-diagonal affinities. Cosines of vectors that span
-    few dimensions (K comparable to their dimension) are not: their random low-rank geometry
-    reads as structure (measured: cosines of 100 Gaussian vectors in 200 dimensions came out
-    structured 13 times in 20; i.i.d. affinities, about alpha of the time as they should).
-
-    Cost: 1 + num_permutations eigenproblems (the top max_groups + 1 eigenvalues of a dense
-    K x K matrix: LAPACK up to K = 1000, Lanczos above) and num_permutations shuffles of the
-    K (K - 1) / 2 affinities. Measured on one CPU thread (tests/bench_gbg.py part h): 1.8 s at
-    K = 1,000, 384 s at K = 8,142 (iNaturalist), with 1.9 GB of memory at the peak.
-    num_permutations = 19 is the fewest with which a test at 5 % can reject (p = 1/20).
-
-    Returns a dict of JSON-ready values: num_groups, structured, p_value, eigenvalues (the top
-    max_groups + 1), gaps (for G = 2 .. max_groups), gap_p_values, null_max_gaps (each
-    permutation's largest gap), null_gap_quantile (the value a gap must exceed: the upper
-    alpha point of null_max_gaps in the permutation test's sense), eigengap_choice,
-    fallback_used, and the settings (max_groups, fallback, num_permutations, alpha, seed).
-    """
-    W = _graph_weights(affinity)
-    K = len(W)
-    if not 2 <= max_groups <= K - 1:
-        raise ValueError(f"max_groups={max_groups} must be between 2 and K - 1 = {K - 1} (the gap at G needs "
-                         f"l_(G+1)); K={K} classes")
-    if not 1 <= fallback <= K:
-        raise ValueError(f"fallback={fallback} must be between 1 and the number of classes K={K}")
-    if not 0 < alpha < 1 or (num_permutations + 1) * alpha < 1:
-        raise ValueError(f"alpha={alpha} with num_permutations={num_permutations}: the smallest p-value is "
-                         f"1 / (num_permutations + 1), so alpha must be in (0, 1) and num_permutations >= "
-                         f"{math.ceil(1 / alpha) - 1 if 0 < alpha < 1 else 1}")
-    rng = np.random.default_rng(seed)
-    upper = np.triu_indices(K, 1)
-    values, diagonal = W[upper], np.diag(W).copy()
-    gaps, eigenvalues = _eigengaps(W.copy(), max_groups)
-    null = np.empty(num_permutations)
-    for r in range(num_permutations):
-        W[upper] = values[rng.permutation(values.size)]
-        W.T[upper] = W[upper]
-        np.fill_diagonal(W, diagonal)
-        null[r] = _eigengaps(W, max_groups)[0].max()
-    # p_G <= alpha  <=>  at most `allowed` null maxima reach gap_G  <=>  gap_G > the threshold
-    allowed = int(math.floor(alpha * (num_permutations + 1) + 1e-9)) - 1
-    threshold = float(np.sort(null)[::-1][allowed])
-    gap_p = (1 + (null[None, :] >= gaps[:, None]).sum(1)) / (1 + num_permutations)
-    significant = np.flatnonzero(gap_p <= alpha)
-    structured = significant.size > 0
-    return {"num_groups": int(2 + significant.max()) if structured else int(fallback),
-            "structured": bool(structured), "p_value": float(gap_p.min()),
-            "eigenvalues": eigenvalues.tolist(), "gaps": gaps.tolist(), "gap_p_values": gap_p.tolist(),
-            "null_max_gaps": null.tolist(), "null_gap_quantile": threshold,
-            "eigengap_choice": int(2 + np.argmax(gaps)), "fallback_used": not structured,
-            "max_groups": int(max_groups), "fallback": int(fallback), "num_permutations": int(num_permutations),
-            "alpha": float(alpha), "seed": int(seed)}
-
-
-# --- 3. Group-Aware Completion (GAC) sampler ------------------------------------------------------
+# --- 3. GAC sampler (appendix): a missing group topped up with ceil(B/10) of its samples ----------
 
 def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
-    """P_j: the probability that a completion of group i draws class j (sums to 1 per group).
+    """P_j: the probability that a completion of group i draws class j (sums to 1 per group): the
+    appendix's effective-number weights p_j, beta_i and P_j.
 
     p_j = (1 - beta_i) / (1 - beta_i ** N_j) is the class-balanced weight of Cui et al. (2019),
     normalised within the group. The paper's formula for beta_i is garbled; OUR READING:
@@ -581,8 +465,8 @@ def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
     more imbalanced group gets beta closer to 1 and weights closer to inverse frequency.
     Classes without samples get probability 0.
     """
-    counts = np.asarray(class_counts, dtype=np.float64).reshape(-1)
-    groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+    counts = _numpy(class_counts, np.float64)
+    groups = _numpy(groups, np.int64)
     if counts.shape != groups.shape:
         raise ValueError(f"class_counts ({counts.size}) and groups ({groups.size}) must both have "
                          f"one entry per class")
@@ -611,6 +495,11 @@ def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
 class GACBatchSampler:
     """Batch sampler (iterable of index lists) that makes every mini-batch hold every group.
 
+    The paper's rule (appendix): a group missing from a batch of B is topped up with ceil(B/10)
+    of its samples (fill=0.1), each from a class j drawn with the effective-number weight P_j of
+    gac_class_probs, then a uniform sample of that class. labels [N] and groups [K] may be
+    tensors, numpy arrays (ncut_groups' output) or lists.
+
     One GLOBAL batch is built per step, identically on every replica, and each replica takes its
     share, so a run on R processes sees exactly the batches of one process (up to the pad below):
     each epoch shuffles all N indices with a generator seeded by (seed, epoch), wrapped to a
@@ -629,8 +518,8 @@ class GACBatchSampler:
 
     def __init__(self, labels, groups, batch_size, *, rho=0.9999, lam=1e-5, fill=0.1, seed=0,
                  num_replicas=1, rank=0, drop_last=False, max_growth=2.0):
-        labels = torch.as_tensor(labels).cpu().numpy().astype(np.int64).reshape(-1)
-        groups = torch.as_tensor(groups).cpu().numpy().astype(np.int64).reshape(-1)
+        labels = _numpy(labels, np.int64)
+        groups = _numpy(groups, np.int64)
         K = groups.size
         if labels.size == 0:
             raise ValueError("GACBatchSampler: labels is empty; pass the training labels")
@@ -720,13 +609,15 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
     """The G objectives of Eq. (10): one cross-entropy loss per group of classes.
 
     logits: [B, K] (the caller may pass logit-adjusted logits; CE is over the full softmax),
-    targets: LongTensor[B], class_to_group: LongTensor[K] on the logits' device.
+    targets: LongTensor[B], class_to_group: the group id of every class [K], a tensor or a numpy
+    array (ncut_groups' output as it is); a LongTensor on the logits' device spares a copy a step.
     mode="class" (the paper: a group's gradient is the average of its classes' gradients):
         L_i = mean, over the classes of group i present in the batch, of that class's mean loss.
     mode="sample" (the authors' release): L_i = mean loss over the group's samples.
-    class_counts: LongTensor[K], the per-class counts of the GLOBAL batch when the batch is split
-        over ranks (default: bincount of targets). Every mean divides by these global counts, so
-        the SUM over ranks of the local L_i equals the L_i of one process holding the whole batch.
+    class_counts: [K] (a tensor or numpy), the per-class counts of the GLOBAL batch when the batch
+        is split over ranks (default: bincount of targets). Every mean divides by these global
+        counts, so the SUM over ranks of the local L_i equals the L_i of one process holding the
+        whole batch.
 
     validate: check that class_counts covers every target (one host read; a caller that built the
     counts from the targets, as train.py does, passes False and keeps the step free of host reads).
@@ -738,15 +629,16 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
     if mode not in ("class", "sample"):
         raise ValueError(f"group_losses: unknown mode {mode!r}; use mode='class' or mode='sample'")
     K = logits.shape[1]
+    class_to_group = torch.as_tensor(class_to_group)  # ncut_groups' numpy output as it is
     if class_to_group.numel() != K:
         raise ValueError(f"group_losses: class_to_group has {class_to_group.numel()} entries but "
                          f"logits have {K} classes; pass one group id per class")
-    class_to_group = class_to_group.to(logits.device)
+    class_to_group = class_to_group.to(logits.device, torch.long)
     per_sample = F.cross_entropy(logits, targets, reduction="none")
     if class_counts is None:
         counts = count_labels(targets, K)
     else:
-        counts = class_counts.to(logits.device)
+        counts = torch.as_tensor(class_counts).to(logits.device)
         if validate and bool((counts[targets] == 0).any()):
             raise ValueError("group_losses: class_counts is 0 for a class present in targets; pass "
                              "the global per-class counts (all_reduce of bincount(targets))")
@@ -863,6 +755,8 @@ def min_norm_weights(gram, *, max_iter=2000, tol=1e-12, polish_steps=50):
     orders below max(diag), and an absolute rule would stop far above it. Works in float64 on
     gram / max(diag); zero, collinear and rank-deficient Grams give finite weights. Returns
     alpha [G] in gram's dtype and device.
+
+    Most users call mgda_backward, which solves this on the group gradients and takes the step.
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"min_norm_weights: gram must be a square [G, G] matrix, got shape "
@@ -901,7 +795,8 @@ def _min_norm(M, max_iter=2000, tol=1e-12, polish_steps=50):
     return a
 
 
-# --- 6. The Pareto descent step (Eq. 12) ----------------------------------------------------------
+# --- 6. The Pareto descent step (Eq. 12, Alg. 2): mgda_backward -----------------------------------
+
 #
 # Every step below builds d = sum_i w_i g_i from the RAW group gradients g_i, with weights w_i
 # derived from the min-norm alpha of the normalised gradients g_i / n_i (update rules):
@@ -957,7 +852,9 @@ def group_gradients(losses, params, *, retain_graph=False, process_group=None, o
     out: a [G', P] buffer with G' >= G, of the params' dtype and device, to write the rows into
     (its first G rows are returned). A caller that keeps one across steps (see mgda_backward's
     `workspace`) spares the allocator a [G, P] matrix per step: on the CPU, glibc hands large
-    freed blocks back to the kernel and every new one costs page faults."""
+    freed blocks back to the kernel and every new one costs page faults.
+
+    A part of mgda_backward, for a custom step; most users call mgda_backward."""
     G, P = len(losses), sum(p.numel() for p in params)
     if out is None or out.shape[0] < G or out.shape[1] != P or out.dtype != params[0].dtype \
             or out.device != params[0].device:
@@ -1014,7 +911,9 @@ def mgda_weights(gram, loss_values, *, normalize="l2", update="scaled"):
     in the update (see the rules above). Returns (alpha, w, normalised Gram): float64 CPU tensors.
 
     The Gram and the losses reach the host in ONE copy: on a GPU the only synchronisation of an
-    MGDA step (the solver runs on the host, on G x G numbers)."""
+    MGDA step (the solver runs on the host, on G x G numbers).
+
+    A part of mgda_backward, for a custom step; most users call mgda_backward."""
     G = gram.shape[0]
     host = torch.cat([gram.detach().to(torch.float64),
                       loss_values.detach().to(gram.device, torch.float64).reshape(G, 1)], 1).cpu().numpy()
@@ -1057,7 +956,8 @@ def weighted_backward(losses, weights, params, *, retain_graph=False, process_gr
     """p.grad += d(sum_i weights_i L_i)/dp for every p in params (that requires grad), summed over
     process_group: one backward pass. weights: numbers, or a tensor [G] (then nothing is read on
     the host). Serves the plain and averaged steps, the cheap MGDA modes' update, and any extra
-    loss (e.g. a contrastive term) added after an MGDA step."""
+    loss (e.g. a contrastive term) added after an MGDA step. For GBG's step itself, most users
+    call mgda_backward."""
     losses = list(losses)
     params = [p for p in params if p.requires_grad]
     if torch.is_tensor(weights):
@@ -1070,7 +970,8 @@ def weighted_backward(losses, weights, params, *, retain_graph=False, process_gr
 
 def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="scaled",
                   retain_graph=False, process_group=None, workspace=None):
-    """The exact step (Alg. 2, Eq. 10-12): p.grad += d = sum_i w_i g_i.
+    """THE GBG step (Alg. 2, Eq. 10-12): p.grad += d = sum_i w_i g_i. Call it between
+    optimizer.zero_grad() and optimizer.step(), on losses[present] from group_losses.
 
     losses: G scalar tensors, one per PRESENT group. One backward per group gives the rows g_i
     over params; their Gram over gram_params (default: params; e.g. the backbone only, as the
@@ -1100,6 +1001,206 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
     return {"alpha": alpha, "weights": w, "gram": gram}
 
 
+# =================================================================================================
+# Extras: none of what follows is needed to train with GBG. Sketched class gradients (large K x P),
+# choosing G automatically, baseline groupings and comparing groupings (Eq. 9's value, the
+# adjusted Rand index), the cheaper last-stage step, and diagnostics of a step.
+# =================================================================================================
+
+# --- Extras: sketched class gradients (class_gradients(sketch_dim=m)) -----------------------------
+#
+# Sketch mode (`sketch_dim=m`): every batch's flattened gradient g is compressed to
+# (S g)_b = sum_{i: h(i)=b} s_i g_i with a seeded CountSketch (h, s); S is linear, so the sum of
+# the sketches is the sketch of the sum and the K x P matrix is never built (memory O(K*m + P)).
+# For unit vectors a, b, <Sa, Sb> is unbiased for <a, b> with
+#     Var = (1 + <a,b>^2 - 2 sum_i a_i^2 b_i^2) / m <= 2/m,
+# and the sketched norms obey the same bound, so each cosine of the sketches is off by
+# O(sqrt(2/m)). tests/test_grouping.py checks, for fixed seeds, m = 2048 and 8192, that the
+# largest error over all class pairs is <= 3 * sqrt(2/m) and the mean error <= sqrt(2/m).
+
+def _count_sketch_hashes(num_params, sketch_dim, seed):
+    """CountSketch bucket h: [P] -> [m] and sign s: [P] -> +-1. Drawn on the CPU from a seeded
+    generator, so every process (whatever its device) sketches with the same map."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randint(0, sketch_dim, (num_params,), generator=gen)
+    s = torch.randint(0, 2, (num_params,), generator=gen, dtype=torch.int8) * 2 - 1
+    return h, s
+
+
+# --- Extras: choosing G automatically (beyond the paper) ------------------------------------------
+
+# Above this many classes the top eigenvalues come from Lanczos (scipy eigsh, O(K^2) a matvec)
+# instead of a dense solver (O(K^3)): measured on one core, they take about as long at K = 2,000
+# and Lanczos is faster above.
+_DENSE_MAX = 1000
+
+
+def _top_eigenvalues(W, n):
+    """The n largest eigenvalues of M = D^-1/2 W D^-1/2 (D = diag of W's row sums), decreasing.
+    Overwrites W with M to spare a K x K copy."""
+    K = W.shape[0]
+    s = 1.0 / np.sqrt(np.maximum(W.sum(1), 1e-12))
+    W *= s[:, None]
+    W *= s[None, :]
+    if K <= _DENSE_MAX:
+        return scipy.linalg.eigh(W, eigvals_only=True, subset_by_index=[K - n, K - 1])[::-1]
+    # a fixed start (the same result on every call); Ritz values to 1e-8 relative accuracy, far
+    # below the gaps compared (measured at K = 3,000: within 1e-15 of the dense values, and
+    # 1.7-2.8x faster than to machine precision with the default subspace)
+    v0 = np.random.default_rng(0).standard_normal(K)
+    return np.sort(scipy.sparse.linalg.eigsh(W, k=n, which="LA", v0=v0, ncv=min(K, max(2 * n + 1, 40)), tol=1e-8,
+                                             return_eigenvectors=False))[::-1]
+
+
+def _eigengaps(W, max_groups):
+    """gaps[G - 2] = l_G - l_{G+1} for G = 2 .. max_groups (l_1 = 1 is the trivial eigenvalue),
+    with the eigenvalues l. Gaps below rounding (64 K eps; |M| <= 1) count as 0, so that an
+    affinity without any spread (every gap 0) cannot beat its null by rounding alone."""
+    l = _top_eigenvalues(W, max_groups + 1)
+    gaps = l[1:max_groups] - l[2:]
+    return np.where(gaps > 64 * W.shape[0] * np.finfo(float).eps, gaps, 0.0), l
+
+
+def choose_num_groups(affinity, max_groups, *, fallback=4, num_permutations=19, alpha=0.05, seed=0):
+    """The number of groups G that the spectrum of the affinity graph supports, for ncut_groups.
+
+    The spectrum is that of M = D^-1/2 W D^-1/2 on W = affinity + 1 (zero diagonal), the matrix whose leading
+    eigenvectors ncut_groups clusters; l_1 = 1 >= l_2 >= ... are its eigenvalues and
+    gap_G = l_G - l_{G+1} (G = 2 .. max_groups) its eigengaps. G blocks of classes give G - 1
+    eigenvalues above the rest, hence a gap at G (von Luxburg 2007, "A tutorial on spectral
+    clustering", Sec. 8.3).
+
+    Criterion: the LARGEST G whose gap is significant, not the G of the largest gap (the
+    eigengap heuristic, returned as `eigengap_choice`). A block's eigenvalue grows with its size,
+    so between blocks of unequal sizes the gaps among the block eigenvalues (e.g. l_2 - l_3
+    between a large and a mid-sized block) can exceed the gap that ends the last block, and the
+    heuristic then stops early: on the 52 planted structures of tests/test_num_groups.py (2 to 6
+    blocks, sizes up to 4:1) it was right 28 times, mostly answering 2 where there were more,
+    and this criterion 52 times. A gap
+    is significant when no structureless affinity with the same values gives as large a gap:
+    the null is the same affinity with its off-diagonal entries permuted at random (keeping
+    symmetry and the diagonal), which keeps their distribution and destroys any block pattern.
+    Each permutation's LARGEST gap forms the null distribution, so every gap is tested against
+    the maximum over G (the max-statistic adjustment of Westfall & Young): the chance that a
+    structureless affinity shows any significant gap is at most alpha.
+    p_G = (1 + #{null maxima >= gap_G}) / (1 + num_permutations), significant when p_G <= alpha.
+
+    structured (p_value = min_G p_G <= alpha): num_groups is the largest significant G.
+    Otherwise num_groups = fallback (default 4: the paper's choice, Fig. 4) and fallback_used.
+
+    What the null assumes: exchangeable off-diagonal affinities. Cosines of vectors that span
+    few dimensions (K comparable to their dimension) are not: their random low-rank geometry
+    reads as structure (measured: cosines of 100 Gaussian vectors in 200 dimensions came out
+    structured 13 times in 20; i.i.d. affinities, about alpha of the time as they should).
+
+    Cost: 1 + num_permutations eigenproblems (the top max_groups + 1 eigenvalues of a dense
+    K x K matrix: LAPACK up to K = 1000, Lanczos above) and num_permutations shuffles of the
+    K (K - 1) / 2 affinities. Measured on one CPU thread (tests/bench_gbg.py part h): 1.8 s at
+    K = 1,000, 384 s at K = 8,142 (iNaturalist), with 1.9 GB of memory at the peak.
+    num_permutations = 19 is the fewest with which a test at 5 % can reject (p = 1/20).
+
+    Returns a dict of JSON-ready values: num_groups, structured, p_value, eigenvalues (the top
+    max_groups + 1), gaps (for G = 2 .. max_groups), gap_p_values, null_max_gaps (each
+    permutation's largest gap), null_gap_quantile (the value a gap must exceed: the upper
+    alpha point of null_max_gaps in the permutation test's sense), eigengap_choice,
+    fallback_used, and the settings (max_groups, fallback, num_permutations, alpha, seed).
+    """
+    W = _graph_weights(affinity)
+    K = len(W)
+    if not 2 <= max_groups <= K - 1:
+        raise ValueError(f"max_groups={max_groups} must be between 2 and K - 1 = {K - 1} (the gap at G needs "
+                         f"l_(G+1)); K={K} classes")
+    if not 1 <= fallback <= K:
+        raise ValueError(f"fallback={fallback} must be between 1 and the number of classes K={K}")
+    if not 0 < alpha < 1 or (num_permutations + 1) * alpha < 1:
+        raise ValueError(f"alpha={alpha} with num_permutations={num_permutations}: the smallest p-value is "
+                         f"1 / (num_permutations + 1), so alpha must be in (0, 1) and num_permutations >= "
+                         f"{math.ceil(1 / alpha) - 1 if 0 < alpha < 1 else 1}")
+    rng = np.random.default_rng(seed)
+    upper = np.triu_indices(K, 1)
+    values, diagonal = W[upper], np.diag(W).copy()
+    gaps, eigenvalues = _eigengaps(W.copy(), max_groups)
+    null = np.empty(num_permutations)
+    for r in range(num_permutations):
+        W[upper] = values[rng.permutation(values.size)]
+        W.T[upper] = W[upper]
+        np.fill_diagonal(W, diagonal)
+        null[r] = _eigengaps(W, max_groups)[0].max()
+    # p_G <= alpha  <=>  at most `allowed` null maxima reach gap_G  <=>  gap_G > the threshold
+    allowed = int(math.floor(alpha * (num_permutations + 1) + 1e-9)) - 1
+    threshold = float(np.sort(null)[::-1][allowed])
+    gap_p = (1 + (null[None, :] >= gaps[:, None]).sum(1)) / (1 + num_permutations)
+    significant = np.flatnonzero(gap_p <= alpha)
+    structured = significant.size > 0
+    return {"num_groups": int(2 + significant.max()) if structured else int(fallback),
+            "structured": bool(structured), "p_value": float(gap_p.min()),
+            "eigenvalues": eigenvalues.tolist(), "gaps": gaps.tolist(), "gap_p_values": gap_p.tolist(),
+            "null_max_gaps": null.tolist(), "null_gap_quantile": threshold,
+            "eigengap_choice": int(2 + np.argmax(gaps)), "fallback_used": not structured,
+            "max_groups": int(max_groups), "fallback": int(fallback), "num_permutations": int(num_permutations),
+            "alpha": float(alpha), "seed": int(seed)}
+
+
+# --- Extras: baseline groupings and comparing groupings (Table 5, Eq. 9's value, Rand index) ------
+
+def random_groups(num_classes, num_groups, *, seed=0):
+    """Seeded random partition into G non-empty groups of near-equal size (Table 5 baseline)."""
+    _check_num_groups(num_groups, num_classes)
+    perm = np.random.default_rng(seed).permutation(num_classes)
+    groups = np.empty(num_classes, dtype=np.int64)
+    groups[perm] = np.arange(num_classes) % num_groups
+    return _canonical(groups)
+
+
+def count_groups(class_counts, num_groups):
+    """Instance-number grouping (Li et al. 2020; Table 5 baseline): classes sorted by training
+    count, most frequent first (stable), cut into G contiguous near-equal groups; group 0 = head."""
+    counts = _numpy(class_counts)
+    _check_num_groups(num_groups, counts.size)
+    groups = np.empty(counts.size, dtype=np.int64)
+    for g, chunk in enumerate(np.array_split(np.argsort(-counts, kind="stable"), num_groups)):
+        groups[chunk] = g
+    return groups
+
+
+def ncut_value(affinity, groups):
+    """Normalised-cut objective of Eq. 9 on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
+    cut(V, rest) / assoc(V, all). Lower is better; 0 means no weight between groups."""
+    W = _graph_weights(affinity)
+    groups = _numpy(groups)
+    total = 0.0
+    for g in np.unique(groups):
+        inside = groups == g
+        assoc = W[inside].sum()
+        total += W[inside][:, ~inside].sum() / assoc if assoc > 0 else 0.0
+    return float(total)
+
+
+def adjusted_rand_index(a, b):
+    """Adjusted Rand index (Hubert & Arabie 1985) of two partitions of the same classes, given as
+    label arrays: 1 when they are the same partition (whatever the labels), 0 on average for
+    independent partitions with these group sizes, negative below that. Two partitions that are
+    both all-singletons or both one group are the same partition: 1."""
+    a, b = _numpy(a), _numpy(b)
+    if a.shape != b.shape:
+        raise ValueError(f"the two labellings must cover the same classes, got {a.size} and {b.size} labels")
+    if a.size < 2:
+        return 1.0
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(table, (ia.reshape(-1), ib.reshape(-1)), 1.0)
+    pairs = lambda n: float((n * (n - 1) / 2).sum())
+    index, sum_a, sum_b = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = sum_a * sum_b / pairs(np.array([a.size]))
+    maximum = (sum_a + sum_b) / 2
+    if maximum == expected:
+        return 1.0
+    return (index - expected) / (maximum - expected)
+
+
+# --- Extras: the last-stage step (mgda_backward_partial) ------------------------------------------
+
 def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update="scaled",
                           retain_graph=False, process_group=None):
     """The cheaper step: the G backward passes stop at gram_params (a trailing part of the shared
@@ -1107,7 +1208,7 @@ def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update
     gram_params would), then ONE full backward of sum_i w_i L_i adds d to p.grad over params.
     G partial backwards + 1 full instead of G full ones; alpha is exact for the Gram it sees,
     which is the trailing part's, not the whole network's. Same arguments and result as
-    mgda_backward."""
+    mgda_backward, which most users call."""
     losses, params = _check_step_args(losses, params, normalize, update)
     gram_params = [p for p in gram_params if p.requires_grad]
     _columns(params, gram_params)  # checks that gram_params is a subset of params
@@ -1118,6 +1219,8 @@ def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update
     weighted_backward(losses, w, params, retain_graph=retain_graph, process_group=process_group)
     return {"alpha": alpha, "weights": w, "gram": gram}
 
+
+# --- Extras: diagnostics (the Pareto descent property; Fig. 2, Eq. 3) -----------------------------
 
 def pareto_cosines(gram, alpha):
     """cos(d, g_i) for every group and |d|, d = sum_i alpha_i g_i, from the Gram [G, G] and alpha
@@ -1144,8 +1247,6 @@ def step_diagnostic(gram, alpha, losses):
         "d_norm": float(d_norm),
     }
 
-
-# --- 7. Gradient contributions per class (Fig. 2, Eq. 3) -------------------------------------------
 
 def class_update_cosines(logits, targets, update, params, *, class_counts=None, process_group=None):
     """The paper's measure of gradient imbalance (Fig. 2; its appendix figure for CE against

@@ -175,7 +175,8 @@ def bench_class_gradients(args, device):
 
     t_ce, w_ce, _ = timed(lambda: ce_epoch(model, loader, optimizer, device), device)
     print(f"    CE training epoch                : {t_ce:8.1f} s  (wall {w_ce:.1f} s)")
-    t_cg, w_cg, grads = timed(lambda: gbg.class_gradients(model, ds, K, backbone, batch_size=bs, device=device), device)
+    t_cg, w_cg, grads = timed(lambda: gbg.class_gradients(model, ds, K, backbone, batch_size=bs, device=device,
+                                                          recalibrate_bn=False), device)
     n_cg = sum(math.ceil(n / bs) for n in counts)
     print(f"    gbg.class_gradients              : {t_cg:8.1f} s  (wall {w_cg:.1f} s, {n_cg} one-class "
           f"batches) = {t_cg / t_ce:.2f}x the CE epoch (target <= 1.5x; wall ratio {w_cg / w_ce:.2f}x)")
@@ -495,7 +496,7 @@ def memory_child(cfg):
     base, how = start_peak_rss()
     t0 = time.perf_counter()
     rows = gbg.class_gradients(model, ds, K, list(model.backbone.parameters()), sketch_dim=cfg["sketch"],
-                               classes=range(cfg["classes"]), device=device)
+                               classes=range(cfg["classes"]), device=device, recalibrate_bn=False)
     sync(device)
     seconds = time.perf_counter() - t0
     res = {"rss_growth": peak_rss(how) - base, "how": how, "seconds": seconds,

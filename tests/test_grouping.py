@@ -98,7 +98,8 @@ def test_class_gradients_match_per_sample_autograd(setup):
     bn = model[1]
     running_mean = bn.running_mean.clone()
     with pytest.warns(UserWarning) as record:
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=4)  # classes span batches
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=4,
+                                  recalibrate_bn=False)  # classes span batches
     assert got.dtype == torch.float32 and got.device.type == "cpu"
     assert got.shape == (K, sum(p.numel() for p in backbone(model)))  # classifier left out
     assert_rows_close(got, ref)
@@ -115,13 +116,14 @@ def test_labels_by_iteration_and_mixed_modes_restored(setup):
     model[1].eval()  # e.g. frozen BN inside a training model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = gbg.class_gradients(model, LabelledImages(x, y, with_targets=False), K, backbone(model), batch_size=256)
+        got = gbg.class_gradients(model, LabelledImages(x, y, with_targets=False), K, backbone(model),
+                                  batch_size=256, recalibrate_bn=False)
     assert_rows_close(got, ref)
     assert model.training and model[0].training and not model[1].training
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model))
+        gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), recalibrate_bn=False)
     assert not model.training
 
 
@@ -130,7 +132,7 @@ def test_explicit_params_include_classifier(setup):
     params = list(model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, params)
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, params, recalibrate_bn=False)
     assert got.shape[1] == sum(p.numel() for p in params)
     model.eval()
     k = 2
@@ -144,7 +146,7 @@ def test_classes_subset_computes_only_those_rows(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the empty class 3 is not asked for
         got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), classes=[5, 2], batch_size=4,
-                                  num_workers=1)  # batches built in a worker process
+                                  num_workers=1, recalibrate_bn=False)  # batches built in a worker process
     assert_rows_close(got[[2, 5]], ref[[2, 5]])
     others = [k for k in range(K) if k not in (2, 5)]
     assert torch.all(got[others] == 0)
@@ -155,9 +157,10 @@ def test_max_per_class_averages_a_subset_of_that_size(setup):
     cap = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), max_per_class=cap, seed=1)
+        got = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), max_per_class=cap, seed=1,
+                                  recalibrate_bn=False)
         again = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), max_per_class=cap, seed=1,
-                                    classes=[2, 7])
+                                    classes=[2, 7], recalibrate_bn=False)
     for k in range(K):
         rows = ref_samples[y == k]
         if len(rows) <= cap:
@@ -211,7 +214,8 @@ def test_recalibration_undoes_saturation_at_initialisation():
     torch.manual_seed(0)
     model = T.build_model("resnet20", 10)
     params = list(model.backbone.parameters())
-    plain, plain_info = gbg.class_gradients(model, data.train_eval, 10, params, return_info=True)
+    plain, plain_info = gbg.class_gradients(model, data.train_eval, 10, params, recalibrate_bn=False,
+                                            return_info=True)
     recal, recal_info = gbg.class_gradients(model, data.train_eval, 10, params, recalibrate_bn=True,
                                             return_info=True)
     assert plain_info["max_softmax_mean"] > 0.999 and plain.norm(dim=1).min() < 1e-2
@@ -225,7 +229,7 @@ def sketch_setup():
     counts = [4, 9, 12, 6, 5, 7, 3, 10]
     x, y = make_data(counts, seed=3)
     model = make_model(width=16, hidden=40, dtype=torch.float32, seed=3)  # D = 23,560 > m
-    exact = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=4)
+    exact = gbg.class_gradients(model, LabelledImages(x, y), K, backbone(model), batch_size=4, recalibrate_bn=False)
     return model, LabelledImages(x, y), exact
 
 
@@ -236,21 +240,23 @@ def test_sketch_cosines_within_documented_bound(sketch_setup, m):
     A = gbg.affinity(exact)
     pairs = np.triu_indices(K, 1)
     for seed in range(3):
-        sketch = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=m, seed=seed)
+        sketch = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=m, seed=seed,
+                                     recalibrate_bn=False)
         assert sketch.shape == (K, m)
         err = (gbg.affinity(sketch) - A).abs().numpy()[pairs]
-        # documented in class_gradients: max <= 3 sqrt(2/m), mean <= sqrt(2/m)
+        # documented in gbg.py (Extras: sketched class gradients): max <= 3 sqrt(2/m), mean <= sqrt(2/m)
         assert err.max() <= 3 * math.sqrt(2 / m), (seed, err.max())
         assert err.mean() <= math.sqrt(2 / m), (seed, err.mean())
 
 
 def test_sketch_deterministic_and_shareable(sketch_setup):
     model, ds, _ = sketch_setup
-    a = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=1024, seed=7)
-    b = gbg.class_gradients(model, ds, K, backbone(model), batch_size=64, sketch_dim=1024, seed=7)
-    c = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=1024, seed=8)
+    sketch = lambda **kw: gbg.class_gradients(model, ds, K, backbone(model), sketch_dim=1024, recalibrate_bn=False, **kw)
+    a = sketch(batch_size=4, seed=7)
+    b = sketch(batch_size=64, seed=7)
+    c = sketch(batch_size=4, seed=8)
     # rows computed by different "ranks" (class subsets) equal the one-process rows
-    part = gbg.class_gradients(model, ds, K, backbone(model), batch_size=4, sketch_dim=1024, seed=7, classes=[1, 6])
+    part = sketch(batch_size=4, seed=7, classes=[1, 6])
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # linearity: batching does not matter
     assert torch.equal(part[[1, 6]], a[[1, 6]])
     assert not torch.allclose(a, c)
