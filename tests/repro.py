@@ -594,7 +594,7 @@ def summarize_run(folder):
     status = run_status(folder)
     speeds = [e["images_per_s"] for e in log if "images_per_s" in e]
     line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=len(log),
-                wall_s=wall["wall_s"] if wall else None, resumes=(wall or {}).get("resumes", 0),
+                wall_s=wall["wall_s"] if wall else None, resumes=(wall or {}).get("resumes"),
                 images_per_s=sum(speeds) / len(speeds) if speeds else None,
                 **{k: None for k in RESULT_KEYS}, best_epoch=None)
     if status == "done":
@@ -650,7 +650,7 @@ def write_table(out, machine=None, wall_s=None, command=None):
                  columns="top1, many, medium, few: test top-1 after the last epoch (results.json 'last'); best_top1 / "
                          "best_epoch: the best test epoch (results.json 'best_test'); images_per_s: the mean over "
                          "log.txt's epochs; wall_s: summed over the calls that ran the run, resumes: how many of them resumed "
-                         "it; results only for runs with status 'done'")
+                         "it (- where the run predates the count); results only for runs with status 'done'")
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
     md = render_markdown(table)
     (out / "table.md").write_text(md)
@@ -664,7 +664,7 @@ def render_markdown(table):
     for l in table["runs"]:
         rows.append([l["run"], *(fmt(l[k]) for k in RESULT_KEYS[:4]), fmt(l["best_top1"]),
                      "-" if l["best_epoch"] is None else str(l["best_epoch"]), str(l["epochs_done"]),
-                     fmt(None if l["wall_s"] is None else l["wall_s"] / 60, digits=1), str(l.get("resumes", 0)),
+                     fmt(None if l["wall_s"] is None else l["wall_s"] / 60, digits=1), "-" if l.get("resumes") is None else str(l["resumes"]),
                      fmt(l["images_per_s"], digits=0), l["status"]])
     for l in table["means"]:
         rows.append([f"{l['run']}", *(fmt(l[k], l[k + "_halfrange"]) for k in RESULT_KEYS[:4]),

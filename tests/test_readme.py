@@ -1,4 +1,4 @@
-"""README's commands, run as written (issue 24). Every command in README's code blocks either runs
+"""README's commands, run as written. Every command in README's code blocks either runs
 here, verbatim (bash -c with the text README shows), in a copy of the checkout whose data the test
 makes, or is skipped with the reason it cannot run on a CPU machine without data sets: real data,
 GPUs, a SLURM cluster. A command README gains that no rule below covers fails the test until it is
@@ -104,6 +104,19 @@ def summarize(tmp_path, command):
     assert r.stdout == (ROOT / "results" / "cpu_miniature" / "table.md").read_text()
 
 
+def plots(tmp_path, command):
+    """The pictures README shows, drawn again from the committed run folders: one PNG per figure."""
+    pytest.importorskip("matplotlib", reason="tests/plot_runs.py draws with matplotlib (pip install matplotlib)")
+    shutil.copy2(ROOT / "tests" / "plot_runs.py", tmp_path / "tests" / "plot_runs.py")
+    shutil.copytree(ROOT / "results" / "cpu_miniature", tmp_path / "results" / "cpu_miniature",
+                    ignore=shutil.ignore_patterns("plots"))
+    r = bash(command, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    drawn = sorted(p.name for p in (tmp_path / "results" / "cpu_miniature" / "plots").glob("*.png"))
+    committed = sorted(p.name for p in (ROOT / "results" / "cpu_miniature" / "plots").glob("*.png"))
+    assert drawn and drawn == committed
+
+
 def dry_run(tmp_path, command):
     """Off the cluster, with no shared folder and no data: both ImageNet-LT jobs are printed, under
     two job names, and nothing is written."""
@@ -133,6 +146,9 @@ RUN = {
     "--output-dir runs/demo": demo,
     "python tests/repro.py --summarize --out runs/cpu_mini": summarize,
     "bash slurm/imagenet_lt.sh --dry-run": dry_run,
+    "python tests/plot_runs.py results/cpu_miniature/{ce_s0,gbg_s0,ce_s1,gbg_s1,release_ce_s0,regroup_s0} --labels CE "
+    "CE+GBG+MOO CE CE+GBG+MOO \"release rule on CE\" \"CE+GBG+MOO, regrouped every 20\" --class-names "
+    "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck --out results/cpu_miniature/plots": plots,
     "python slurm/submit.py --cluster local --dataset synthetic-lt --device cpu --arch resnet8 --gpus-per-node 0 "
     "--tasks-per-node 2 --epochs 1": local_job,
 }
