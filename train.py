@@ -54,12 +54,12 @@ import gbg
 BASE = dict(
     imb_factor=100,           # [paper] Table 1 (IF 100 and 50) and Table 6 (IF 100)
     loss="ce",                # [paper] Table 6, the CE and CE+GBG+MOO rows (BCL: --loss bcl)
-    normalize="l2",           # ours, see README "The MGDA step" (raw gradients collapse; the paper's
+    normalize="l2",           # ours, see README "Fidelity" (raw gradients collapse; the paper's
                               # Eq. 11 has no normaliser, the release uses loss+)
     group_loss="class",       # [paper] Eq. 10: a group's gradient averages its classes' gradients
     moo_update="scaled",      # ours: [paper] Eq. 12's Pareto descent direction, at the raw gradients' size
     moo_gram="all",           # MGDA's Gram over every parameter the group losses reach
-    recalibrate_bn=True,      # ours, measured: see README "The MGDA step and the grouping"
+    recalibrate_bn=True,      # ours, measured: see results/README.md "The MGDA step and the grouping"
     ncut_assign="kmeans",     # ours, measured: a lower Eq. 9 value than cluster_qr (the release's), see --ncut-assign
     bcl_group_loss="la",      # [bcl] main.py l.231: BCL's classification loss is logit-adjusted
     schedule="step", lr_drops=None,  # None: x0.1 at 80 % and x0.01 at 90 % of --epochs
@@ -88,7 +88,7 @@ RELEASE = dict(loss="bcl", imb_factor=50, epochs=300, lr=0.1, wd=5e-4, schedule=
                normalize="loss+", moo_update="raw", moo_gram="backbone", recalibrate_bn=False, group_epoch=0,
                ncut_assign="cluster_qr")
 # --preset paper: the method as the paper's text describes it, where our defaults differ from it
-# (README, "The MGDA step and the grouping"): alpha on the raw gradients (Eq. 11 has no
+# (README, "Fidelity"): alpha on the raw gradients (Eq. 11 has no
 # normaliser), grouping on the initial model's eval-mode outputs as they are (Alg. 1).
 PAPER = dict(normalize="none", recalibrate_bn=False, group_epoch=0)
 PRESETS = {"release": RELEASE, "paper": PAPER}
@@ -162,7 +162,7 @@ def get_args_parser():
     g.add_argument("--max-groups", type=int, default=None,
                    help="--num-groups auto: the largest G it may choose (default min(8, classes // 2): 8 is twice "
                         "the paper's best G, and the exact MGDA step costs a backward pass per group; beyond "
-                        "classes / 2 most groups would be single classes; see README)")
+                        "classes / 2 most groups would be single classes; see results/README.md)")
     g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
                    help="none with --moo mgda makes every class its own objective")
     g.add_argument("--group-epoch", type=int, default=None,
@@ -233,7 +233,7 @@ def get_args_parser():
                    help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
-                        "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (README)")
+                        "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (results/README.md)")
     r.add_argument("--deterministic", action="store_true",
                    help="runs that repeat bit for bit on CUDA too: deterministic algorithms, cuDNN benchmark off, "
                         "CUBLAS_WORKSPACE_CONFIG=:4096:8, TF32 off (README, 'What exact means'); CPU runs are "
@@ -268,7 +268,7 @@ def fill_defaults(args):
     if args.data_root is None:  # torchvision downloads CIFAR here (README, Quick start)
         args.data_root = "./data"
     if args.group_epoch is None:
-        # Ours, measured (README, "Grouping on outputs that mean something"): groups taken at the
+        # Ours, measured (results/README.md, "Grouping on outputs that mean something"): groups taken at the
         # end of the warm-up agree across seeds (adjusted Rand 0.66), those of the initial model
         # hardly (0.14 recalibrated, -0.02 not). A run no longer than its warm-up groups at once.
         warm = math.ceil(args.warmup_epochs)
@@ -686,8 +686,8 @@ def write_json(path, obj, mode="w"):
 
 # --- BCL: balanced contrastive learning (Zhu et al. 2022) -----------------------------------------
 # The base method of the paper's best numbers (--loss bcl). Its design (the two branches, the
-# three views, how its loss meets GBG's step and several processes) is described in README,
-# "BCL as the base method".
+# three views, how its loss meets GBG's step and several processes) is described in
+# results/README.md, "BCL as the base method".
 #
 # la_weight / bcl_weight / bcl_temp (line numbers approximate): ImageNet-LT and iNat 1.0 / 0.35 /
 # 0.07, BCL's release (FlamieZhu/Balanced-Contrastive-Learning main.py l.30, l.55-56); CIFAR
@@ -1393,8 +1393,8 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
 
 
 # A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
-# many epochs in a row is reported: the default rule's steps are 0.3-0.6 of it (README, "CPU
-# miniature", by lr phase), and a collapsed run (issue 24: 1e-8 .. 1e-11 for 130 epochs) sat at chance.
+# many epochs in a row is reported: the default rule's steps are 0.3-0.6 of it (results/README.md,
+# "CPU miniature", by lr phase), and a collapsed run (issue 24: 1e-8 .. 1e-11 for 130 epochs) sat at chance.
 NEGLIGIBLE_UPDATE, NEGLIGIBLE_EPOCHS = 1e-3, 3
 
 
@@ -1529,7 +1529,7 @@ def main(args):
         if negligible >= NEGLIGIBLE_EPOCHS:
             log(args, f"train.py: warning: the GBG update has been under {NEGLIGIBLE_UPDATE:g} of the plain gradient's "
                       f"size for {negligible} epochs (update_ratio {stats['update_ratio']:.3g} at epoch {epoch}): the "
-                      f"model barely moves; see README, 'The MGDA step' (--normalize, --moo-update)")
+                      f"model barely moves; see results/README.md, 'The MGDA step and the grouping' (--normalize, --moo-update)")
         average_bn_buffers(model, args)  # what is evaluated, grouped with and saved is one model
         if args.diag_every and (epoch + 1) % args.diag_every == 0:
             t0 = time.time()

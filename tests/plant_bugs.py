@@ -64,7 +64,7 @@ BUGS = [
      "gamma = min(a[v], 0.5 * gap / curv) if curv > 0 else a[v]", FW),
     ("fw_stale_gradient", "gbg.py",
      "Ma += gamma * (M[s] - M[v])", "Ma += gamma * (M[s] - M[v]) * 0.5", FW),
-    # GAC beta (README's reading of the appendix)
+    # GAC beta (the reading of the appendix in results/README.md)
     ("gac_delta_not_relative", "gbg.py",
      "delta = math.log(n.max() / n.min()) / log_span if log_span > 0 else 0.0",
      "delta = math.log(n.max() / n.min()) if log_span > 0 else 0.0", [P + "test_gac_class_probs_by_hand"]),

@@ -210,7 +210,7 @@ def ensure_data(data, tarball):
         return
     if not tarball.is_file():
         fail(f"no data: {data / 'train'} is missing and so is {tarball}; put the CIFAR-10 JPEG tarball there "
-             f"(README, 'Reproducing the paper's CIFAR rows') or give --data / --tarball")
+             f"(results/README.md, 'Reproducing the paper's CIFAR rows') or give --data / --tarball")
     if data.exists() and any(data.iterdir()):
         fail(f"{data} has no train/ folder but is not empty; remove it, or give --data the folder holding train/")
     print(f"unpacking {tarball} into {data}", flush=True)

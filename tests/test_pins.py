@@ -198,8 +198,8 @@ def test_evaluate_many_medium_few_against_a_hand_count():
 # ----------------------------------------------------------------------------- GAC beta
 
 def test_gac_class_probs_by_hand():
-    """README's reading of the appendix: beta_i = rho + lam * delta_i, delta_i =
-    log(Nmax_i / Nmin_i) / log(Nmax / Nmin), p_j = (1 - beta_i) / (1 - beta_i^N_j) normalised in
+    """The reading of the appendix (results/README.md, gbg.gac_class_probs): beta_i = rho + lam *
+    delta_i, delta_i = log(Nmax_i / Nmin_i) / log(Nmax / Nmin), p_j = (1 - beta_i) / (1 - beta_i^N_j) normalised in
     the group. Counts [4, 2, 4, 1, 3, 0], groups [0, 0, 1, 1, 2, 2]; Nmax / Nmin = 4 / 1 (class 5
     has no samples and is left out); rho = .25, lam = .5.
       group 0 {4, 2}: delta = log 2 / log 4 = 1/2, beta = 1/2: p = (1/2)/(15/16) = 8/15 and
