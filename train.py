@@ -1394,7 +1394,7 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
 
 # A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
 # many epochs in a row is reported: the default rule's steps are 0.3-0.6 of it (results/README.md,
-# "CPU miniature", by lr phase), and a collapsed run (issue 24: 1e-8 .. 1e-11 for 130 epochs) sat at chance.
+# "CPU miniature", by lr phase), and a collapsed run (1e-8 .. 1e-11 for 130 epochs) sat at chance.
 NEGLIGIBLE_UPDATE, NEGLIGIBLE_EPOCHS = 1e-3, 3
 
 

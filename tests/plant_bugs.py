@@ -225,7 +225,7 @@ BUGS = [
     ("plain_step_not_summed_over_processes", "train.py",
      "gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=pg)",
      "gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=None)", DIST),
-    # the contract with the user (issue 24)
+    # the contract with the user
     ("resume_ignores_the_flags", "train.py",
      "        check_resume_flags(ckpt, args, resume_path)", "        pass",
      [C + "test_resume_never_continues_another_experiment"]),

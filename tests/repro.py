@@ -542,8 +542,8 @@ def plan_runs(names, seconds, left):
 
 
 def gpu_check_first(args, t_start):
-    """--device cuda: tests/gpu_check.py first (a CUDA-only failure shows before the long runs,
-    issue 27), into OUT/gpu_check; with --budget, the runs that its images/s say cannot end in
+    """--device cuda: tests/gpu_check.py first (a CUDA-only failure shows before the long runs),
+    into OUT/gpu_check; with --budget, the runs that its images/s say cannot end in
     time are not started (stop.json says why) rather than cut."""
     folder = Path(args.out) / "gpu_check"
     print(f"gpu check: tests/gpu_check.py {folder}", flush=True)

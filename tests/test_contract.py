@@ -1,4 +1,4 @@
-"""train.py's contract with the person running it (issue 24): a resume never continues another
+"""train.py's contract with the person running it: a resume never continues another
 experiment under new flags; an error in a DataLoader worker ends the process with one line instead
 of a hang; the same command gives the same run whatever --workers; bad input and interruptions end
 in one line before any work is lost, and say which checkpoint is kept."""
@@ -74,7 +74,7 @@ def image_tree(root, size=72, per_class=(4, 2), classes=3, ext="png"):
 
 # ------------------------------------------------------------------------------------------ 1. resume
 def test_resume_never_continues_another_experiment(tmp_path, monkeypatch, capsys):
-    """The issue's sequence in the default output/: a GBG run stopped after its first epoch, then the CE
+    """A new user's sequence in the default output/: a GBG run stopped after its first epoch, then the CE
     baseline's command without --output-dir. It stops with one line naming the flags and the fix; the
     GBG run's files are left as they were. Every flag that changes the experiment is refused the same
     way (no state_dict traceback for --arch / --loss); the flags that do not are logged and resume."""

@@ -359,7 +359,7 @@ def test_summarize_without_runs_gives_one_line(tmp_path):
 
 
 def test_the_same_command_resumes_a_run_killed_after_its_first_epoch(tmp_path, tarball):
-    """Issue of runs longer than a session: a call killed after the first epoch (SIGTERM to repro.py,
+    """Runs longer than a session: a call killed after the first epoch (SIGTERM to repro.py,
     whose runs are then killed outright), then the same command: the run goes on from its
     checkpoint and ends as an uninterrupted run of the same command does; a finished run is not
     run again; wall.json sums the two calls and counts the resume."""

@@ -2,6 +2,7 @@
 function returns the next accepts (groups as a numpy array or a tensor give the same results)."""
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,11 @@ def test_groupings_compare_as_numpy_or_tensor(grouped):
     assert gbg.adjusted_rand_index(torch.as_tensor(groups), torch.as_tensor(other)) == \
         gbg.adjusted_rand_index(groups, other)
     assert np.array_equal(gbg.count_groups(torch.as_tensor(COUNTS), 3), gbg.count_groups(COUNTS, 3))
+
+
+def test_readme_shows_the_same_example():
+    """README's "Use GBG in your own training loop" is this example, verbatim: the one that runs above."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- usage:begin -->")[1].split("<!-- usage:end -->")[0].strip()
+    assert block.startswith("```python\n") and block.endswith("\n```")
+    assert block[len("```python\n"):-len("\n```")] == usage_example()
