@@ -242,7 +242,8 @@ def get_args_parser():
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
     r.add_argument("--eval-every", type=int, default=1)
-    r.add_argument("--print-freq", type=int, default=50)
+    r.add_argument("--print-freq", type=int, default=0,
+                   help="steps between progress lines (0: about ten lines an epoch)")
     r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
     r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
     r.add_argument("--exit-after-epoch", type=int, default=None,
@@ -301,7 +302,8 @@ def fill_defaults(args):
         (args.sketch_dim >= 0, f"--sketch-dim {args.sketch_dim} must be >= 0 (0: decided from the model size)"),
         (args.grad_max_per_class is None or args.grad_max_per_class >= 1,
          f"--grad-max-per-class {args.grad_max_per_class} must be at least 1 (or left out: every sample)"),
-        (args.eval_every >= 1 and args.print_freq >= 1, "--eval-every and --print-freq must be at least 1"),
+        (args.eval_every >= 1 and args.print_freq >= 0,
+         "--eval-every must be at least 1 and --print-freq >= 0 (0: about ten progress lines an epoch)"),
         (args.moo_every >= 1 and args.ratio_every >= 0,
          "--moo-every must be at least 1 (1: solve every step) and --ratio-every >= 0 (0: off)"),
         (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
@@ -679,6 +681,21 @@ def checkpoint_kept(out):
     return f"no checkpoint was written in {out} yet: the same command starts the run again"
 
 
+def plural(n, word, words=None):
+    """'1 epoch', '2 epochs' (words: an irregular plural, e.g. 'classes')."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def pct(v):
+    """An accuracy as printed: two decimals, '-' where there is none (no class in that shot group)."""
+    return "-" if v is None else f"{v:.2f}"
+
+
+def hms(seconds):
+    """A duration as printed: h:mm:ss."""
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
 def write_json(path, obj, mode="w"):
     with open(path, mode) as f:
         f.write(json.dumps(obj) + "\n")
@@ -915,6 +932,9 @@ def make_groups(model, data, args, device):
         # NCut, then broadcasts the groups, so no process can disagree.
         mine = present[args.rank::args.world_size]
         t0 = time.time()
+        # at ImageNet scale the pass takes minutes: say what runs, and afterwards how long it took
+        log(args, f"grouping: class gradients of {present.size} classes over {P:,} backbone parameters"
+                  f"{f' (sketch {sketch})' if sketch else ''}, then the affinity and NCut ...")
         grads, info = gbg.class_gradients(model, data.train_eval, K, backbone, classes=mine,
                                           sketch_dim=sketch, max_per_class=args.grad_max_per_class,
                                           device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
@@ -928,6 +948,9 @@ def make_groups(model, data, args, device):
                  "recalibrate_bn": args.recalibrate_bn}
         if args.distributed:
             dist.reduce(grads, dst=0)
+        log(args, f"grouping: class gradients in {time.time() - t0:.1f}s, mean max-softmax "
+                  f"{stats['max_softmax_mean']:.4f}")
+        t1 = time.time()
         sub = torch.zeros(present.size, dtype=torch.long, device=device)
         if is_main(args):
             rows = grads[torch.as_tensor(present, device=device)]
@@ -944,9 +967,8 @@ def make_groups(model, data, args, device):
         if args.distributed:
             dist.broadcast(sub, 0)
         sub = sub.cpu().numpy()
-        log(args, f"grouping: class gradients over {P:,} backbone parameters"
-                  f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s; mean max-softmax "
-                  f"{stats['max_softmax_mean']:.4f}")
+        log(args, f"grouping: affinity and NCut of {present.size} classes into {int(sub.max()) + 1} groups in "
+                  f"{time.time() - t1:.1f}s")
     groups = np.zeros(K, dtype=np.int64)
     groups[present] = sub
     return groups, A, stats
@@ -961,8 +983,29 @@ def describe_groups(groups, A, data, args, epoch, stats=None):
     members = [np.flatnonzero((groups == i) & present).tolist() for i in range(G)]
     return {"epoch": epoch, "grouping": args.grouping, "num_groups": G, "groups": members,
             "sizes": [len(m) for m in members], "counts": [data.class_counts[m].tolist() for m in members],
+            "class_names": class_names(data),
             "no_training_images": np.flatnonzero(~present).tolist(),
             "ncut": None if A is None else gbg.ncut_value(A, groups[present]), **(stats or {})}
+
+
+def class_names(data):
+    """A name per class: the data set's (CIFAR's, the class folders'), else the label."""
+    return data.class_names or [str(k) for k in range(data.num_classes)]
+
+
+# Up to this many classes, the printed groups list every class by name; above, a few per group.
+NAMED_CLASSES, NAMES_PER_GROUP = 20, 5
+
+
+def group_lines(info):
+    """The printed groups: one line per group, its size, training images and class names."""
+    names, lines = info["class_names"], []
+    for i, (members, counts) in enumerate(zip(info["groups"], info["counts"])):
+        shown = members if len(names) <= NAMED_CLASSES else members[:NAMES_PER_GROUP]
+        more = f", ... ({len(members) - len(shown)} more)" if len(shown) < len(members) else ""
+        lines.append(f"  group {i}: {plural(len(members), 'class', 'classes')}, {sum(counts)} training images: "
+                     f"{', '.join(names[k] for k in shown)}{more}")
+    return lines
 
 
 def add_to_history(info, previous_info, previous_groups, groups, present):
@@ -1170,9 +1213,15 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     return out
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device):
-    """One epoch. Statistics accumulate on the device and are read every --print-freq steps (the
-    progress line and the finiteness check) and at the end: no host read per step but MGDA's."""
+def print_every(args, steps):
+    """Steps between progress lines: --print-freq, or (0, the default) about ten lines an epoch."""
+    return args.print_freq or max(1, math.ceil(steps / 10))
+
+
+def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device, clock=None):
+    """One epoch. Statistics accumulate on the device and are read every print_every steps (the
+    progress line and the finiteness check) and at the end: no host read per step but MGDA's.
+    clock (RunClock): the run's time left, on the progress lines."""
     model.train()
     K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
@@ -1187,7 +1236,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     # per group: the summed group loss and the steps it was present in
     class_loss = torch.zeros(2, K, dtype=torch.float64, device=device)
     group_loss = torch.zeros(2, max(G, 1), dtype=torch.float64, device=device)
-    t0 = time.time()
+    t0, every = time.time(), print_every(args, len(loader))
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
@@ -1217,7 +1266,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
             if losses is not None:
                 group_loss += torch.stack([losses.detach().double() * present, present.double()])
         optimizer.step()
-        if step % args.print_freq == 0 or step == len(loader) - 1:
+        if step % every == 0 or step == len(loader) - 1:
             seen = all_reduce_(sums.clone()).tolist()  # the global sums, on every process
             if not math.isfinite(seen[0]):
                 # every epoch before this one ended with a checkpoint (this run's, or the one it resumed)
@@ -1228,9 +1277,11 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
                                         f"{' or without --amp' if args.amp else ''} in another --output-dir; {kept}")
             if is_main(args):
                 elapsed = time.time() - t0
+                left = (len(loader) - step - 1) * elapsed / (step + 1)
+                run_left = f", run eta {hms(clock.eta(epoch, left, left + elapsed))}" if clock else ""
                 print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {seen[0] / (step + 1):.4f} "
                       f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
-                      f"eta {(len(loader) - step - 1) * elapsed / (step + 1):.0f}s", flush=True)
+                      f"eta {hms(left)} (epoch){run_left}", flush=True)
     seen, steps = all_reduce_(sums.clone()).tolist(), len(loader)
     n_seen = int(seen[2])
     stats = {"train_loss": seen[0] / steps, "lr": optimizer.param_groups[0]["lr"],
@@ -1386,10 +1437,59 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
     for name, ds in splits:
         results[name] = evaluate(model, eval_loader(ds, args, device), data.class_counts, device, args)
         m = results[name]
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"
-        log(args, f"{name}: top-1 {fmt(m['top1'])}, many {fmt(m['many'])}, medium {fmt(m['medium'])}, "
-                  f"few {fmt(m['few'])} ({args.resume}, epoch {ckpt.get('epoch')})")
+        log(args, f"{name}: top-1 {pct(m['top1'])}, many {pct(m['many'])}, medium {pct(m['medium'])}, "
+                  f"few {pct(m['few'])} ({args.resume}, epoch {ckpt.get('epoch')})")
     return results
+
+
+class RunClock:
+    """The run's time: the seconds it has trained, across resumes (log.txt's time_s; each checkpoint
+    keeps it as elapsed_s, so a resumed run continues the count), and the time it has left."""
+
+    def __init__(self, epochs, before=0.0):
+        self.epochs, self.before, self.t0 = epochs, before, time.time()
+        self.epoch_t0, self.epoch_s = self.t0, []  # the whole epochs this process ran, in seconds
+
+    def elapsed(self):
+        return self.before + time.time() - self.t0
+
+    def start_epoch(self):
+        self.epoch_t0 = time.time()
+
+    def end_epoch(self):
+        self.epoch_s.append(time.time() - self.epoch_t0)
+
+    def eta(self, epoch, left_in_epoch, epoch_estimate):
+        """Seconds left: what is left of epoch `epoch`, then each later epoch at the mean of the
+        last whole epochs measured (grouping, evaluation and checkpoint included), or at
+        epoch_estimate before the first one ends."""
+        recent = self.epoch_s[-5:]
+        per_epoch = sum(recent) / len(recent) if recent else epoch_estimate
+        return left_in_epoch + (self.epochs - epoch - 1) * per_epoch
+
+
+def elapsed_before(ckpt, log_path, start_epoch):
+    """The seconds a resumed run had trained: its checkpoint's elapsed_s, or for a checkpoint from
+    before elapsed_s, the time_s of its last epoch in log.txt (0 when neither says)."""
+    if ckpt is None:
+        return 0.0
+    if "elapsed_s" in ckpt:
+        return ckpt["elapsed_s"]
+    times = [0.0]
+    if log_path.exists():
+        times += [e["time_s"] for e in map(json.loads, open(log_path)) if e["epoch"] < start_epoch and "time_s" in e]
+    return max(times)
+
+
+def epoch_line(epoch, stats, clock, args):
+    """The line closing an epoch: its test accuracy when it was evaluated, the run's time and ETA."""
+    if "test_top1" in stats:
+        done = (f"test top-1 {pct(stats['test_top1'])} (many {pct(stats.get('test_many'))}, "
+                f"medium {pct(stats.get('test_medium'))}, few {pct(stats.get('test_few'))})")
+    else:
+        done = f"train loss {stats['train_loss']:.4f}, not evaluated (--eval-every {args.eval_every})"
+    left = f", eta {hms(clock.eta(epoch, 0.0, 0.0))}" if epoch + 1 < args.epochs else ""
+    return f"epoch {epoch}: {done}; {hms(clock.elapsed())} elapsed{left}"
 
 
 # A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
@@ -1419,8 +1519,8 @@ def main(args):
         log(args, f"eval: {args.resume} ({args.dataset} IF {args.imb_factor:g}, data seed {args.data_seed}, "
                   f"{args.arch}, loss {args.loss}); data root {args.data_root}; device {device}")
     else:
-        log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
-                  f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
+        log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
+                  f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
                   f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}{f'; preset {args.preset}' if args.preset else ''}")
@@ -1439,9 +1539,11 @@ def main(args):
         data.train_eval = data.train if same else data.train_eval.to(device)
         if data.val is not None:
             data.val = data.val.to(device)
+    empty = K - present.size
     log(args, f"data: {len(data.train)} training images in {K} classes (largest {data.class_counts.max()}, "
               f"smallest {data.class_counts[present].min()}), {len(data.test)} test images"
-              f"{f'; {K - present.size} classes have no training image' if present.size < K else ''}")
+              + (f"; {plural(empty, 'class', 'classes')} {'has' if empty == 1 else 'have'} no training image"
+                 if empty else ""))
 
     # --- model ------------------------------------------------------------------------------------
     model = build_model(args.arch, K)
@@ -1497,8 +1599,10 @@ def main(args):
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
-    t_start, negligible = time.time(), 0  # negligible: epochs in a row with a negligible GBG update
+    clock = RunClock(args.epochs, elapsed_before(ckpt, out / "log.txt", start_epoch) if is_main(args) else 0.0)
+    negligible = 0  # epochs in a row with a negligible GBG update
     for epoch in range(start_epoch, args.epochs):
+        clock.start_epoch()
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
         regroup_ari = None
@@ -1512,8 +1616,11 @@ def main(args):
                     grouping_stats["num_groups_auto"]["epoch"] = epoch
             info = describe_groups(groups, A, data, args, epoch, grouping_stats)
             groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
-            log(args, f"groups (epoch {epoch}): sizes {[len(m) for m in info['groups']]}, Eq. 9 value {info['ncut']}"
-                      f"{'' if regroup_ari is None else f', adjusted Rand index {regroup_ari:.3f} vs the previous groups'}")
+            ncut = "" if info["ncut"] is None else f", Eq. 9 value {info['ncut']:.4f}"
+            moved = "" if regroup_ari is None else f", adjusted Rand index {regroup_ari:.3f} vs the previous groups"
+            log(args, f"groups (epoch {epoch}): sizes {info['sizes']}{ncut}{moved}")
+            for line in group_lines(info):
+                log(args, line)
             if is_main(args):
                 write_json(out / "groups.json", groups_info)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
@@ -1522,7 +1629,7 @@ def main(args):
         loader = data_lt.make_loader(data.train, sampler, train=True, device=device, num_workers=args.workers,
                                      seed=args.seed * 100003 + epoch,
                                      views=bcl_train_views(data, args) if args.loss == "bcl" else None)
-        stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
+        stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device, clock)
         if regroup_ari is not None:
             stats["regroup_ari"] = regroup_ari
         negligible = negligible + 1 if stats.get("update_ratio", 1.0) < NEGLIGIBLE_UPDATE else 0
@@ -1550,15 +1657,16 @@ def main(args):
                 best_test = {"epoch": epoch, **{k[5:]: v for k, v in stats.items() if k.startswith("test_")}}
         if best_test is not None:
             stats.update(best_test_top1=best_test["top1"], best_test_epoch=best_test["epoch"])
-        stats.update(epoch=epoch, time_s=time.time() - t_start)
+        stats.update(epoch=epoch, time_s=clock.elapsed())
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "groups": groups, "groups_info": groups_info, "best": best, "args": vars(args),
+                         "elapsed_s": stats["time_s"],
                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate()}}, ckpt_path)
-        log(args, f"epoch {epoch}: test top-1 {stats.get('test_top1', float('nan')):.2f} "
-                  f"(many {stats.get('test_many')}, medium {stats.get('test_medium')}, few {stats.get('test_few')})")
+        clock.end_epoch()
+        log(args, epoch_line(epoch, stats, clock, args))
         if args.exit_after_epoch is not None and epoch >= args.exit_after_epoch:
             return None
 
@@ -1571,8 +1679,8 @@ def main(args):
         write_json(out / "results.json", results)
     on_val = f"; best on val: test top-1 {best['test_top1']:.2f} (epoch {best['epoch']})" if best else ""
     on_test = f"; best test epoch: test top-1 {best_test['top1']:.2f} (epoch {best_test['epoch']})" if best_test else ""
-    log(args, f"done: last epoch: test top-1 {results['last'].get('top1')}{on_test}{on_val}; "
-              f"{datetime.timedelta(seconds=int(time.time() - t_start))}")
+    log(args, f"done: last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}; "
+              f"{hms(clock.elapsed())}")
     return results
 
 
