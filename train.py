@@ -115,62 +115,106 @@ def num_groups_arg(text):
 AUTO_FALLBACK_GROUPS = 4
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("GBG training", add_help=False)
+DATASETS = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt")
+
+
+def default_help(key, text=""):
+    """A flag's help ending in the default fill_defaults gives it, read from the tables it reads
+    (RECIPES and BCL_PRESETS per data set, BASE, PRESETS), so that --help cannot drift from them."""
+    shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    by_value = {}
+    for ds in DATASETS:
+        tables = (RECIPES.get(ds, RECIPES["cifar"]), BCL_PRESETS.get(ds, BCL_PRESETS["cifar"]), BASE)
+        value = next(t[key] for t in tables if key in t)
+        by_value.setdefault(shown(value), []).append(ds)
+    (usual, _), *others = sorted(by_value.items(), key=lambda kv: -len(kv[1]))
+    default = ", ".join([f"{v} for {' and '.join(ds)}" for v, ds in others] + [f"{usual} otherwise" if others else usual])
+    presets = "".join(f"; --preset {name}: {shown(preset[key])}" for name, preset in sorted(PRESETS.items())
+                      if key in preset)
+    return f"{text}{' ' if text else ''}(default: {default}{presets})"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows the default of every flag whose text does not already give it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def get_args_parser(add_help=False):
+    """train.py's parser (add_help=False: to extend it with parents=[...], as the tests do)."""
+    p = argparse.ArgumentParser(prog="train.py", add_help=add_help, formatter_class=HelpFormatter,
+                                usage="python %(prog)s [--dataset NAME] [--epochs N] ... (the flags below)",
+                                description=__doc__.split("\n\n")[0])
+    add_train_arguments(p)
+    return p
+
+
+def add_train_arguments(p):
+    """train.py's flags, the most used first, then the rest by topic (slurm/submit.py adds them
+    after its cluster flags)."""
+    c = p.add_argument_group("most used")
+    c.add_argument("--dataset", default="cifar10-lt", choices=DATASETS,
+                   help="the long-tailed data set; synthetic-lt is made in memory (a one-minute CPU demo)")
+    c.add_argument("--data-root", default=None,
+                   help="folder holding the data set, see README (default: ./data; with --eval the checkpoint's)")
+    c.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
+                   help=default_help("arch", "resnet8/20: smaller CIFAR ResNets, for quick checks and the tests"))
+    c.add_argument("--loss", default=None, choices=["ce", "bcl"],
+                   help=default_help("loss", "ce, or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. "
+                                           "2022), three views"))
+    c.add_argument("--epochs", type=int, default=None, help=default_help("epochs"))
+    c.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size, shared by all processes; 256 as the release and BCL")
+    c.add_argument("--lr", type=float, default=None, help=default_help("lr"))
+    c.add_argument("--output-dir", default="output",
+                   help="where log.txt, groups.json, checkpoint.pth and results.json go; a run started again "
+                        "with the same folder resumes from its checkpoint")
+    c.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
+                   help="none with --moo mgda makes every class its own objective")
+    c.add_argument("--moo", default="mgda", choices=["mgda", "none"],
+                   help="none: average the group losses (the paper's 'GBG' ablation)")
+    c.add_argument("--num-groups", type=num_groups_arg, default=4,
+                   help="G (4: the paper's ablations, the release's --n_groups), or auto: read from the spectrum "
+                        "of the affinity at the first grouping (gbg.choose_num_groups; 4 when it shows no group "
+                        "structure), then kept for the run (--grouping gbg only)")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    c.add_argument("--amp", action="store_true",
+                   help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
+    c.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="release: the authors' CIFAR configuration; paper: the paper's text where our defaults "
+                        "differ (see README); explicit flags still win")
+    c.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="cifar10-lt",
-                   choices=["cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt"])
-    d.add_argument("--data-root", default=None,
-                   help="folder holding the data set (see README; default ./data, or with --eval the checkpoint's)")
-    d.add_argument("--imb-factor", type=float, default=None, help="N_max / N_min of the made-long-tailed sets (100)")
+    d.add_argument("--imb-factor", type=float, default=None, help=default_help("imb_factor", "N_max / N_min of the made-long-tailed sets"))
     d.add_argument("--data-seed", type=int, default=0,
                    help="seed of the long-tailed subset (CIFAR, folder-lt; synthetic-lt's images): fixed across "
                         "runs, as LDAM-DRW, BCL and the authors' release do; --seed varies the training only")
     d.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: the cores this process may use, at most 8)")
-    m = p.add_argument_group("model and optimisation (defaults depend on --dataset)")
-    m.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
-                   help="resnet8/20: smaller CIFAR ResNets, for quick checks and the tests")
-    m.add_argument("--epochs", type=int, default=None)
-    m.add_argument("--batch-size", type=int, default=256,
-                   help="global batch size, shared by all processes (256: the release and BCL)")
-    m.add_argument("--lr", type=float, default=None)
-    m.add_argument("--wd", type=float, default=None)
-    m.add_argument("--momentum", type=float, default=0.9)
-    m.add_argument("--schedule", default=None, choices=["step", "cosine"],
-                   help="step: x0.1 at each of --lr-drops (default: 80%% and 90%% of the epochs, 160/180 of 200)")
-    m.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
-    m.add_argument("--warmup-epochs", type=float, default=None)
-    m.add_argument("--loss", default=None, choices=["ce", "bcl"],
-                   help="ce (default), or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), "
-                        "three views")
-    m.add_argument("--la-weight", type=float, default=None, help="BCL: weight of the logit-adjusted CE (see BCL_PRESETS)")
-    m.add_argument("--bcl-weight", type=float, default=None, help="BCL: weight of the contrastive loss")
-    m.add_argument("--bcl-temp", type=float, default=None, help="BCL: temperature of the contrastive loss")
-    m.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
-                   help="BCL under grouping: the group losses are logit-adjusted CE (la, default) or plain CE (ce, "
-                        "the authors' CIFAR release)")
-    m.add_argument("--views", default=None, choices=["device", "workers"],
-                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
-                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
-                        "sample in DataLoader workers; always for image files)")
-    g = p.add_argument_group("GBG")
-    g.add_argument("--num-groups", type=num_groups_arg, default=4,
-                   help="G (4: the paper's ablations, the release's --n_groups), or auto: read from the spectrum "
-                        "of the affinity at the first grouping (gbg.choose_num_groups; 4 when it shows no group "
-                        "structure), then kept for the run (--grouping gbg only)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--wd", type=float, default=None, help=default_help("wd"))
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--schedule", default=None, choices=["step", "cosine"],
+                   help=default_help("schedule", "step: x0.1 at each of --lr-drops (by default at 80%% and 90%% of the "
+                                                 "epochs, 160/180 of 200)"))
+    o.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
+    o.add_argument("--warmup-epochs", type=float, default=None, help=default_help("warmup_epochs"))
+    g = p.add_argument_group("GBG: the grouping (Algorithm 1)")
     g.add_argument("--max-groups", type=int, default=None,
                    help="--num-groups auto: the largest G it may choose (default min(8, classes // 2): 8 is twice "
                         "the paper's best G, and the exact MGDA step costs a backward pass per group; beyond "
                         "classes / 2 most groups would be single classes; see README)")
-    g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
-                   help="none with --moo mgda makes every class its own objective")
     g.add_argument("--group-epoch", type=int, default=None,
                    help="epoch at which to group (default: the end of the lr warm-up, 5 on CIFAR, or 0 when the run "
                         "is not longer than its warm-up; 0: the initial model, as the paper and the release)")
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-estimate BatchNorm statistics on the grouping samples before the class gradients "
-                        "(restored afterwards; default on); --no-recalibrate-bn: the release's eval-mode pass")
+                   help=default_help("recalibrate_bn", "re-estimate BatchNorm statistics on the grouping samples before "
+                                                       "the class gradients (restored afterwards); "
+                                                       "--no-recalibrate-bn: the release's eval-mode pass"))
     g.add_argument("--ncut-assign", default=None, choices=list(gbg.NCUT_ASSIGN),
                    help="how NCut turns the spectral embedding into groups: kmeans (default: unit rows, seeded "
                         "k-means, 10 restarts, the lowest cost kept) or cluster_qr (the release, utils.py l.147: "
@@ -183,54 +227,66 @@ def get_args_parser():
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
     g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping")
-    g.add_argument("--moo", default="mgda", choices=["mgda", "none"],
-                   help="none: average the group losses (the paper's 'GBG' ablation)")
-    g.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
+    s = p.add_argument_group("GBG: the step (Algorithm 2) and its batches")
+    s.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
                         "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i")
-    g.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
-                   help="parameters of MGDA's Gram: all (default) that the group losses reach, or the backbone "
-                        "only (the release); the update reaches every parameter either way")
-    g.add_argument("--moo-update", default=None, choices=["scaled", "raw", "normalized"],
-                   help="scaled (default): d = convex combination of the raw g_i with weights proportional to "
-                        "alpha_i/n_i (Pareto descent, gradient-sized); raw: alpha applied to the raw g_i (the "
-                        "release, no descent guarantee); normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)")
-    g.add_argument("--moo-every", type=int, default=1,
+    s.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
+                   help=default_help("moo_gram", "parameters of MGDA's Gram: all that the group losses reach, or the "
+                                                 "backbone only (the release); the update reaches every parameter "
+                                                 "either way"))
+    s.add_argument("--moo-update", default=None, choices=["scaled", "raw", "normalized"],
+                   help=default_help("moo_update", "scaled: d = convex combination of the raw g_i with weights "
+                                                   "proportional to alpha_i/n_i (Pareto descent, gradient-sized); raw: "
+                                                   "alpha applied to the raw g_i (the release, no descent guarantee); "
+                                                   "normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)"))
+    s.add_argument("--moo-every", type=int, default=1,
                    help="solve for the weights every k steps (and when the groups present change); in "
                         "between, one backward of sum w_i L_i with the last weights")
-    g.add_argument("--ratio-every", type=int, default=10,
-                   help="every N MGDA steps, one extra backward measures |d| / |gradient of the sample-mean "
-                        "loss| (log.txt: update_ratio); 0: off")
-    g.add_argument("--normalize", default=None, choices=["none", "l2", "loss", "loss+"],
-                   help="normaliser n_i of the group gradients when solving for alpha: norm (l2, default), "
-                        "loss, or both (loss+); none: the paper's Eq. 11")
-    g.add_argument("--group-loss", default=None, choices=["class", "sample"],
-                   help="class (default): a group's loss is the mean of its classes' mean losses (the paper); "
-                        "sample: the mean over its samples (the authors' release)")
-    g.add_argument("--sampler", default=None, choices=["random", "gac"],
+    s.add_argument("--normalize", default=None, choices=["none", "l2", "loss", "loss+"],
+                   help=default_help("normalize", "normaliser n_i of the group gradients when solving for alpha: "
+                                                  "norm (l2), loss, or both (loss+); none: the paper's Eq. 11"))
+    s.add_argument("--group-loss", default=None, choices=["class", "sample"],
+                   help=default_help("group_loss", "class: a group's loss is the mean of its classes' mean losses "
+                                                   "(the paper); sample: the mean over its samples (the release)"))
+    s.add_argument("--sampler", default=None, choices=["random", "gac"],
                    help="default: gac with groups, plain shuffled batches with --grouping none (every class its "
                         "own objective: the paper's MOO row, where tail objectives are often absent)")
-    g.add_argument("--gac-fill", type=float, default=0.1,
+    s.add_argument("--gac-fill", type=float, default=0.1,
                    help="GAC top-up per missing group, as a fraction of the global batch (0.1: the paper, Sec. "
                         "'Method', '1/10 of the batch size')")
-    d = p.add_argument_group("diagnostics")
-    d.add_argument("--diag-every", type=int, default=0,
+    s.add_argument("--ratio-every", type=int, default=10,
+                   help="every N MGDA steps, one extra backward measures |d| / |gradient of the sample-mean "
+                        "loss| (log.txt: update_ratio); 0: off")
+    b = p.add_argument_group("BCL (--loss bcl)")
+    b.add_argument("--la-weight", type=float, default=None, help=default_help("la_weight", "weight of the logit-adjusted CE"))
+    b.add_argument("--bcl-weight", type=float, default=None, help=default_help("bcl_weight", "weight of the contrastive loss"))
+    b.add_argument("--bcl-temp", type=float, default=None, help=default_help("bcl_temp", "temperature of the contrastive loss"))
+    b.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
+                   help=default_help("bcl_group_loss", "under grouping, the group losses are logit-adjusted CE (la) or "
+                                                       "plain CE (ce, the authors' CIFAR release)"))
+    b.add_argument("--views", default=None, choices=["device", "workers"],
+                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
+                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
+                        "sample in DataLoader workers; always for image files)")
+    x = p.add_argument_group("diagnostics")
+    x.add_argument("--diag-every", type=int, default=0,
                    help="every N epochs, on --diag-batches fixed training batches (no augmentation), the cosine "
                         "between each class's gradient and the step's update direction, the paper's Fig. 2; "
                         "log.txt: diag_cos and diag_ratio per class, diag_cos_many/medium/few. Changes nothing "
                         "in the training. 0 (default): off")
-    d.add_argument("--diag-batches", type=int, default=4,
+    x.add_argument("--diag-batches", type=int, default=4,
                    help="how many fixed batches --diag-every averages over (drawn once by the run's own "
                         "sampler, GAC or random, with a fixed seed)")
     r = p.add_argument_group("run")
-    r.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="release: the authors' CIFAR configuration; paper: the paper's text where our defaults "
-                        "differ (see README); explicit flags still win")
-    r.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
-    r.add_argument("--output-dir", default="output")
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    r.add_argument("--amp", action="store_true",
-                   help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
+    r.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate on the test (and val) split every N epochs, and after the last")
+    r.add_argument("--print-freq", type=int, default=0,
+                   help="steps between progress lines (0: about ten lines an epoch)")
+    r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
+    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
+    r.add_argument("--exit-after-epoch", type=int, default=None,
+                   help="stop (as if killed) once this epoch's checkpoint is written; for tests")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
                         "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (README)")
@@ -241,13 +297,6 @@ def get_args_parser():
     r.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
-    r.add_argument("--eval-every", type=int, default=1)
-    r.add_argument("--print-freq", type=int, default=0,
-                   help="steps between progress lines (0: about ten lines an epoch)")
-    r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
-    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
-    r.add_argument("--exit-after-epoch", type=int, default=None,
-                   help="stop (as if killed) once this epoch's checkpoint is written; for tests")
     return p
 
 
@@ -1690,7 +1739,7 @@ def stop_on_sigterm(signum, frame):
 
 
 if __name__ == "__main__":
-    args = argparse.ArgumentParser("GBG training", parents=[get_args_parser()]).parse_args()
+    args = get_args_parser(add_help=True).parse_args()
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # here only: submit.py's jobs keep submitit's handlers
     try:
         main(args)
