@@ -1232,14 +1232,35 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     if losses is None:
         gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=pg)
         return {}
-    if args.moo == "none":  # equal weights on the groups present, computed on the device
-        weights = present.to(losses.dtype) * (la / present.sum().to(losses.dtype))
-        if bcl:
-            weights = torch.cat([weights, weights.new_ones(1)])
-        gbg.weighted_backward(list(losses) + extra, weights, params, process_group=pg)
+    if args.moo == "none":
+        average_step(losses, present, la, extra, params, pg)
         return {}
     idx = list(range(len(losses))) if args.sampler == "gac" else present.nonzero().flatten().tolist()
-    group_terms, out = [losses[i] for i in idx], {}
+    out = mgda_step([losses[i] for i in idx], idx, model, moo_params, args, state, step, bcl, pg)
+    if measure:
+        out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
+    if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
+        for p in moo_params:
+            if p.grad is not None:
+                p.grad.mul_(la)
+        gbg.weighted_backward([contrast], [1.0], params, process_group=pg)
+    return out
+
+
+def average_step(losses, present, la, extra, params, pg):
+    """--moo none, the paper's "GBG" ablation: equal weights on the groups present (la_weight
+    shared among them under BCL, the contrastive loss added), computed on the device."""
+    weights = present.to(losses.dtype) * (la / present.sum().to(losses.dtype))
+    if extra:
+        weights = torch.cat([weights, weights.new_ones(1)])
+    gbg.weighted_backward(list(losses) + extra, weights, params, process_group=pg)
+
+
+def mgda_step(group_terms, idx, model, moo_params, args, state, step, bcl, pg):
+    """Alg. 2: p.grad <- d = sum_i alpha_i g_i over the groups `idx` of the batch, alpha from MGDA
+    every --moo-every steps and whenever those groups change, else the last solve's (`state`).
+    bcl: keep the graph for the contrastive backward after it."""
+    out = {}
     if step % args.moo_every == 0 or state.get("groups") != idx:
         kw = dict(normalize=args.normalize, update=args.moo_update, retain_graph=bcl, process_group=pg)
         gram_params = moo_gram_params(model, moo_params, args)
@@ -1252,13 +1273,6 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     else:  # --moo-every: the last solve's weights, one backward
         gbg.weighted_backward(group_terms, state["weights"], moo_params, retain_graph=bcl, process_group=pg)
     out["groups"] = idx
-    if measure:
-        out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
-    if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
-        for p in moo_params:
-            if p.grad is not None:
-                p.grad.mul_(la)
-        gbg.weighted_backward([contrast], [1.0], params, process_group=pg)
     return out
 
 
@@ -1268,87 +1282,120 @@ def print_every(args, steps):
 
 
 def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device, clock=None):
-    """One epoch. Statistics accumulate on the device and are read every print_every steps (the
-    progress line and the finiteness check) and at the end: no host read per step but MGDA's.
-    clock (RunClock): the run's time left, on the progress lines."""
+    """One epoch of Algorithm 2: per batch, the group losses, then the step along d = sum_i
+    alpha_i g_i (take_step). EpochStats keeps the statistics on the device; they are read every
+    print_every steps (the progress line and the finiteness check) and at the end: no host read
+    per step but MGDA's. clock (RunClock): the run's time left, on the progress lines."""
     model.train()
-    K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
-    pg = dist.group.WORLD if args.distributed else None
-    moo_params = moo_parameters(model)
-    # this process's share of: the loss, the contrastive loss, the samples; summed over processes
-    # when read (every loss is normalised by the global batch, so the shares add up to it)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    alpha_sum, alpha_n = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1), dtype=torch.float64)
-    cos_min, ratios, state = torch.ones((), dtype=torch.float64), [], {}
-    # per class: the summed training loss (plain CE of the logits the groups see) and the samples;
-    # per group: the summed group loss and the steps it was present in
-    class_loss = torch.zeros(2, K, dtype=torch.float64, device=device)
-    group_loss = torch.zeros(2, max(G, 1), dtype=torch.float64, device=device)
-    t0, every = time.time(), print_every(args, len(loader))
+    meter, state = EpochStats(model, G, args, device), {}  # state: MGDA's last weights and workspace
+    every = print_every(args, len(loader))
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
         counts, logits, mean_loss, contrast, losses, present = step_losses(model, x, y, class_to_group, G, args,
                                                                            device)
         optimizer.zero_grad(set_to_none=True)
-        # update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
-        # backward) on every --ratio-every-th MGDA step
-        measure = losses is not None and args.moo == "mgda" and args.ratio_every > 0 and step % args.ratio_every == 0
-        if measure:
-            g_mean = gbg.group_gradients([mean_loss], moo_params, retain_graph=True, process_group=pg).norm()
+        measure = meter.measures(losses, step)
+        if measure:  # update_ratio's reference, before the step frees the graph
+            meter.plain_gradient_norm(mean_loss)
         solved = take_step(losses, present, mean_loss, contrast, model, args, state, step, measure)
-        if measure:
-            ratios.append(solved["d_norm"] / g_mean)
-        if "alpha" in solved:  # on the host already: the solver's output
-            idx = solved["groups"]
-            alpha_sum[idx] += solved["alpha"]
-            alpha_n[idx] += 1
-            cos_min = torch.minimum(cos_min, gbg.pareto_cosines(solved["gram"], solved["alpha"])[0].min())
-        total = mean_loss.detach() if contrast is None else args.la_weight * mean_loss.detach() + contrast.detach()
-        bcl_part = contrast.detach() if contrast is not None else torch.zeros_like(total)
-        sums += torch.stack([total, bcl_part, torch.full_like(total, len(y))]).double()
-        with torch.no_grad():
-            ce = F.cross_entropy(logits.detach(), y, reduction="none").double()
-            class_loss[0].index_add_(0, y, ce)
-            class_loss[1].index_add_(0, y, torch.ones_like(ce))
-            if losses is not None:
-                group_loss += torch.stack([losses.detach().double() * present, present.double()])
+        meter.add(solved, y, logits, mean_loss, contrast, losses, present)
         optimizer.step()
         if step % every == 0 or step == len(loader) - 1:
-            seen = all_reduce_(sums.clone()).tolist()  # the global sums, on every process
-            if not math.isfinite(seen[0]):
-                # every epoch before this one ended with a checkpoint (this run's, or the one it resumed)
-                kept = (f"the checkpoint of epoch {epoch - 1} in {args.output_dir} is kept" if epoch > 0 else
-                        "no checkpoint was written (the first epoch diverged)")
-                raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: the run diverged; start "
-                                        f"it again with a lower --lr (now {args.lr}) or --wd (now {args.wd})"
-                                        f"{' or without --amp' if args.amp else ''} in another --output-dir; {kept}")
-            if is_main(args):
-                elapsed = time.time() - t0
-                left = (len(loader) - step - 1) * elapsed / (step + 1)
-                run_left = f", run eta {hms(clock.eta(epoch, left, left + elapsed))}" if clock else ""
-                print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {seen[0] / (step + 1):.4f} "
-                      f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
-                      f"eta {hms(left)} (epoch){run_left}", flush=True)
-    seen, steps = all_reduce_(sums.clone()).tolist(), len(loader)
-    n_seen = int(seen[2])
-    stats = {"train_loss": seen[0] / steps, "lr": optimizer.param_groups[0]["lr"],
-             "train_samples": n_seen, "images_per_s": n_seen / max(time.time() - t0, 1e-9),
-             "train_time_s": time.time() - t0}
-    if alpha_n.sum() > 0:
-        stats["alpha_mean"] = (alpha_sum / alpha_n.clamp(min=1)).tolist()
-        stats["cos_d_g_min"] = cos_min.item()
-    if ratios:  # mean over the measured steps of |d| / |g_mean|
-        stats["update_ratio"] = torch.stack(ratios).mean().item()
-    class_loss = all_reduce_(class_loss).cpu()  # each process's samples: summed
-    stats["train_class_loss"] = [None if n == 0 else l / n for l, n in class_loss.T.tolist()]
-    if G:  # each process holds its share of the global group losses, and the same `present`
-        group_loss = all_reduce_(group_loss).cpu()
-        stats["train_group_loss"] = [None if n == 0 else l * args.world_size / n for l, n in group_loss.T.tolist()]
-    if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
-        stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
-    return stats
+            meter.progress(epoch, step, len(loader), optimizer, clock)
+    return meter.result(len(loader), optimizer)
+
+
+class EpochStats:
+    """What an epoch reports beside its step, accumulated on the device (each process its share,
+    summed when read): the losses, MGDA's weights and their Pareto cosines, |d| against the plain
+    gradient (update_ratio), the per-class and per-group training losses."""
+
+    def __init__(self, model, G, args, device):
+        self.model, self.G, self.args, self.t0 = model, G, args, time.time()
+        self.pg = dist.group.WORLD if args.distributed else None
+        self.moo_params = moo_parameters(model)
+        K = model.fc.out_features
+        # this process's share of: the loss, the contrastive loss, the samples; summed over processes
+        # when read (every loss is normalised by the global batch, so the shares add up to it)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.alpha_sum = torch.zeros(max(G, 1), dtype=torch.float64)
+        self.alpha_n = torch.zeros(max(G, 1), dtype=torch.float64)
+        self.cos_min, self.ratios, self.g_mean = torch.ones((), dtype=torch.float64), [], None
+        # per class: the summed training loss (plain CE of the logits the groups see) and the samples;
+        # per group: the summed group loss and the steps it was present in
+        self.class_loss = torch.zeros(2, K, dtype=torch.float64, device=device)
+        self.group_loss = torch.zeros(2, max(G, 1), dtype=torch.float64, device=device)
+
+    def measures(self, losses, step):
+        """update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
+        backward) on every --ratio-every-th MGDA step."""
+        args = self.args
+        return losses is not None and args.moo == "mgda" and args.ratio_every > 0 and step % args.ratio_every == 0
+
+    def plain_gradient_norm(self, mean_loss):
+        """|gradient of the sample-mean loss|, keeping the graph for the step."""
+        self.g_mean = gbg.group_gradients([mean_loss], self.moo_params, retain_graph=True, process_group=self.pg).norm()
+
+    def add(self, solved, y, logits, mean_loss, contrast, losses, present):
+        if "d_norm" in solved:
+            self.ratios.append(solved["d_norm"] / self.g_mean)
+        if "alpha" in solved:  # on the host already: the solver's output
+            idx = solved["groups"]
+            self.alpha_sum[idx] += solved["alpha"]
+            self.alpha_n[idx] += 1
+            self.cos_min = torch.minimum(self.cos_min, gbg.pareto_cosines(solved["gram"], solved["alpha"])[0].min())
+        total = mean_loss.detach() if contrast is None else self.args.la_weight * mean_loss.detach() + contrast.detach()
+        bcl_part = contrast.detach() if contrast is not None else torch.zeros_like(total)
+        self.sums += torch.stack([total, bcl_part, torch.full_like(total, len(y))]).double()
+        with torch.no_grad():
+            ce = F.cross_entropy(logits.detach(), y, reduction="none").double()
+            self.class_loss[0].index_add_(0, y, ce)
+            self.class_loss[1].index_add_(0, y, torch.ones_like(ce))
+            if losses is not None:
+                self.group_loss += torch.stack([losses.detach().double() * present, present.double()])
+
+    def progress(self, epoch, step, steps, optimizer, clock):
+        """The finiteness check and (rank 0) the progress line, with the epoch's and the run's ETA."""
+        args = self.args
+        seen = all_reduce_(self.sums.clone()).tolist()  # the global sums, on every process
+        if not math.isfinite(seen[0]):
+            # every epoch before this one ended with a checkpoint (this run's, or the one it resumed)
+            kept = (f"the checkpoint of epoch {epoch - 1} in {args.output_dir} is kept" if epoch > 0 else
+                    "no checkpoint was written (the first epoch diverged)")
+            raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: the run diverged; start "
+                                    f"it again with a lower --lr (now {args.lr}) or --wd (now {args.wd})"
+                                    f"{' or without --amp' if args.amp else ''} in another --output-dir; {kept}")
+        if is_main(args):
+            elapsed = time.time() - self.t0
+            left = (steps - step - 1) * elapsed / (step + 1)
+            run_left = f", run eta {hms(clock.eta(epoch, left, left + elapsed))}" if clock else ""
+            print(f"epoch {epoch} [{step + 1}/{steps}] loss {seen[0] / (step + 1):.4f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
+                  f"eta {hms(left)} (epoch){run_left}", flush=True)
+
+    def result(self, steps, optimizer):
+        """log.txt's training statistics of the epoch (one host read of each sum)."""
+        args, G = self.args, self.G
+        seen = all_reduce_(self.sums.clone()).tolist()
+        n_seen = int(seen[2])
+        stats = {"train_loss": seen[0] / steps, "lr": optimizer.param_groups[0]["lr"],
+                 "train_samples": n_seen, "images_per_s": n_seen / max(time.time() - self.t0, 1e-9),
+                 "train_time_s": time.time() - self.t0}
+        if self.alpha_n.sum() > 0:
+            stats["alpha_mean"] = (self.alpha_sum / self.alpha_n.clamp(min=1)).tolist()
+            stats["cos_d_g_min"] = self.cos_min.item()
+        if self.ratios:  # mean over the measured steps of |d| / |g_mean|
+            stats["update_ratio"] = torch.stack(self.ratios).mean().item()
+        class_loss = all_reduce_(self.class_loss).cpu()  # each process's samples: summed
+        stats["train_class_loss"] = [None if n == 0 else l / n for l, n in class_loss.T.tolist()]
+        if G:  # each process holds its share of the global group losses, and the same `present`
+            group_loss = all_reduce_(self.group_loss).cpu()
+            stats["train_group_loss"] = [None if n == 0 else l * args.world_size / n for l, n in group_loss.T.tolist()]
+        if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
+            stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
+        return stats
 
 
 DIAG_SEED = 20240220  # the fixed batches of --diag-every: the same in every run and every epoch
@@ -1491,6 +1538,38 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
     return results
 
 
+def group_classes(model, data, args, device, epoch, groups, groups_info):
+    """Stage 1 at `epoch`: the groups (make_groups), groups.json with the history of the run's
+    groupings, and the log's summary. Returns the groups, groups.json's dict and the adjusted
+    Rand index against the previous groups (None at the first grouping)."""
+    previous, present = groups, np.flatnonzero(data.class_counts > 0)
+    with eager(args):
+        groups, A, grouping_stats = make_groups(model, data, args, device)
+    if args.num_groups == "auto":  # chosen now, at the first grouping; regroupings keep it
+        args.num_groups = int(groups.max()) + 1
+        if "num_groups_auto" in grouping_stats:
+            grouping_stats["num_groups_auto"]["epoch"] = epoch
+    info = describe_groups(groups, A, data, args, epoch, grouping_stats)
+    groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
+    ncut = "" if info["ncut"] is None else f", Eq. 9 value {info['ncut']:.4f}"
+    moved = "" if regroup_ari is None else f", adjusted Rand index {regroup_ari:.3f} vs the previous groups"
+    log(args, f"groups (epoch {epoch}): sizes {info['sizes']}{ncut}{moved}")
+    for line in group_lines(info):
+        log(args, line)
+    if is_main(args):
+        write_json(Path(args.output_dir) / "groups.json", groups_info)
+    return groups, groups_info, regroup_ari
+
+
+def evaluate_splits(model, test_loader, val_loader, class_counts, device, args):
+    """log.txt's test_* (and val_*) accuracies of the model now."""
+    with eager(args):
+        out = {f"test_{k}": v for k, v in evaluate(model, test_loader, class_counts, device, args).items()}
+        if val_loader is not None:
+            out.update({f"val_{k}": v for k, v in evaluate(model, val_loader, class_counts, device, args).items()})
+    return out
+
+
 class RunClock:
     """The run's time: the seconds it has trained, across resumes (log.txt's time_s; each checkpoint
     keeps it as elapsed_s, so a resumed run continues the count), and the time it has left."""
@@ -1536,7 +1615,8 @@ def epoch_line(epoch, stats, clock, args):
         done = (f"test top-1 {pct(stats['test_top1'])} (many {pct(stats.get('test_many'))}, "
                 f"medium {pct(stats.get('test_medium'))}, few {pct(stats.get('test_few'))})")
     else:
-        done = f"train loss {stats['train_loss']:.4f}, not evaluated (--eval-every {args.eval_every})"
+        loss = f"train loss {stats['train_loss']:.4f}, " if "train_loss" in stats else ""
+        done = f"{loss}not evaluated (--eval-every {args.eval_every})"
     left = f", eta {hms(clock.eta(epoch, 0.0, 0.0))}" if epoch + 1 < args.epochs else ""
     return f"epoch {epoch}: {done}; {hms(clock.elapsed())} elapsed{left}"
 
@@ -1655,23 +1735,8 @@ def main(args):
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
         regroup_ari = None
-        if args.grouping != "none" and due:
-            previous = groups
-            with eager(args):
-                groups, A, grouping_stats = make_groups(model, data, args, device)
-            if args.num_groups == "auto":  # chosen now, at the first grouping; regroupings keep it
-                args.num_groups = int(groups.max()) + 1
-                if "num_groups_auto" in grouping_stats:
-                    grouping_stats["num_groups_auto"]["epoch"] = epoch
-            info = describe_groups(groups, A, data, args, epoch, grouping_stats)
-            groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
-            ncut = "" if info["ncut"] is None else f", Eq. 9 value {info['ncut']:.4f}"
-            moved = "" if regroup_ari is None else f", adjusted Rand index {regroup_ari:.3f} vs the previous groups"
-            log(args, f"groups (epoch {epoch}): sizes {info['sizes']}{ncut}{moved}")
-            for line in group_lines(info):
-                log(args, line)
-            if is_main(args):
-                write_json(out / "groups.json", groups_info)
+        if args.grouping != "none" and due:  # Stage 1, Algorithm 1
+            groups, groups_info, regroup_ari = group_classes(model, data, args, device, epoch, groups, groups_info)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
@@ -1694,12 +1759,7 @@ def main(args):
                                                  data.class_counts, args, device))
             stats["diag_time_s"] = time.time() - t0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            with eager(args):
-                stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device,
-                                                                   args).items()})
-                if val_loader is not None:
-                    stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, data.class_counts, device,
-                                                                      args).items()})
+            stats.update(evaluate_splits(model, test_loader, val_loader, data.class_counts, device, args))
             if val_loader is not None and (best is None or stats["val_top1"] > best["val_top1"]):
                 best = {"epoch": epoch, **{k: v for k, v in stats.items() if k.startswith(("val_", "test_"))}}
             if best_test is None or stats["test_top1"] > best_test["top1"]:
