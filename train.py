@@ -115,7 +115,7 @@ def num_groups_arg(text):
 AUTO_FALLBACK_GROUPS = 4
 
 
-DATASETS = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt")
+DATASETS = data_lt.DATASETS
 
 
 def default_help(key, text=""):
@@ -128,7 +128,8 @@ def default_help(key, text=""):
         value = next(t[key] for t in tables if key in t)
         by_value.setdefault(shown(value), []).append(ds)
     (usual, _), *others = sorted(by_value.items(), key=lambda kv: -len(kv[1]))
-    default = ", ".join([f"{v} for {' and '.join(ds)}" for v, ds in others] + [f"{usual} otherwise" if others else usual])
+    default = ", ".join([f"{v} for {' and '.join(ds)}" for v, ds in others]
+                        + [f"{usual} otherwise" if others else usual])
     presets = "".join(f"; --preset {name}: {shown(preset[key])}" for name, preset in sorted(PRESETS.items())
                       if key in preset)
     return f"{text}{' ' if text else ''}(default: {default}{presets})"
@@ -189,7 +190,8 @@ def add_train_arguments(p):
                         "differ (see README); explicit flags still win")
     c.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
     d = p.add_argument_group("data")
-    d.add_argument("--imb-factor", type=float, default=None, help=default_help("imb_factor", "N_max / N_min of the made-long-tailed sets"))
+    d.add_argument("--imb-factor", type=float, default=None,
+                   help=default_help("imb_factor", "N_max / N_min of the made-long-tailed sets"))
     d.add_argument("--data-seed", type=int, default=0,
                    help="seed of the long-tailed subset (CIFAR, folder-lt; synthetic-lt's images): fixed across "
                         "runs, as LDAM-DRW, BCL and the authors' release do; --seed varies the training only")
@@ -212,8 +214,8 @@ def add_train_arguments(p):
                    help="epoch at which to group (default: the end of the lr warm-up, 5 on CIFAR, or 0 when the run "
                         "is not longer than its warm-up; 0: the initial model, as the paper and the release)")
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help=default_help("recalibrate_bn", "re-estimate BatchNorm statistics on the grouping samples before "
-                                                       "the class gradients (restored afterwards); "
+                   help=default_help("recalibrate_bn", "re-estimate BatchNorm statistics on the grouping samples "
+                                                       "before the class gradients (restored afterwards); "
                                                        "--no-recalibrate-bn: the release's eval-mode pass"))
     g.add_argument("--ncut-assign", default=None, choices=list(gbg.NCUT_ASSIGN),
                    help="how NCut turns the spectral embedding into groups: kmeans (default: unit rows, seeded "
@@ -259,9 +261,12 @@ def add_train_arguments(p):
                    help="every N MGDA steps, one extra backward measures |d| / |gradient of the sample-mean "
                         "loss| (log.txt: update_ratio); 0: off")
     b = p.add_argument_group("BCL (--loss bcl)")
-    b.add_argument("--la-weight", type=float, default=None, help=default_help("la_weight", "weight of the logit-adjusted CE"))
-    b.add_argument("--bcl-weight", type=float, default=None, help=default_help("bcl_weight", "weight of the contrastive loss"))
-    b.add_argument("--bcl-temp", type=float, default=None, help=default_help("bcl_temp", "temperature of the contrastive loss"))
+    b.add_argument("--la-weight", type=float, default=None,
+                   help=default_help("la_weight", "weight of the logit-adjusted CE"))
+    b.add_argument("--bcl-weight", type=float, default=None,
+                   help=default_help("bcl_weight", "weight of the contrastive loss"))
+    b.add_argument("--bcl-temp", type=float, default=None,
+                   help=default_help("bcl_temp", "temperature of the contrastive loss"))
     b.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
                    help=default_help("bcl_group_loss", "under grouping, the group losses are logit-adjusted CE (la) or "
                                                        "plain CE (ce, the authors' CIFAR release)"))
@@ -1649,7 +1654,8 @@ def main(args):
                   f"{args.arch}, loss {args.loss}); data root {args.data_root}; device {device}")
     else:
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
-                  f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
+                  f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} "
+                  f"{args.schedule} (warm-up {args.warmup_epochs}), "
                   f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}{f'; preset {args.preset}' if args.preset else ''}")
