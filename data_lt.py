@@ -291,6 +291,7 @@ class LTData:
     kind: str               # "tensor" (CIFAR-sized, held as one uint8 tensor) or "files"
     mean: tuple
     std: tuple
+    class_names: list | None = None  # a name per class (CIFAR's, the class folders'), for groups.json and the log
 
 
 def _tensor_data(train_x, train_y, test_x, test_y, num_classes):
@@ -325,8 +326,10 @@ def _cifar(name, root, imb_factor, seed):
                       f"or allow downloads") from e
     keep = lt_indices(train.targets, imb_factor, seed)
     to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
-    return _tensor_data(to_tensor(train.data[keep]), np.asarray(train.targets)[keep],
+    data = _tensor_data(to_tensor(train.data[keep]), np.asarray(train.targets)[keep],
                         to_tensor(test.data), test.targets, len(train.classes))
+    data.class_names = list(train.classes)
+    return data
 
 
 def _list_folder(split_dir, classes):
@@ -387,8 +390,11 @@ def _folder_lt(root, imb_factor, seed):
     except Exception as e:
         raise UserError(f"cannot read image {first} ({_one_line(e)[:120]}); replace or remove it") from e
     if small:
-        return _tensor_data(_decode(root, train_paths), train_y, _decode(root, test_paths), test_y, len(classes))
-    return _files_data(root, list(zip(train_paths, train_y)), None, list(zip(test_paths, test_y)), len(classes))
+        data = _tensor_data(_decode(root, train_paths), train_y, _decode(root, test_paths), test_y, len(classes))
+    else:
+        data = _files_data(root, list(zip(train_paths, train_y)), None, list(zip(test_paths, test_y)), len(classes))
+    data.class_names = classes
+    return data
 
 
 def _split_files(root, train_file, val_file, test_file, num_classes):
@@ -398,7 +404,20 @@ def _split_files(root, train_file, val_file, test_file, num_classes):
     val = None
     if val_file is not None:
         val = ImageList(root, val_file, num_classes, imagenet_transforms(False))
-    return _files_data(root, train, val, test, num_classes, test_list=test_file)
+    data = _files_data(root, train, val, test, num_classes, test_list=test_file)
+    data.class_names = folder_names(train + test, num_classes)
+    return data
+
+
+def folder_names(samples, num_classes):
+    """A name per class of a split file: the folder of its first image (ImageNet's synset id, e.g.
+    n01440764; iNaturalist's supercategory/id folders), or the label where no image shows one."""
+    names = [None] * num_classes
+    for path, label, *_ in samples:  # read_split's (path, label, line)
+        if names[label] is None:
+            parent = os.path.dirname(path)
+            names[label] = os.path.basename(parent) or str(label)
+    return [str(k) if n is None else n for k, n in enumerate(names)]
 
 
 def synthetic_images(labels, rng, size=32):
@@ -438,7 +457,17 @@ def _synthetic(imb_factor, seed, num_classes=10, n_max=200, n_test=50):
     rng = np.random.RandomState(seed)
     train_y = np.repeat(np.arange(num_classes), lt_counts(n_max, num_classes, imb_factor))
     test_y = np.repeat(np.arange(num_classes), n_test)
-    return _tensor_data(synthetic_images(train_y, rng), train_y, synthetic_images(test_y, rng), test_y, num_classes)
+    data = _tensor_data(synthetic_images(train_y, rng), train_y, synthetic_images(test_y, rng), test_y, num_classes)
+    data.class_names = synthetic_names(num_classes)
+    return data
+
+
+SYNTHETIC_COLOURS = ("red-blue", "green-yellow", "purple-teal", "orange-grey", "cream-brown")
+
+
+def synthetic_names(num_classes):
+    """synthetic_images' classes by what tells them apart: the colour pair and the grating's angle."""
+    return [f"{SYNTHETIC_COLOURS[k % 5]}-{k // 2 * 36}deg" for k in range(num_classes)]
 
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt")

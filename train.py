@@ -115,62 +115,108 @@ def num_groups_arg(text):
 AUTO_FALLBACK_GROUPS = 4
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("GBG training", add_help=False)
+DATASETS = data_lt.DATASETS
+
+
+def default_help(key, text=""):
+    """A flag's help ending in the default fill_defaults gives it, read from the tables it reads
+    (RECIPES and BCL_PRESETS per data set, BASE, PRESETS), so that --help cannot drift from them."""
+    shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    by_value = {}
+    for ds in DATASETS:
+        tables = (RECIPES.get(ds, RECIPES["cifar"]), BCL_PRESETS.get(ds, BCL_PRESETS["cifar"]), BASE)
+        value = next(t[key] for t in tables if key in t)
+        by_value.setdefault(shown(value), []).append(ds)
+    (usual, _), *others = sorted(by_value.items(), key=lambda kv: -len(kv[1]))
+    default = ", ".join([f"{v} for {' and '.join(ds)}" for v, ds in others]
+                        + [f"{usual} otherwise" if others else usual])
+    presets = "".join(f"; --preset {name}: {shown(preset[key])}" for name, preset in sorted(PRESETS.items())
+                      if key in preset)
+    return f"{text}{' ' if text else ''}(default: {default}{presets})"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows the default of every flag whose text does not already give it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def get_args_parser(add_help=False):
+    """train.py's parser (add_help=False: to extend it with parents=[...], as the tests do)."""
+    p = argparse.ArgumentParser(prog="train.py", add_help=add_help, formatter_class=HelpFormatter,
+                                usage="python %(prog)s [--dataset NAME] [--epochs N] ... (the flags below)",
+                                description=__doc__.split("\n\n")[0])
+    add_train_arguments(p)
+    return p
+
+
+def add_train_arguments(p):
+    """train.py's flags, the most used first, then the rest by topic (slurm/submit.py adds them
+    after its cluster flags)."""
+    c = p.add_argument_group("most used")
+    c.add_argument("--dataset", default="cifar10-lt", choices=DATASETS,
+                   help="the long-tailed data set; synthetic-lt is made in memory (a one-minute CPU demo)")
+    c.add_argument("--data-root", default=None,
+                   help="folder holding the data set, see README (default: ./data; with --eval the checkpoint's)")
+    c.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
+                   help=default_help("arch", "resnet8/20: smaller CIFAR ResNets, for quick checks and the tests"))
+    c.add_argument("--loss", default=None, choices=["ce", "bcl"],
+                   help=default_help("loss", "ce, or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. "
+                                           "2022), three views"))
+    c.add_argument("--epochs", type=int, default=None, help=default_help("epochs"))
+    c.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size, shared by all processes; 256 as the release and BCL")
+    c.add_argument("--lr", type=float, default=None, help=default_help("lr"))
+    c.add_argument("--output-dir", default="output",
+                   help="where log.txt, groups.json, checkpoint.pth and results.json go; a run started again "
+                        "with the same folder resumes from its checkpoint")
+    c.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
+                   help="none with --moo mgda makes every class its own objective")
+    c.add_argument("--moo", default="mgda", choices=["mgda", "none"],
+                   help="none: average the group losses (the paper's 'GBG' ablation)")
+    c.add_argument("--num-groups", type=num_groups_arg, default=4,
+                   help="G (4: the paper's ablations, the release's --n_groups), or auto: read from the spectrum "
+                        "of the affinity at the first grouping (gbg.choose_num_groups; 4 when it shows no group "
+                        "structure), then kept for the run (--grouping gbg only)")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    c.add_argument("--amp", action="store_true",
+                   help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
+    c.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="release: the authors' CIFAR configuration; paper: the paper's text where our defaults "
+                        "differ (see README); explicit flags still win")
+    c.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="cifar10-lt",
-                   choices=["cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder-lt", "synthetic-lt"])
-    d.add_argument("--data-root", default=None,
-                   help="folder holding the data set (see README; default ./data, or with --eval the checkpoint's)")
-    d.add_argument("--imb-factor", type=float, default=None, help="N_max / N_min of the made-long-tailed sets (100)")
+    d.add_argument("--imb-factor", type=float, default=None,
+                   help=default_help("imb_factor", "N_max / N_min of the made-long-tailed sets"))
     d.add_argument("--data-seed", type=int, default=0,
                    help="seed of the long-tailed subset (CIFAR, folder-lt; synthetic-lt's images): fixed across "
                         "runs, as LDAM-DRW, BCL and the authors' release do; --seed varies the training only")
     d.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: the cores this process may use, at most 8)")
-    m = p.add_argument_group("model and optimisation (defaults depend on --dataset)")
-    m.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
-                   help="resnet8/20: smaller CIFAR ResNets, for quick checks and the tests")
-    m.add_argument("--epochs", type=int, default=None)
-    m.add_argument("--batch-size", type=int, default=256,
-                   help="global batch size, shared by all processes (256: the release and BCL)")
-    m.add_argument("--lr", type=float, default=None)
-    m.add_argument("--wd", type=float, default=None)
-    m.add_argument("--momentum", type=float, default=0.9)
-    m.add_argument("--schedule", default=None, choices=["step", "cosine"],
-                   help="step: x0.1 at each of --lr-drops (default: 80%% and 90%% of the epochs, 160/180 of 200)")
-    m.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
-    m.add_argument("--warmup-epochs", type=float, default=None)
-    m.add_argument("--loss", default=None, choices=["ce", "bcl"],
-                   help="ce (default), or bcl: logit-adjusted CE + balanced contrastive loss (Zhu et al. 2022), "
-                        "three views")
-    m.add_argument("--la-weight", type=float, default=None, help="BCL: weight of the logit-adjusted CE (see BCL_PRESETS)")
-    m.add_argument("--bcl-weight", type=float, default=None, help="BCL: weight of the contrastive loss")
-    m.add_argument("--bcl-temp", type=float, default=None, help="BCL: temperature of the contrastive loss")
-    m.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
-                   help="BCL under grouping: the group losses are logit-adjusted CE (la, default) or plain CE (ce, "
-                        "the authors' CIFAR release)")
-    m.add_argument("--views", default=None, choices=["device", "workers"],
-                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
-                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
-                        "sample in DataLoader workers; always for image files)")
-    g = p.add_argument_group("GBG")
-    g.add_argument("--num-groups", type=num_groups_arg, default=4,
-                   help="G (4: the paper's ablations, the release's --n_groups), or auto: read from the spectrum "
-                        "of the affinity at the first grouping (gbg.choose_num_groups; 4 when it shows no group "
-                        "structure), then kept for the run (--grouping gbg only)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--wd", type=float, default=None, help=default_help("wd"))
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--schedule", default=None, choices=["step", "cosine"],
+                   help=default_help("schedule", "step: x0.1 at each of --lr-drops (by default at 80%% and 90%% of the "
+                                                 "epochs, 160/180 of 200)"))
+    o.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
+    o.add_argument("--warmup-epochs", type=float, default=None, help=default_help("warmup_epochs"))
+    g = p.add_argument_group("GBG: the grouping (Algorithm 1)")
     g.add_argument("--max-groups", type=int, default=None,
                    help="--num-groups auto: the largest G it may choose (default min(8, classes // 2): 8 is twice "
                         "the paper's best G, and the exact MGDA step costs a backward pass per group; beyond "
                         "classes / 2 most groups would be single classes; see results/README.md)")
-    g.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
-                   help="none with --moo mgda makes every class its own objective")
     g.add_argument("--group-epoch", type=int, default=None,
                    help="epoch at which to group (default: the end of the lr warm-up, 5 on CIFAR, or 0 when the run "
                         "is not longer than its warm-up; 0: the initial model, as the paper and the release)")
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-estimate BatchNorm statistics on the grouping samples before the class gradients "
-                        "(restored afterwards; default on); --no-recalibrate-bn: the release's eval-mode pass")
+                   help=default_help("recalibrate_bn", "re-estimate BatchNorm statistics on the grouping samples "
+                                                       "before the class gradients (restored afterwards); "
+                                                       "--no-recalibrate-bn: the release's eval-mode pass"))
     g.add_argument("--ncut-assign", default=None, choices=list(gbg.NCUT_ASSIGN),
                    help="how NCut turns the spectral embedding into groups: kmeans (default: unit rows, seeded "
                         "k-means, 10 restarts, the lowest cost kept) or cluster_qr (the release, utils.py l.147: "
@@ -183,54 +229,69 @@ def get_args_parser():
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
     g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping")
-    g.add_argument("--moo", default="mgda", choices=["mgda", "none"],
-                   help="none: average the group losses (the paper's 'GBG' ablation)")
-    g.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
+    s = p.add_argument_group("GBG: the step (Algorithm 2) and its batches")
+    s.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
                         "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i")
-    g.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
-                   help="parameters of MGDA's Gram: all (default) that the group losses reach, or the backbone "
-                        "only (the release); the update reaches every parameter either way")
-    g.add_argument("--moo-update", default=None, choices=["scaled", "raw", "normalized"],
-                   help="scaled (default): d = convex combination of the raw g_i with weights proportional to "
-                        "alpha_i/n_i (Pareto descent, gradient-sized); raw: alpha applied to the raw g_i (the "
-                        "release, no descent guarantee); normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)")
-    g.add_argument("--moo-every", type=int, default=1,
+    s.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
+                   help=default_help("moo_gram", "parameters of MGDA's Gram: all that the group losses reach, or the "
+                                                 "backbone only (the release); the update reaches every parameter "
+                                                 "either way"))
+    s.add_argument("--moo-update", default=None, choices=["scaled", "raw", "normalized"],
+                   help=default_help("moo_update", "scaled: d = convex combination of the raw g_i with weights "
+                                                   "proportional to alpha_i/n_i (Pareto descent, gradient-sized); raw: "
+                                                   "alpha applied to the raw g_i (the release, no descent guarantee); "
+                                                   "normalized: d = sum alpha_i g_i/n_i (|d| <= 1 under l2)"))
+    s.add_argument("--moo-every", type=int, default=1,
                    help="solve for the weights every k steps (and when the groups present change); in "
                         "between, one backward of sum w_i L_i with the last weights")
-    g.add_argument("--ratio-every", type=int, default=10,
-                   help="every N MGDA steps, one extra backward measures |d| / |gradient of the sample-mean "
-                        "loss| (log.txt: update_ratio); 0: off")
-    g.add_argument("--normalize", default=None, choices=["none", "l2", "loss", "loss+"],
-                   help="normaliser n_i of the group gradients when solving for alpha: norm (l2, default), "
-                        "loss, or both (loss+); none: the paper's Eq. 11")
-    g.add_argument("--group-loss", default=None, choices=["class", "sample"],
-                   help="class (default): a group's loss is the mean of its classes' mean losses (the paper); "
-                        "sample: the mean over its samples (the authors' release)")
-    g.add_argument("--sampler", default=None, choices=["random", "gac"],
+    s.add_argument("--normalize", default=None, choices=["none", "l2", "loss", "loss+"],
+                   help=default_help("normalize", "normaliser n_i of the group gradients when solving for alpha: "
+                                                  "norm (l2), loss, or both (loss+); none: the paper's Eq. 11"))
+    s.add_argument("--group-loss", default=None, choices=["class", "sample"],
+                   help=default_help("group_loss", "class: a group's loss is the mean of its classes' mean losses "
+                                                   "(the paper); sample: the mean over its samples (the release)"))
+    s.add_argument("--sampler", default=None, choices=["random", "gac"],
                    help="default: gac with groups, plain shuffled batches with --grouping none (every class its "
                         "own objective: the paper's MOO row, where tail objectives are often absent)")
-    g.add_argument("--gac-fill", type=float, default=0.1,
+    s.add_argument("--gac-fill", type=float, default=0.1,
                    help="GAC top-up per missing group, as a fraction of the global batch (0.1: the paper, Sec. "
                         "'Method', '1/10 of the batch size')")
-    d = p.add_argument_group("diagnostics")
-    d.add_argument("--diag-every", type=int, default=0,
+    s.add_argument("--ratio-every", type=int, default=10,
+                   help="every N MGDA steps, one extra backward measures |d| / |gradient of the sample-mean "
+                        "loss| (log.txt: update_ratio); 0: off")
+    b = p.add_argument_group("BCL (--loss bcl)")
+    b.add_argument("--la-weight", type=float, default=None,
+                   help=default_help("la_weight", "weight of the logit-adjusted CE"))
+    b.add_argument("--bcl-weight", type=float, default=None,
+                   help=default_help("bcl_weight", "weight of the contrastive loss"))
+    b.add_argument("--bcl-temp", type=float, default=None,
+                   help=default_help("bcl_temp", "temperature of the contrastive loss"))
+    b.add_argument("--bcl-group-loss", default=None, choices=["la", "ce"],
+                   help=default_help("bcl_group_loss", "under grouping, the group losses are logit-adjusted CE (la) or "
+                                                       "plain CE (ce, the authors' CIFAR release)"))
+    b.add_argument("--views", default=None, choices=["device", "workers"],
+                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
+                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
+                        "sample in DataLoader workers; always for image files)")
+    x = p.add_argument_group("diagnostics")
+    x.add_argument("--diag-every", type=int, default=0,
                    help="every N epochs, on --diag-batches fixed training batches (no augmentation), the cosine "
                         "between each class's gradient and the step's update direction, the paper's Fig. 2; "
                         "log.txt: diag_cos and diag_ratio per class, diag_cos_many/medium/few. Changes nothing "
                         "in the training. 0 (default): off")
-    d.add_argument("--diag-batches", type=int, default=4,
+    x.add_argument("--diag-batches", type=int, default=4,
                    help="how many fixed batches --diag-every averages over (drawn once by the run's own "
                         "sampler, GAC or random, with a fixed seed)")
     r = p.add_argument_group("run")
-    r.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="release: the authors' CIFAR configuration; paper: the paper's text where our defaults "
-                        "differ (see README); explicit flags still win")
-    r.add_argument("--seed", type=int, default=0, help="training seed (init, sampler, augmentation, grouping)")
-    r.add_argument("--output-dir", default="output")
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    r.add_argument("--amp", action="store_true",
-                   help="bf16 autocast and channels_last, on CUDA and on CPUs with bf16 support")
+    r.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate on the test (and val) split every N epochs, and after the last")
+    r.add_argument("--print-freq", type=int, default=0,
+                   help="steps between progress lines (0: about ten lines an epoch)")
+    r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
+    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
+    r.add_argument("--exit-after-epoch", type=int, default=None,
+                   help="stop (as if killed) once this epoch's checkpoint is written; for tests")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
                         "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (results/README.md)")
@@ -241,12 +302,6 @@ def get_args_parser():
     r.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
-    r.add_argument("--eval-every", type=int, default=1)
-    r.add_argument("--print-freq", type=int, default=50)
-    r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
-    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
-    r.add_argument("--exit-after-epoch", type=int, default=None,
-                   help="stop (as if killed) once this epoch's checkpoint is written; for tests")
     return p
 
 
@@ -301,7 +356,8 @@ def fill_defaults(args):
         (args.sketch_dim >= 0, f"--sketch-dim {args.sketch_dim} must be >= 0 (0: decided from the model size)"),
         (args.grad_max_per_class is None or args.grad_max_per_class >= 1,
          f"--grad-max-per-class {args.grad_max_per_class} must be at least 1 (or left out: every sample)"),
-        (args.eval_every >= 1 and args.print_freq >= 1, "--eval-every and --print-freq must be at least 1"),
+        (args.eval_every >= 1 and args.print_freq >= 0,
+         "--eval-every must be at least 1 and --print-freq >= 0 (0: about ten progress lines an epoch)"),
         (args.moo_every >= 1 and args.ratio_every >= 0,
          "--moo-every must be at least 1 (1: solve every step) and --ratio-every >= 0 (0: off)"),
         (args.workers >= 0, f"--workers {args.workers} must be >= 0"),
@@ -679,6 +735,21 @@ def checkpoint_kept(out):
     return f"no checkpoint was written in {out} yet: the same command starts the run again"
 
 
+def plural(n, word, words=None):
+    """'1 epoch', '2 epochs' (words: an irregular plural, e.g. 'classes')."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def pct(v):
+    """An accuracy as printed: two decimals, '-' where there is none (no class in that shot group)."""
+    return "-" if v is None else f"{v:.2f}"
+
+
+def hms(seconds):
+    """A duration as printed: h:mm:ss."""
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
 def write_json(path, obj, mode="w"):
     with open(path, mode) as f:
         f.write(json.dumps(obj) + "\n")
@@ -915,6 +986,9 @@ def make_groups(model, data, args, device):
         # NCut, then broadcasts the groups, so no process can disagree.
         mine = present[args.rank::args.world_size]
         t0 = time.time()
+        # at ImageNet scale the pass takes minutes: say what runs, and afterwards how long it took
+        log(args, f"grouping: class gradients of {present.size} classes over {P:,} backbone parameters"
+                  f"{f' (sketch {sketch})' if sketch else ''}, then the affinity and NCut ...")
         grads, info = gbg.class_gradients(model, data.train_eval, K, backbone, classes=mine,
                                           sketch_dim=sketch, max_per_class=args.grad_max_per_class,
                                           device=device, seed=args.seed, recalibrate_bn=args.recalibrate_bn,
@@ -928,6 +1002,9 @@ def make_groups(model, data, args, device):
                  "recalibrate_bn": args.recalibrate_bn}
         if args.distributed:
             dist.reduce(grads, dst=0)
+        log(args, f"grouping: class gradients in {time.time() - t0:.1f}s, mean max-softmax "
+                  f"{stats['max_softmax_mean']:.4f}")
+        t1 = time.time()
         sub = torch.zeros(present.size, dtype=torch.long, device=device)
         if is_main(args):
             rows = grads[torch.as_tensor(present, device=device)]
@@ -944,9 +1021,8 @@ def make_groups(model, data, args, device):
         if args.distributed:
             dist.broadcast(sub, 0)
         sub = sub.cpu().numpy()
-        log(args, f"grouping: class gradients over {P:,} backbone parameters"
-                  f"{f' (sketch {sketch})' if sketch else ''} in {time.time() - t0:.1f}s; mean max-softmax "
-                  f"{stats['max_softmax_mean']:.4f}")
+        log(args, f"grouping: affinity and NCut of {present.size} classes into {int(sub.max()) + 1} groups in "
+                  f"{time.time() - t1:.1f}s")
     groups = np.zeros(K, dtype=np.int64)
     groups[present] = sub
     return groups, A, stats
@@ -961,8 +1037,29 @@ def describe_groups(groups, A, data, args, epoch, stats=None):
     members = [np.flatnonzero((groups == i) & present).tolist() for i in range(G)]
     return {"epoch": epoch, "grouping": args.grouping, "num_groups": G, "groups": members,
             "sizes": [len(m) for m in members], "counts": [data.class_counts[m].tolist() for m in members],
+            "class_names": class_names(data),
             "no_training_images": np.flatnonzero(~present).tolist(),
             "ncut": None if A is None else gbg.ncut_value(A, groups[present]), **(stats or {})}
+
+
+def class_names(data):
+    """A name per class: the data set's (CIFAR's, the class folders'), else the label."""
+    return data.class_names or [str(k) for k in range(data.num_classes)]
+
+
+# Up to this many classes, the printed groups list every class by name; above, a few per group.
+NAMED_CLASSES, NAMES_PER_GROUP = 20, 5
+
+
+def group_lines(info):
+    """The printed groups: one line per group, its size, training images and class names."""
+    names, lines = info["class_names"], []
+    for i, (members, counts) in enumerate(zip(info["groups"], info["counts"])):
+        shown = members if len(names) <= NAMED_CLASSES else members[:NAMES_PER_GROUP]
+        more = f", ... ({len(members) - len(shown)} more)" if len(shown) < len(members) else ""
+        lines.append(f"  group {i}: {plural(len(members), 'class', 'classes')}, {sum(counts)} training images: "
+                     f"{', '.join(names[k] for k in shown)}{more}")
+    return lines
 
 
 def add_to_history(info, previous_info, previous_groups, groups, present):
@@ -1140,14 +1237,35 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     if losses is None:
         gbg.weighted_backward([mean_loss] + extra, [la] + [1.0] * bcl, params, process_group=pg)
         return {}
-    if args.moo == "none":  # equal weights on the groups present, computed on the device
-        weights = present.to(losses.dtype) * (la / present.sum().to(losses.dtype))
-        if bcl:
-            weights = torch.cat([weights, weights.new_ones(1)])
-        gbg.weighted_backward(list(losses) + extra, weights, params, process_group=pg)
+    if args.moo == "none":
+        average_step(losses, present, la, extra, params, pg)
         return {}
     idx = list(range(len(losses))) if args.sampler == "gac" else present.nonzero().flatten().tolist()
-    group_terms, out = [losses[i] for i in idx], {}
+    out = mgda_step([losses[i] for i in idx], idx, model, moo_params, args, state, step, bcl, pg)
+    if measure:
+        out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
+    if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
+        for p in moo_params:
+            if p.grad is not None:
+                p.grad.mul_(la)
+        gbg.weighted_backward([contrast], [1.0], params, process_group=pg)
+    return out
+
+
+def average_step(losses, present, la, extra, params, pg):
+    """--moo none, the paper's "GBG" ablation: equal weights on the groups present (la_weight
+    shared among them under BCL, the contrastive loss added), computed on the device."""
+    weights = present.to(losses.dtype) * (la / present.sum().to(losses.dtype))
+    if extra:
+        weights = torch.cat([weights, weights.new_ones(1)])
+    gbg.weighted_backward(list(losses) + extra, weights, params, process_group=pg)
+
+
+def mgda_step(group_terms, idx, model, moo_params, args, state, step, bcl, pg):
+    """Alg. 2: p.grad <- d = sum_i alpha_i g_i over the groups `idx` of the batch, alpha from MGDA
+    every --moo-every steps and whenever those groups change, else the last solve's (`state`).
+    bcl: keep the graph for the contrastive backward after it."""
+    out = {}
     if step % args.moo_every == 0 or state.get("groups") != idx:
         kw = dict(normalize=args.normalize, update=args.moo_update, retain_graph=bcl, process_group=pg)
         gram_params = moo_gram_params(model, moo_params, args)
@@ -1160,95 +1278,129 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     else:  # --moo-every: the last solve's weights, one backward
         gbg.weighted_backward(group_terms, state["weights"], moo_params, retain_graph=bcl, process_group=pg)
     out["groups"] = idx
-    if measure:
-        out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
-    if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
-        for p in moo_params:
-            if p.grad is not None:
-                p.grad.mul_(la)
-        gbg.weighted_backward([contrast], [1.0], params, process_group=pg)
     return out
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device):
-    """One epoch. Statistics accumulate on the device and are read every --print-freq steps (the
-    progress line and the finiteness check) and at the end: no host read per step but MGDA's."""
+def print_every(args, steps):
+    """Steps between progress lines: --print-freq, or (0, the default) about ten lines an epoch."""
+    return args.print_freq or max(1, math.ceil(steps / 10))
+
+
+def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device, clock=None):
+    """One epoch of Algorithm 2: per batch, the group losses, then the step along d = sum_i
+    alpha_i g_i (take_step). EpochStats keeps the statistics on the device; they are read every
+    print_every steps (the progress line and the finiteness check) and at the end: no host read
+    per step but MGDA's. clock (RunClock): the run's time left, on the progress lines."""
     model.train()
-    K = model.fc.out_features
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
-    pg = dist.group.WORLD if args.distributed else None
-    moo_params = moo_parameters(model)
-    # this process's share of: the loss, the contrastive loss, the samples; summed over processes
-    # when read (every loss is normalised by the global batch, so the shares add up to it)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    alpha_sum, alpha_n = torch.zeros(max(G, 1), dtype=torch.float64), torch.zeros(max(G, 1), dtype=torch.float64)
-    cos_min, ratios, state = torch.ones((), dtype=torch.float64), [], {}
-    # per class: the summed training loss (plain CE of the logits the groups see) and the samples;
-    # per group: the summed group loss and the steps it was present in
-    class_loss = torch.zeros(2, K, dtype=torch.float64, device=device)
-    group_loss = torch.zeros(2, max(G, 1), dtype=torch.float64, device=device)
-    t0 = time.time()
+    meter, state = EpochStats(model, G, args, device), {}  # state: MGDA's last weights and workspace
+    every = print_every(args, len(loader))
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
         counts, logits, mean_loss, contrast, losses, present = step_losses(model, x, y, class_to_group, G, args,
                                                                            device)
         optimizer.zero_grad(set_to_none=True)
-        # update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
-        # backward) on every --ratio-every-th MGDA step
-        measure = losses is not None and args.moo == "mgda" and args.ratio_every > 0 and step % args.ratio_every == 0
-        if measure:
-            g_mean = gbg.group_gradients([mean_loss], moo_params, retain_graph=True, process_group=pg).norm()
+        measure = meter.measures(losses, step)
+        if measure:  # update_ratio's reference, before the step frees the graph
+            meter.plain_gradient_norm(mean_loss)
         solved = take_step(losses, present, mean_loss, contrast, model, args, state, step, measure)
-        if measure:
-            ratios.append(solved["d_norm"] / g_mean)
+        meter.add(solved, y, logits, mean_loss, contrast, losses, present)
+        optimizer.step()
+        if step % every == 0 or step == len(loader) - 1:
+            meter.progress(epoch, step, len(loader), optimizer, clock)
+    return meter.result(len(loader), optimizer)
+
+
+class EpochStats:
+    """What an epoch reports beside its step, accumulated on the device (each process its share,
+    summed when read): the losses, MGDA's weights and their Pareto cosines, |d| against the plain
+    gradient (update_ratio), the per-class and per-group training losses."""
+
+    def __init__(self, model, G, args, device):
+        self.model, self.G, self.args, self.t0 = model, G, args, time.time()
+        self.pg = dist.group.WORLD if args.distributed else None
+        self.moo_params = moo_parameters(model)
+        K = model.fc.out_features
+        # this process's share of: the loss, the contrastive loss, the samples; summed over processes
+        # when read (every loss is normalised by the global batch, so the shares add up to it)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.alpha_sum = torch.zeros(max(G, 1), dtype=torch.float64)
+        self.alpha_n = torch.zeros(max(G, 1), dtype=torch.float64)
+        self.cos_min, self.ratios, self.g_mean = torch.ones((), dtype=torch.float64), [], None
+        # per class: the summed training loss (plain CE of the logits the groups see) and the samples;
+        # per group: the summed group loss and the steps it was present in
+        self.class_loss = torch.zeros(2, K, dtype=torch.float64, device=device)
+        self.group_loss = torch.zeros(2, max(G, 1), dtype=torch.float64, device=device)
+
+    def measures(self, losses, step):
+        """update_ratio: |d| against the gradient of the plain sample-mean loss, taken (one extra
+        backward) on every --ratio-every-th MGDA step."""
+        args = self.args
+        return losses is not None and args.moo == "mgda" and args.ratio_every > 0 and step % args.ratio_every == 0
+
+    def plain_gradient_norm(self, mean_loss):
+        """|gradient of the sample-mean loss|, keeping the graph for the step."""
+        self.g_mean = gbg.group_gradients([mean_loss], self.moo_params, retain_graph=True, process_group=self.pg).norm()
+
+    def add(self, solved, y, logits, mean_loss, contrast, losses, present):
+        if "d_norm" in solved:
+            self.ratios.append(solved["d_norm"] / self.g_mean)
         if "alpha" in solved:  # on the host already: the solver's output
             idx = solved["groups"]
-            alpha_sum[idx] += solved["alpha"]
-            alpha_n[idx] += 1
-            cos_min = torch.minimum(cos_min, gbg.pareto_cosines(solved["gram"], solved["alpha"])[0].min())
-        total = mean_loss.detach() if contrast is None else args.la_weight * mean_loss.detach() + contrast.detach()
+            self.alpha_sum[idx] += solved["alpha"]
+            self.alpha_n[idx] += 1
+            self.cos_min = torch.minimum(self.cos_min, gbg.pareto_cosines(solved["gram"], solved["alpha"])[0].min())
+        total = mean_loss.detach() if contrast is None else self.args.la_weight * mean_loss.detach() + contrast.detach()
         bcl_part = contrast.detach() if contrast is not None else torch.zeros_like(total)
-        sums += torch.stack([total, bcl_part, torch.full_like(total, len(y))]).double()
+        self.sums += torch.stack([total, bcl_part, torch.full_like(total, len(y))]).double()
         with torch.no_grad():
             ce = F.cross_entropy(logits.detach(), y, reduction="none").double()
-            class_loss[0].index_add_(0, y, ce)
-            class_loss[1].index_add_(0, y, torch.ones_like(ce))
+            self.class_loss[0].index_add_(0, y, ce)
+            self.class_loss[1].index_add_(0, y, torch.ones_like(ce))
             if losses is not None:
-                group_loss += torch.stack([losses.detach().double() * present, present.double()])
-        optimizer.step()
-        if step % args.print_freq == 0 or step == len(loader) - 1:
-            seen = all_reduce_(sums.clone()).tolist()  # the global sums, on every process
-            if not math.isfinite(seen[0]):
-                # every epoch before this one ended with a checkpoint (this run's, or the one it resumed)
-                kept = (f"the checkpoint of epoch {epoch - 1} in {args.output_dir} is kept" if epoch > 0 else
-                        "no checkpoint was written (the first epoch diverged)")
-                raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: the run diverged; start "
-                                        f"it again with a lower --lr (now {args.lr}) or --wd (now {args.wd})"
-                                        f"{' or without --amp' if args.amp else ''} in another --output-dir; {kept}")
-            if is_main(args):
-                elapsed = time.time() - t0
-                print(f"epoch {epoch} [{step + 1}/{len(loader)}] loss {seen[0] / (step + 1):.4f} "
-                      f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
-                      f"eta {(len(loader) - step - 1) * elapsed / (step + 1):.0f}s", flush=True)
-    seen, steps = all_reduce_(sums.clone()).tolist(), len(loader)
-    n_seen = int(seen[2])
-    stats = {"train_loss": seen[0] / steps, "lr": optimizer.param_groups[0]["lr"],
-             "train_samples": n_seen, "images_per_s": n_seen / max(time.time() - t0, 1e-9),
-             "train_time_s": time.time() - t0}
-    if alpha_n.sum() > 0:
-        stats["alpha_mean"] = (alpha_sum / alpha_n.clamp(min=1)).tolist()
-        stats["cos_d_g_min"] = cos_min.item()
-    if ratios:  # mean over the measured steps of |d| / |g_mean|
-        stats["update_ratio"] = torch.stack(ratios).mean().item()
-    class_loss = all_reduce_(class_loss).cpu()  # each process's samples: summed
-    stats["train_class_loss"] = [None if n == 0 else l / n for l, n in class_loss.T.tolist()]
-    if G:  # each process holds its share of the global group losses, and the same `present`
-        group_loss = all_reduce_(group_loss).cpu()
-        stats["train_group_loss"] = [None if n == 0 else l * args.world_size / n for l, n in group_loss.T.tolist()]
-    if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
-        stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
-    return stats
+                self.group_loss += torch.stack([losses.detach().double() * present, present.double()])
+
+    def progress(self, epoch, step, steps, optimizer, clock):
+        """The finiteness check and (rank 0) the progress line, with the epoch's and the run's ETA."""
+        args = self.args
+        seen = all_reduce_(self.sums.clone()).tolist()  # the global sums, on every process
+        if not math.isfinite(seen[0]):
+            # every epoch before this one ended with a checkpoint (this run's, or the one it resumed)
+            kept = (f"the checkpoint of epoch {epoch - 1} in {args.output_dir} is kept" if epoch > 0 else
+                    "no checkpoint was written (the first epoch diverged)")
+            raise data_lt.UserError(f"loss is {seen[0]} at epoch {epoch} by step {step}: the run diverged; start "
+                                    f"it again with a lower --lr (now {args.lr}) or --wd (now {args.wd})"
+                                    f"{' or without --amp' if args.amp else ''} in another --output-dir; {kept}")
+        if is_main(args):
+            elapsed = time.time() - self.t0
+            left = (steps - step - 1) * elapsed / (step + 1)
+            run_left = f", run eta {hms(clock.eta(epoch, left, left + elapsed))}" if clock else ""
+            print(f"epoch {epoch} [{step + 1}/{steps}] loss {seen[0] / (step + 1):.4f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
+                  f"eta {hms(left)} (epoch){run_left}", flush=True)
+
+    def result(self, steps, optimizer):
+        """log.txt's training statistics of the epoch (one host read of each sum)."""
+        args, G = self.args, self.G
+        seen = all_reduce_(self.sums.clone()).tolist()
+        n_seen = int(seen[2])
+        stats = {"train_loss": seen[0] / steps, "lr": optimizer.param_groups[0]["lr"],
+                 "train_samples": n_seen, "images_per_s": n_seen / max(time.time() - self.t0, 1e-9),
+                 "train_time_s": time.time() - self.t0}
+        if self.alpha_n.sum() > 0:
+            stats["alpha_mean"] = (self.alpha_sum / self.alpha_n.clamp(min=1)).tolist()
+            stats["cos_d_g_min"] = self.cos_min.item()
+        if self.ratios:  # mean over the measured steps of |d| / |g_mean|
+            stats["update_ratio"] = torch.stack(self.ratios).mean().item()
+        class_loss = all_reduce_(self.class_loss).cpu()  # each process's samples: summed
+        stats["train_class_loss"] = [None if n == 0 else l / n for l, n in class_loss.T.tolist()]
+        if G:  # each process holds its share of the global group losses, and the same `present`
+            group_loss = all_reduce_(self.group_loss).cpu()
+            stats["train_group_loss"] = [None if n == 0 else l * args.world_size / n for l, n in group_loss.T.tolist()]
+        if args.loss == "bcl":  # the unweighted contrastive loss, averaged over steps and processes
+            stats["train_bcl_loss"] = seen[1] / (steps * args.bcl_weight)
+        return stats
 
 
 DIAG_SEED = 20240220  # the fixed batches of --diag-every: the same in every run and every epoch
@@ -1386,10 +1538,92 @@ def evaluate_checkpoint(model, ckpt, data, args, device):
     for name, ds in splits:
         results[name] = evaluate(model, eval_loader(ds, args, device), data.class_counts, device, args)
         m = results[name]
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"
-        log(args, f"{name}: top-1 {fmt(m['top1'])}, many {fmt(m['many'])}, medium {fmt(m['medium'])}, "
-                  f"few {fmt(m['few'])} ({args.resume}, epoch {ckpt.get('epoch')})")
+        log(args, f"{name}: top-1 {pct(m['top1'])}, many {pct(m['many'])}, medium {pct(m['medium'])}, "
+                  f"few {pct(m['few'])} ({args.resume}, epoch {ckpt.get('epoch')})")
     return results
+
+
+def group_classes(model, data, args, device, epoch, groups, groups_info):
+    """Stage 1 at `epoch`: the groups (make_groups), groups.json with the history of the run's
+    groupings, and the log's summary. Returns the groups, groups.json's dict and the adjusted
+    Rand index against the previous groups (None at the first grouping)."""
+    previous, present = groups, np.flatnonzero(data.class_counts > 0)
+    with eager(args):
+        groups, A, grouping_stats = make_groups(model, data, args, device)
+    if args.num_groups == "auto":  # chosen now, at the first grouping; regroupings keep it
+        args.num_groups = int(groups.max()) + 1
+        if "num_groups_auto" in grouping_stats:
+            grouping_stats["num_groups_auto"]["epoch"] = epoch
+    info = describe_groups(groups, A, data, args, epoch, grouping_stats)
+    groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
+    ncut = "" if info["ncut"] is None else f", Eq. 9 value {info['ncut']:.4f}"
+    moved = "" if regroup_ari is None else f", adjusted Rand index {regroup_ari:.3f} vs the previous groups"
+    log(args, f"groups (epoch {epoch}): sizes {info['sizes']}{ncut}{moved}")
+    for line in group_lines(info):
+        log(args, line)
+    if is_main(args):
+        write_json(Path(args.output_dir) / "groups.json", groups_info)
+    return groups, groups_info, regroup_ari
+
+
+def evaluate_splits(model, test_loader, val_loader, class_counts, device, args):
+    """log.txt's test_* (and val_*) accuracies of the model now."""
+    with eager(args):
+        out = {f"test_{k}": v for k, v in evaluate(model, test_loader, class_counts, device, args).items()}
+        if val_loader is not None:
+            out.update({f"val_{k}": v for k, v in evaluate(model, val_loader, class_counts, device, args).items()})
+    return out
+
+
+class RunClock:
+    """The run's time: the seconds it has trained, across resumes (log.txt's time_s; each checkpoint
+    keeps it as elapsed_s, so a resumed run continues the count), and the time it has left."""
+
+    def __init__(self, epochs, before=0.0):
+        self.epochs, self.before, self.t0 = epochs, before, time.time()
+        self.epoch_t0, self.epoch_s = self.t0, []  # the whole epochs this process ran, in seconds
+
+    def elapsed(self):
+        return self.before + time.time() - self.t0
+
+    def start_epoch(self):
+        self.epoch_t0 = time.time()
+
+    def end_epoch(self):
+        self.epoch_s.append(time.time() - self.epoch_t0)
+
+    def eta(self, epoch, left_in_epoch, epoch_estimate):
+        """Seconds left: what is left of epoch `epoch`, then each later epoch at the mean of the
+        last whole epochs measured (grouping, evaluation and checkpoint included), or at
+        epoch_estimate before the first one ends."""
+        recent = self.epoch_s[-5:]
+        per_epoch = sum(recent) / len(recent) if recent else epoch_estimate
+        return left_in_epoch + (self.epochs - epoch - 1) * per_epoch
+
+
+def elapsed_before(ckpt, log_path, start_epoch):
+    """The seconds a resumed run had trained: its checkpoint's elapsed_s, or for a checkpoint from
+    before elapsed_s, the time_s of its last epoch in log.txt (0 when neither says)."""
+    if ckpt is None:
+        return 0.0
+    if "elapsed_s" in ckpt:
+        return ckpt["elapsed_s"]
+    times = [0.0]
+    if log_path.exists():
+        times += [e["time_s"] for e in map(json.loads, open(log_path)) if e["epoch"] < start_epoch and "time_s" in e]
+    return max(times)
+
+
+def epoch_line(epoch, stats, clock, args):
+    """The line closing an epoch: its test accuracy when it was evaluated, the run's time and ETA."""
+    if "test_top1" in stats:
+        done = (f"test top-1 {pct(stats['test_top1'])} (many {pct(stats.get('test_many'))}, "
+                f"medium {pct(stats.get('test_medium'))}, few {pct(stats.get('test_few'))})")
+    else:
+        loss = f"train loss {stats['train_loss']:.4f}, " if "train_loss" in stats else ""
+        done = f"{loss}not evaluated (--eval-every {args.eval_every})"
+    left = f", eta {hms(clock.eta(epoch, 0.0, 0.0))}" if epoch + 1 < args.epochs else ""
+    return f"epoch {epoch}: {done}; {hms(clock.elapsed())} elapsed{left}"
 
 
 # A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
@@ -1419,8 +1653,9 @@ def main(args):
         log(args, f"eval: {args.resume} ({args.dataset} IF {args.imb_factor:g}, data seed {args.data_seed}, "
                   f"{args.arch}, loss {args.loss}); data root {args.data_root}; device {device}")
     else:
-        log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {args.epochs} epochs, batch {args.batch_size} "
-                  f"over {args.world_size} process(es), lr {args.lr} {args.schedule} (warm-up {args.warmup_epochs}), "
+        log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
+                  f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} "
+                  f"{args.schedule} (warm-up {args.warmup_epochs}), "
                   f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}{f'; preset {args.preset}' if args.preset else ''}")
@@ -1439,9 +1674,11 @@ def main(args):
         data.train_eval = data.train if same else data.train_eval.to(device)
         if data.val is not None:
             data.val = data.val.to(device)
+    empty = K - present.size
     log(args, f"data: {len(data.train)} training images in {K} classes (largest {data.class_counts.max()}, "
               f"smallest {data.class_counts[present].min()}), {len(data.test)} test images"
-              f"{f'; {K - present.size} classes have no training image' if present.size < K else ''}")
+              + (f"; {plural(empty, 'class', 'classes')} {'has' if empty == 1 else 'have'} no training image"
+                 if empty else ""))
 
     # --- model ------------------------------------------------------------------------------------
     model = build_model(args.arch, K)
@@ -1497,32 +1734,22 @@ def main(args):
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
-    t_start, negligible = time.time(), 0  # negligible: epochs in a row with a negligible GBG update
+    clock = RunClock(args.epochs, elapsed_before(ckpt, out / "log.txt", start_epoch) if is_main(args) else 0.0)
+    negligible = 0  # epochs in a row with a negligible GBG update
     for epoch in range(start_epoch, args.epochs):
+        clock.start_epoch()
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
         regroup_ari = None
-        if args.grouping != "none" and due:
-            previous = groups
-            with eager(args):
-                groups, A, grouping_stats = make_groups(model, data, args, device)
-            if args.num_groups == "auto":  # chosen now, at the first grouping; regroupings keep it
-                args.num_groups = int(groups.max()) + 1
-                if "num_groups_auto" in grouping_stats:
-                    grouping_stats["num_groups_auto"]["epoch"] = epoch
-            info = describe_groups(groups, A, data, args, epoch, grouping_stats)
-            groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
-            log(args, f"groups (epoch {epoch}): sizes {[len(m) for m in info['groups']]}, Eq. 9 value {info['ncut']}"
-                      f"{'' if regroup_ari is None else f', adjusted Rand index {regroup_ari:.3f} vs the previous groups'}")
-            if is_main(args):
-                write_json(out / "groups.json", groups_info)
+        if args.grouping != "none" and due:  # Stage 1, Algorithm 1
+            groups, groups_info, regroup_ari = group_classes(model, data, args, device, epoch, groups, groups_info)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
         loader = data_lt.make_loader(data.train, sampler, train=True, device=device, num_workers=args.workers,
                                      seed=args.seed * 100003 + epoch,
                                      views=bcl_train_views(data, args) if args.loss == "bcl" else None)
-        stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device)
+        stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device, clock)
         if regroup_ari is not None:
             stats["regroup_ari"] = regroup_ari
         negligible = negligible + 1 if stats.get("update_ratio", 1.0) < NEGLIGIBLE_UPDATE else 0
@@ -1538,27 +1765,23 @@ def main(args):
                                                  data.class_counts, args, device))
             stats["diag_time_s"] = time.time() - t0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            with eager(args):
-                stats.update({f"test_{k}": v for k, v in evaluate(model, test_loader, data.class_counts, device,
-                                                                   args).items()})
-                if val_loader is not None:
-                    stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, data.class_counts, device,
-                                                                      args).items()})
+            stats.update(evaluate_splits(model, test_loader, val_loader, data.class_counts, device, args))
             if val_loader is not None and (best is None or stats["val_top1"] > best["val_top1"]):
                 best = {"epoch": epoch, **{k: v for k, v in stats.items() if k.startswith(("val_", "test_"))}}
             if best_test is None or stats["test_top1"] > best_test["top1"]:
                 best_test = {"epoch": epoch, **{k[5:]: v for k, v in stats.items() if k.startswith("test_")}}
         if best_test is not None:
             stats.update(best_test_top1=best_test["top1"], best_test_epoch=best_test["epoch"])
-        stats.update(epoch=epoch, time_s=time.time() - t_start)
+        stats.update(epoch=epoch, time_s=clock.elapsed())
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "groups": groups, "groups_info": groups_info, "best": best, "args": vars(args),
+                         "elapsed_s": stats["time_s"],
                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate()}}, ckpt_path)
-        log(args, f"epoch {epoch}: test top-1 {stats.get('test_top1', float('nan')):.2f} "
-                  f"(many {stats.get('test_many')}, medium {stats.get('test_medium')}, few {stats.get('test_few')})")
+        clock.end_epoch()
+        log(args, epoch_line(epoch, stats, clock, args))
         if args.exit_after_epoch is not None and epoch >= args.exit_after_epoch:
             return None
 
@@ -1571,8 +1794,8 @@ def main(args):
         write_json(out / "results.json", results)
     on_val = f"; best on val: test top-1 {best['test_top1']:.2f} (epoch {best['epoch']})" if best else ""
     on_test = f"; best test epoch: test top-1 {best_test['top1']:.2f} (epoch {best_test['epoch']})" if best_test else ""
-    log(args, f"done: last epoch: test top-1 {results['last'].get('top1')}{on_test}{on_val}; "
-              f"{datetime.timedelta(seconds=int(time.time() - t_start))}")
+    log(args, f"done: last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}; "
+              f"{hms(clock.elapsed())}")
     return results
 
 
@@ -1582,7 +1805,7 @@ def stop_on_sigterm(signum, frame):
 
 
 if __name__ == "__main__":
-    args = argparse.ArgumentParser("GBG training", parents=[get_args_parser()]).parse_args()
+    args = get_args_parser(add_help=True).parse_args()
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # here only: submit.py's jobs keep submitit's handlers
     try:
         main(args)

@@ -58,13 +58,14 @@ CPUS_PER_TASK = 10  # when sinfo can't say: DeiT's and DINO's run_with_submitit 
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Submit GBG training with submitit", parents=[train.get_args_parser()])
-    p.set_defaults(output_dir=None)  # None: the job folder
+    """submit.py's flags: the cluster's first, then every train.py flag (train.add_train_arguments)."""
+    p = argparse.ArgumentParser(prog="submit.py", formatter_class=train.HelpFormatter,
+                                usage="python slurm/%(prog)s [--partition P] [--nodes N] [--gpus-per-node G] "
+                                      "[train.py flags] ... (the flags below)",
+                                description=__doc__.split("\n\n")[0])
     c = p.add_argument_group("cluster")
-    c.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
-                   help="local: the same job on this machine through submitit's LocalExecutor (to try a "
-                        "job before queueing it); debug: in this process, one task (pdb works)")
-    c.add_argument("--nodes", type=int, default=1)
+    c.add_argument("--partition", default=None, help="sbatch --partition (default: the cluster's)")
+    c.add_argument("--nodes", type=int, default=1, help="nodes, each running --tasks-per-node processes")
     c.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node (default: 8, a common GPU node, or the count in --gres)")
     c.add_argument("--gres", default=None,
@@ -75,26 +76,30 @@ def get_args_parser():
     c.add_argument("--cpus-per-task", type=int, default=None,
                    help=f"CPU cores per process (default: the partition's CPUs per node from sinfo, split "
                         f"over the tasks; {CPUS_PER_TASK} when sinfo can't tell). --workers should stay below it")
-    c.add_argument("--mem-gb", type=float, default=0,
-                   help="memory per node in GB (default 0: all of the node's memory, sbatch --mem=0)")
     c.add_argument("--timeout", type=float, default=24 * 60,
                    help="time limit in minutes (default 1440: most partitions allow 24-48 h, and the job is "
                         "requeued and resumes when it runs out; fractions work locally)")
+    c.add_argument("--job-dir", default=None,
+                   help="shared folder for logs and checkpoints, %%j = job id (default: $GBG_JOB_ROOT, "
+                        "$SCRATCH or /checkpoint/$USER, then gbg/%%j)")
+    c.add_argument("--account", default=None, help="sbatch --account")
+    c.add_argument("--qos", default=None, help="sbatch --qos")
+    c.add_argument("--constraint", default=None, help="sbatch --constraint, e.g. volta32gb")
+    c.add_argument("--mem-gb", type=float, default=0,
+                   help="memory per node in GB (default 0: all of the node's memory, sbatch --mem=0)")
+    c.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
+                   help="local: the same job on this machine through submitit's LocalExecutor (to try a "
+                        "job before queueing it); debug: in this process, one task (pdb works)")
+    c.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
     c.add_argument("--signal-delay-s", type=int, default=120,
                    help="USR2 this many seconds before the limit, to save and requeue")
     c.add_argument("--max-timeouts", type=int, default=20, help="requeues after time-outs before giving up")
-    c.add_argument("--partition", default=None)
-    c.add_argument("--account", default=None)
-    c.add_argument("--qos", default=None)
-    c.add_argument("--constraint", default=None, help="e.g. volta32gb")
     c.add_argument("--wckey", default=None, help="sbatch --wckey (default: none; submitit's own default is 'submitit')")
     c.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, repeatable: --slurm-opt exclusive --slurm-opt mail-type=END "
                         "gives #SBATCH --exclusive and --mail-type=END (it overrides the options set above)")
-    c.add_argument("--job-dir", default=None,
-                   help="shared folder for logs and checkpoints, %%j = job id (default: $GBG_JOB_ROOT, "
-                        "$SCRATCH or /checkpoint/$USER, then gbg/%%j)")
-    c.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    train.add_train_arguments(p)
+    p.set_defaults(output_dir=None)  # None: the job folder
     return p
 
 

@@ -111,7 +111,7 @@ def runs(tmp_path_factory):
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, f"{n} process(es):\n{log[-3000:]}"
         if n == 2:  # rank 1 stays quiet
-            assert log.count("over 2 process(es)") == log.count("run: synthetic-lt") == len(ALL_MODES), log[-2000:]
+            assert log.count("over 2 processes") == log.count("run: synthetic-lt") == len(ALL_MODES), log[-2000:]
     return {mode: {n: tmp / f"p{n}" / mode for n in (1, 2)} for mode in ALL_MODES}
 
 
