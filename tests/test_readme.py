@@ -92,8 +92,17 @@ def demo(tmp_path, command):
     results = json.load(open(tmp_path / "runs" / "demo" / "results.json"))
     assert results["last"]["top1"] >= 40, results["last"]
     shown = README.split("It prints")[1].split("```")[1].splitlines()  # README's copy of what it prints
-    assert shown[0] == "text" and shown[1].startswith("data: ") and shown[-1].startswith("done: ")
-    assert shown[1] in r.stdout.splitlines()
+    assert shown[0] == "text" and shown[1].startswith("run: ") and shown[2].startswith("data: ")
+    assert shown[-1].startswith("done: ")
+    printed = r.stdout.splitlines()
+    cores = re.compile(r"workers \d+")  # the default --workers follows the machine's core count
+    assert cores.sub("workers N", shown[1]) in [cores.sub("workers N", line) for line in printed]
+    assert shown[2] in printed  # the run's flags and its data, as README shows them
+    # the lines that do not depend on timing, as README shows them: the groups and the accuracies
+    steady = [line for line in shown if line.startswith(("groups (", "  group "))]
+    assert steady and all(line in printed for line in steady)
+    accuracies = [line.split(";")[0] for line in shown if re.match(r"epoch \d+: test", line)]
+    assert accuracies and all(any(p.startswith(a + ";") for p in printed) for a in accuracies)
 
 
 def summarize(tmp_path, command):
