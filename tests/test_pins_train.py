@@ -45,10 +45,10 @@ def group_epochs(stdout):
 
 # ----------------------------------------------------------------------------- model selection
 
-def test_best_on_val_is_the_val_argmax_not_the_test_one(tmp_path, monkeypatch):
-    """A val split whose accuracy peaks at another epoch than the test accuracy: results.json's
-    best_on_val must be the val argmax (epoch 1), with that epoch's test numbers, never the best
-    test epoch (2). The accuracies are scripted (evaluate is replaced); the run is real."""
+def script_val_and_test(monkeypatch, val_top1, test_top1, shots=(1.0, 2.0, 3.0)):
+    """A val split (37 test images) added to the data, and evaluate replaced by scripted accuracies:
+    the n-th evaluation of a split gives its n-th top-1, Many/Medium/Few top-1 + shots. Returns
+    the count of evaluations per split."""
     build = data_lt.build_data
 
     def with_val(*a, **kw):
@@ -57,17 +57,25 @@ def test_best_on_val_is_the_val_argmax_not_the_test_one(tmp_path, monkeypatch):
         data.val = data_lt.TensorImages(t.images[:37], t.targets[:37], t.mean, t.std)
         return data
 
-    val_top1, test_top1 = [10.0, 40.0, 20.0, 30.0], [50.0, 10.0, 60.0, 5.0]
     calls = {"val": 0, "test": 0}
 
     def scripted(model, loader, class_counts, device, args):
         split = "val" if sum(len(y) for _, y in loader) == 37 else "test"
         top1 = (val_top1 if split == "val" else test_top1)[calls[split]]
         calls[split] += 1
-        return {"top1": top1, "many": top1 + 1, "medium": top1 + 2, "few": top1 + 3}
+        return {"top1": top1, "many": top1 + shots[0], "medium": top1 + shots[1], "few": top1 + shots[2]}
 
     monkeypatch.setattr(data_lt, "build_data", with_val)
     monkeypatch.setattr(T, "evaluate", scripted)
+    return calls
+
+
+def test_best_on_val_is_the_val_argmax_not_the_test_one(tmp_path, monkeypatch):
+    """A val split whose accuracy peaks at another epoch than the test accuracy: results.json's
+    best_on_val must be the val argmax (epoch 1), with that epoch's test numbers, never the best
+    test epoch (2). The accuracies are scripted (evaluate is replaced); the run is real."""
+    val_top1, test_top1 = [10.0, 40.0, 20.0, 30.0], [50.0, 10.0, 60.0, 5.0]
+    calls = script_val_and_test(monkeypatch, val_top1, test_top1)
     args = argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(
         [*FAST, *PLAIN, "--batch-size", "512", "--epochs", "4", "--output-dir", str(tmp_path)])
     T.main(args)
@@ -84,24 +92,7 @@ def test_resume_keeps_best_on_val(tmp_path, monkeypatch):
     """The same scripted val and test accuracies (val peaks at epoch 1), the run stopped after epoch 1
     and resumed: best_on_val is still epoch 1 with its test numbers, not the best of the resumed
     epochs (3, val 30 > 20)."""
-    build = data_lt.build_data
-
-    def with_val(*a, **kw):
-        data = build(*a, **kw)
-        t = data.test
-        data.val = data_lt.TensorImages(t.images[:37], t.targets[:37], t.mean, t.std)
-        return data
-
-    top1 = {"val": [10.0, 40.0, 20.0, 30.0], "test": [50.0, 10.0, 60.0, 5.0]}
-    calls = {"val": 0, "test": 0}
-
-    def scripted(model, loader, class_counts, device, args):
-        split = "val" if sum(len(y) for _, y in loader) == 37 else "test"
-        calls[split] += 1
-        return {"top1": top1[split][calls[split] - 1], "many": 1.0, "medium": 2.0, "few": 3.0}
-
-    monkeypatch.setattr(data_lt, "build_data", with_val)
-    monkeypatch.setattr(T, "evaluate", scripted)
+    calls = script_val_and_test(monkeypatch, [10.0, 40.0, 20.0, 30.0], [50.0, 10.0, 60.0, 5.0])
     argv = [*FAST, *PLAIN, "--batch-size", "512", "--epochs", "4", "--output-dir", str(tmp_path)]
     parser = argparse.ArgumentParser(parents=[T.get_args_parser()])
     assert T.main(parser.parse_args(argv + ["--exit-after-epoch", "1"])) is None
