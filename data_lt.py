@@ -118,11 +118,12 @@ def shot_masks(class_counts):
 def to_device(t, device):
     """t on `device` without making the host wait: a CPU tensor bound for a GPU is staged in pinned
     memory and copied with non_blocking=True (a copy from pageable memory waits for the device's
-    queue to drain first). The same as gbg.to_device (this module imports nothing of the project)."""
+    queue to drain first); a copy to the CPU blocks. The same as gbg.to_device (this module imports
+    nothing of the project)."""
     device = torch.device(device)
     if t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return t.to(device, non_blocking=t.device.type == "cpu")  # from the host only
 
 
 _CONSTANTS = {}

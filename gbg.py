@@ -25,12 +25,13 @@ Usage::
         for x, y in loader:
             losses, present = gbg.group_losses(model(x), y, groups, num_groups)
             optimizer.zero_grad()
-            step = gbg.mgda_backward(losses[present], model.parameters())  # sets every p.grad
+            step = gbg.mgda_backward(losses[present], model.parameters())  # adds d to every p.grad
             optimizer.step()
 
 step["alpha"] holds the weights MGDA gave the groups (tests/test_usage.py runs this example).
 
-The core, in the order a user calls it, which is the order of this file and of the paper:
+The core, in the order a user calls it and of this file (the paper's order, except that the paper
+describes the GAC sampler after the step, in Sec. 3 and its appendix):
     class_gradients   each class's mean cross-entropy gradient over `params`, [K, D] (Alg. 1).
                       Recalibrates BatchNorm first (the default, as train.py);
                       recalibrate_bn=False is the paper's setting.
@@ -53,8 +54,9 @@ next accepts.
 Extras, after the "Extras" banner; none of them is needed to train:
     sketching         class_gradients(sketch_dim=m): CountSketch rows when K x P is too large
     choosing G        choose_num_groups: G from the affinity's eigengaps (beyond the paper)
-    groupings         random_groups, count_groups (Table 5's baselines), ncut_value (Eq. 9's
-                      value), adjusted_rand_index (how far two groupings agree)
+    groupings         random_groups, count_bins_groups (Table 5's baselines), count_groups,
+                      ncut_value (the NCut objective by which Eq. 9 is solved),
+                      adjusted_rand_index (how far two groupings agree)
     last-stage step   mgda_backward_partial: alpha from the last stage's gradients, then one
                       full backward
     diagnostics       pareto_cosines, step_diagnostic, class_update_cosines (Fig. 2)
@@ -76,17 +78,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 
 
-# --- 1. Class gradients and their affinity (Eq. 7) ------------------------------------------------
-
-def _dataset_labels(dataset):
-    """Labels of a map-style dataset: `dataset.targets` if it has one, else one pass over it."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = [int(dataset[i][1]) for i in range(len(dataset))]
-    elif torch.is_tensor(targets):
-        targets = targets.cpu().numpy()
-    return np.asarray(targets, dtype=np.int64).reshape(-1)
-
+# --- Helpers: devices, arrays, label counts -------------------------------------------------------
 
 def _same_device(a, b):
     a, b = torch.device(a), torch.device(b)
@@ -96,11 +88,12 @@ def _same_device(a, b):
 def to_device(t, device):
     """t on `device` without making the host wait: a CPU tensor bound for a GPU is staged in pinned
     memory and copied with non_blocking=True (a copy from pageable memory waits for the device's
-    queue to drain first). A tensor already there comes back as it is."""
+    queue to drain first). A copy to the CPU blocks: a non-blocking one could be read before the
+    device has written it. A tensor already there comes back as it is."""
     device = torch.device(device)
     if t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return t.to(device, non_blocking=t.device.type == "cpu")  # from the host only
 
 
 def _numpy(x, dtype=None):
@@ -117,6 +110,18 @@ def count_labels(targets, num_classes):
     a synchronisation every step)."""
     return torch.zeros(num_classes, dtype=torch.long, device=targets.device).index_add_(
         0, targets, torch.ones_like(targets))
+
+
+# --- 1. Class gradients and their affinity (Eq. 7) ------------------------------------------------
+
+def _dataset_labels(dataset):
+    """Labels of a map-style dataset: `dataset.targets` if it has one, else one pass over it."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    elif torch.is_tensor(targets):
+        targets = targets.cpu().numpy()
+    return np.asarray(targets, dtype=np.int64).reshape(-1)
 
 
 def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_per_class=None,
@@ -188,8 +193,8 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
     used = {}
     for k in range(num_classes):
         idx = order[starts[k]:starts[k + 1]]
-        if max_per_class is not None and idx.size > max_per_class:
-            idx = np.sort(np.random.default_rng([seed, k]).choice(idx, max_per_class, replace=False))
+        if max_per_class is not None and idx.size > max_per_class:  # tag 4: a stream of its own
+            idx = np.sort(np.random.default_rng([4, seed, k]).choice(idx, max_per_class, replace=False))
         if idx.size:
             used[k] = idx
     members = {k: used[k] for k in wanted if k in used}
@@ -231,9 +236,11 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
             # the within-class variance).
             everything = np.sort(np.concatenate(list(used.values()))) if used else np.zeros(0, np.int64)
             shuffled = np.random.default_rng([3, seed]).permutation(everything)
-            saved_bn = _recalibrate_bn(model, load([shuffled[i:i + batch_size].tolist()
-                                                    for i in range(0, shuffled.size, batch_size)]),
-                                       device, dtype)
+            chunks = [shuffled[i:i + batch_size].tolist() for i in range(0, shuffled.size, batch_size)]
+            if len(chunks) > 1 and len(chunks[-1]) == 1:  # BatchNorm1d refuses a batch of one
+                last = chunks.pop()
+                chunks[-1] += last
+            saved_bn = _recalibrate_bn(model, load(chunks), device, dtype)
         model.eval()
         running, current = None, None
         for k, batch in zip(batch_class, load(batches)):
@@ -274,21 +281,22 @@ def class_gradients(model, dataset, num_classes, params, *, batch_size=256, max_
 
 
 def _recalibrate_bn(model, loader, device, dtype):
-    """Replace every BatchNorm's running statistics by the cumulative average of the batch
-    statistics over `loader` (a no-grad pass in train mode), and return what is needed to restore
-    them. Each BatchNorm runs as a plain local F.batch_norm during the pass, even a synchronised
+    """Replace every BatchNorm's running statistics by the average of the batch statistics over
+    `loader` (a no-grad pass in train mode), each batch weighted by its size, so the running mean
+    is the mean over all the samples even when the last batch is short; return what is needed to
+    restore them. Each BatchNorm runs as a plain local F.batch_norm during the pass, even a synchronised
     one: every process sees the same samples, so no collective is needed (and none may run, since
     the other processes might be elsewhere)."""
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
-    batches = [0]  # counted on the host: reading num_batches_tracked would wait for the device
+    seen = [0, 1.0]  # samples so far, this batch's weight; on the host (no device reads)
 
     def local_forward(m):
-        def forward(x):  # momentum 1/t: the t-th batch's statistics enter a plain average
+        def forward(x):  # momentum n_t / (n_1 + ... + n_t): a running average over samples
             m.num_batches_tracked += 1
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True,
-                                1.0 / batches[0], m.eps)
+                                seen[1], m.eps)
         return forward
 
     for m in bns:
@@ -298,7 +306,8 @@ def _recalibrate_bn(model, loader, device, dtype):
     try:
         with torch.no_grad():
             for x, _ in loader:
-                batches[0] += 1
+                seen[0] += len(x)
+                seen[1] = len(x) / seen[0]
                 model(x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype,
                            non_blocking=device.type == "cuda"))
     finally:
@@ -326,9 +335,10 @@ def affinity(class_grads):
 
 # --- 2. Normalised-cut grouping of the affinity graph (Eq. 8-9) -----------------------------------
 #
-# Eq. 8 sums the affinity between two groups, a(V_m, V_n) = sum of W_ij over i in V_m, j in V_n;
-# Eq. 9 asks for the partition into G groups with the least affinity between groups, solved as
-# Shi & Malik's normalised cut, sum over groups V of a(V, rest) / a(V, all) (ncut_value).
+# Eq. 8 sums the affinity between two groups, a(V_m, V_n) = sum of A_ij over i in V_m, j in V_n;
+# Eq. 9 asks for the partition into G groups with the least affinity between groups. The paper
+# solves it with Shi & Malik's normalised cut, sum over groups V of a(V, rest) / a(V, all)
+# (ncut_value), on W = A + 1 (the authors' shift: NCut needs non-negative weights).
 
 def _check_num_groups(num_groups, num_classes):
     if not 1 <= num_groups <= num_classes:
@@ -459,11 +469,21 @@ def gac_class_probs(class_counts, groups, rho=0.9999, lam=1e-5):
     appendix's effective-number weights p_j, beta_i and P_j.
 
     p_j = (1 - beta_i) / (1 - beta_i ** N_j) is the class-balanced weight of Cui et al. (2019),
-    normalised within the group. The paper's formula for beta_i is garbled; OUR READING:
+    normalised within the group: P_j = p_j / sum of p_j over the group's m classes (the appendix's
+    normalisation runs over the classes, so P is a distribution over classes: a completion draws
+    class j with P_j, then one of its samples). The paper's formula for beta_i is garbled; OUR
+    READING:
         beta_i = rho + lam * delta_i,  delta_i = log(N_max,i / N_min,i) / log(N_max / N_min),
     the group's log imbalance relative to the whole training set's (0 on a balanced set), so a
     more imbalanced group gets beta closer to 1 and weights closer to inverse frequency.
     Classes without samples get probability 0.
+
+    rho = 0.9999 and lam = 1e-5 are the values of the authors' release (GBG_v1 sampler.py,
+    CBEffectNumSampler: beta_a, beta_b); the paper prints rho and a garbled lam. That sampler is
+    not GAC (the release trains with shuffled batches): it draws from the whole training set,
+    weights each SAMPLE by p_j (a class then comes with probability ~ N_j p_j, near balanced
+    classes, where P_j here is near inverse frequency) and takes delta per class,
+    (log N_max - log N_j) / (log N_max - log N_min), where ours is per group.
     """
     counts = _numpy(class_counts, np.float64)
     groups = _numpy(groups, np.int64)
@@ -629,6 +649,11 @@ def group_losses(logits, targets, class_to_group, num_groups, *, mode="class", c
     if mode not in ("class", "sample"):
         raise ValueError(f"group_losses: unknown mode {mode!r}; use mode='class' or mode='sample'")
     K = logits.shape[1]
+    if not torch.is_tensor(class_to_group) and len(class_to_group) and \
+            not 0 <= np.min(class_to_group) <= np.max(class_to_group) < num_groups:  # host data: no device read
+        raise ValueError(f"group_losses: group ids must be in [0, num_groups={num_groups}), found "
+                         f"[{np.min(class_to_group)}, {np.max(class_to_group)}]; pass the number of "
+                         f"groups the grouping made")
     class_to_group = torch.as_tensor(class_to_group)  # ncut_groups' numpy output as it is
     if class_to_group.numel() != K:
         raise ValueError(f"group_losses: class_to_group has {class_to_group.numel()} entries but "
@@ -802,13 +827,14 @@ def _min_norm(M, max_iter=2000, tol=1e-12, polish_steps=50):
 # derived from the min-norm alpha of the normalised gradients g_i / n_i (update rules):
 #   "scaled" (default): w_i = (alpha_i / n_i) / sum_j (alpha_j / n_j). d is a positive multiple of
 #       the min-norm point sum_i alpha_i g_i / n_i, so it keeps its descent property
-#       (g_j . d >= 0 for every group j), and its weights sum to 1: d is a convex combination of
+#       (g_j . d >= 0 for every group j, over the Gram's parameters: all of them by default), and
+#       its weights sum to 1: d is a convex combination of
 #       the raw gradients, of their size, and d = g when every g_i equals the same g. With
 #       normalize "none" (n_i = 1) this is the paper's update theta <- theta - eta sum alpha_i grad L_i.
 #   "raw": w_i = alpha_i, alpha found on g_i / n_i and applied to the raw g_i: Sener & Koltun's
 #       code and the authors' release. NOT guaranteed to lower every group's loss when n_i differ.
-#   "normalized": w_i = alpha_i / n_i, the min-norm point itself; under "l2" its norm is <= 1
-#       whatever the gradients' size, so it takes far shorter steps than a CE step at the same lr.
+#   "normalized": w_i = alpha_i / n_i, the min-norm point itself; under "l2" its norm (over the
+#       Gram's parameters) is <= 1 whatever the gradients' size, so it takes far shorter steps than a CE step at the same lr.
 
 def _all_reduce(t, process_group):
     """Sum t over process_group in place; no collective when process_group is None. The one
@@ -992,10 +1018,11 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
     losses, params = _check_step_args(losses, params, normalize, update)
     columns = _columns(params, params if gram_params is None else gram_params)
     values = _loss_values(losses, params[0].device, normalize, process_group)
+    kept = None if workspace is None else workspace.get("flat")
     flat = group_gradients(losses, params, retain_graph=retain_graph, process_group=process_group,
-                           out=None if workspace is None else workspace.get("flat"))
-    if workspace is not None:
-        workspace["flat"] = flat
+                           out=kept)
+    if workspace is not None and (kept is None or flat.data_ptr() != kept.data_ptr()):
+        workspace["flat"] = flat  # a new buffer; a kept one stays whole (flat may be its first rows)
     alpha, w, gram = mgda_weights(_gram(flat, columns), values, normalize=normalize, update=update)
     _accumulate(params, to_device(w, flat.device).to(flat.dtype) @ flat)
     return {"alpha": alpha, "weights": w, "gram": gram}
@@ -1003,7 +1030,7 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
 
 # =================================================================================================
 # Extras: none of what follows is needed to train with GBG. Sketched class gradients (large K x P),
-# choosing G automatically, baseline groupings and comparing groupings (Eq. 9's value, the
+# choosing G automatically, baseline groupings and comparing groupings (the NCut value, the
 # adjusted Rand index), the cheaper last-stage step, and diagnostics of a step.
 # =================================================================================================
 
@@ -1141,7 +1168,7 @@ def choose_num_groups(affinity, max_groups, *, fallback=4, num_permutations=19, 
             "alpha": float(alpha), "seed": int(seed)}
 
 
-# --- Extras: baseline groupings and comparing groupings (Table 5, Eq. 9's value, Rand index) ------
+# --- Extras: baseline groupings and comparing groupings (Table 5, the NCut value, Rand index) -----
 
 def random_groups(num_classes, num_groups, *, seed=0):
     """Seeded random partition into G non-empty groups of near-equal size (Table 5 baseline)."""
@@ -1152,9 +1179,25 @@ def random_groups(num_classes, num_groups, *, seed=0):
     return _canonical(groups)
 
 
+LI2020_EDGES = (10, 100, 1000)  # Li et al. 2020 (BAGS), Sec. 3.2: [0, 10), [10, 100), [100, 1000), [1000, inf)
+
+
+def count_bins_groups(class_counts, edges=LI2020_EDGES):
+    """Instance-number grouping as the paper's Table 5 cites it (Li et al. 2020, "Balanced Group
+    Softmax"): a class goes to the bin of its training count, [0, 10), [10, 100), [100, 1000),
+    [1000, inf) by default; empty bins are dropped, group 0 = the most frequent bin. The number of
+    groups is the number of non-empty bins: 4 on ImageNet-LT (counts 5 ... 1280), 3 on
+    CIFAR-10-LT IF 100 (50 ... 5000). count_groups keeps any G."""
+    counts = _numpy(class_counts)
+    bins = np.searchsorted(np.asarray(edges, dtype=float), counts, side="right")  # 0 = [0, edges[0])
+    used = np.unique(bins)[::-1]  # the most frequent bin first
+    return np.searchsorted(-used, -bins).astype(np.int64)
+
+
 def count_groups(class_counts, num_groups):
-    """Instance-number grouping (Li et al. 2020; Table 5 baseline): classes sorted by training
-    count, most frequent first (stable), cut into G contiguous near-equal groups; group 0 = head."""
+    """Instance-number grouping into any G (ours; Li et al.'s bins are count_bins_groups): classes
+    sorted by training count, most frequent first (stable), cut into G contiguous near-equal
+    groups; group 0 = head."""
     counts = _numpy(class_counts)
     _check_num_groups(num_groups, counts.size)
     groups = np.empty(counts.size, dtype=np.int64)
@@ -1164,7 +1207,7 @@ def count_groups(class_counts, num_groups):
 
 
 def ncut_value(affinity, groups):
-    """Normalised-cut objective of Eq. 9 on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
+    """Normalised-cut objective, by which the paper solves Eq. 9, on W = affinity + 1 (no self-loops, _graph_weights): sum over groups V of
     cut(V, rest) / assoc(V, all). Lower is better; 0 means no weight between groups."""
     W = _graph_weights(affinity)
     groups = _numpy(groups)

@@ -486,3 +486,54 @@ def test_ncut_embedding_is_that_of_scipys_laplacian_without_self_loops(K, G):
         dl = Wl.sum(1)
         _, Ul = np.linalg.eigh(Wl / np.sqrt(np.outer(dl, dl)))
         assert not np.allclose(Ul[:, -G:] @ Ul[:, -G:].T, want, atol=1e-6)
+
+
+def test_count_bins_groups_are_li_et_al_2020_bins():
+    """Reference: each class placed by hand in Li et al.'s count ranges [0,10), [10,100),
+    [100,1000), [1000,inf), the bins renumbered from the most frequent, empty bins dropped."""
+    counts = [1280, 5, 999, 1000, 10, 9, 100, 99, 450]  # ImageNet-LT's range: all four bins used
+    bins = [3 if c >= 1000 else 2 if c >= 100 else 1 if c >= 10 else 0 for c in counts]
+    want = [3 - b for b in bins]  # head bin first
+    assert gbg.count_bins_groups(counts).tolist() == want
+    cifar10 = [int(5000 * 100 ** (-k / 9)) for k in range(10)]  # 5000 ... 50: no class below 10
+    assert gbg.count_bins_groups(cifar10).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert gbg.count_bins_groups(torch.tensor([3, 50, 7])).tolist() == [1, 0, 1]  # empty bins go
+    assert gbg.count_bins_groups([5, 50], edges=(20,)).tolist() == [1, 0]
+
+
+def test_recalibration_weights_batches_by_their_size():
+    """Batches of 5, 5 and 2 samples: the recalibrated running mean is the mean over all 12
+    samples, and the running variance the size-weighted mean of the batches' unbiased
+    variances (a plain average over batches would give the short batch 1/3 of the weight)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3).double()
+    x = torch.randn(12, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + torch.arange(12.0)[:, None]
+    batches = [(x[:5], None), (x[5:10], None), (x[10:], None)]
+    gbg._recalibrate_bn(bn, batches, torch.device("cpu"), torch.float64)
+    var = sum(len(b) * b.var(0, unbiased=True) for b, _ in batches) / 12
+    torch.testing.assert_close(bn.running_mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-12)
+
+
+def test_recalibration_never_makes_a_batch_of_one():
+    """BatchNorm1d in train mode refuses a batch of one: with N = batch_size + 1 samples the
+    recalibration's last sample joins the batch before it, and the pass runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    y = torch.tensor([0, 1, 2] * 3)
+    data = LabelledImages(torch.randn(9, 4, dtype=torch.float64), y)
+    grads = gbg.class_gradients(model, data, 3, list(model[:3].parameters()), batch_size=8)
+    assert grads.shape == (3, 4 * 6 + 6 + 12) and torch.isfinite(grads).all()
+
+
+def test_to_device_blocks_on_copies_to_the_cpu(monkeypatch):
+    """A copy off the device must not be non_blocking (the host could read it before it lands);
+    a meta tensor stands in for a GPU one."""
+    calls = []
+    real_to = torch.Tensor.to
+    def to(self, *args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(self.shape) if self.device.type == "meta" else real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    gbg.to_device(torch.zeros(2, device="meta"), "cpu")
+    assert calls == [{"non_blocking": False}]

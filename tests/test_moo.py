@@ -555,3 +555,27 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert not torch.allclose(g0[0], glob[0])
     for a, b, c in zip(g0, g1, glob):
         assert torch.allclose(a + b, c, rtol=0, atol=1e-10)
+
+
+def test_group_losses_refuses_group_ids_beyond_num_groups():
+    logits, y = torch.randn(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match=r"group ids must be in \[0, num_groups=2\)"):
+        gbg.group_losses(logits, y, np.array([0, 1, 2, 1]), 2)
+    losses, present = gbg.group_losses(logits, y, np.array([0, 1, 2, 1]), 3)
+    assert present.all()
+
+
+def test_workspace_keeps_its_largest_buffer():
+    """A step with fewer present groups writes into the first rows of the kept [G, P] buffer; the
+    next step with more groups reuses it (no new allocation)."""
+    torch.manual_seed(0)
+    w = torch.randn(5, requires_grad=True)
+    x = torch.randn(3, 5)
+    workspace = {}
+    for G in (3, 1, 3):
+        losses = [((x[i] * w).sum() - i) ** 2 for i in range(G)]
+        w.grad = None
+        gbg.mgda_backward(losses, [w], workspace=workspace)
+        if G == 3 and "first" not in workspace:
+            workspace["first"] = workspace["flat"].data_ptr()
+    assert workspace["flat"].shape[0] == 3 and workspace["flat"].data_ptr() == workspace["first"]
