@@ -1726,7 +1726,10 @@ def main(args):
         check_class_objectives_fit(model, args, present.size, device)
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
-    best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
+    if ckpt is not None and "best_test" in ckpt:  # the log may be cut short, or not moved with the checkpoint
+        best_test = ckpt["best_test"]
+    else:  # checkpoints from before best_test was saved: the epochs in the log
+        best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
     if args.loss == "bcl":  # saved with the checkpoints, so that a resumed run keeps its views
         args.views = "device" if bcl_train_views(data, args) == "device" else "workers"
         log(args, f"bcl: views made {'on the device' if args.views == 'device' else 'in DataLoader workers'}")
@@ -1776,8 +1779,8 @@ def main(args):
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "groups": groups, "groups_info": groups_info, "best": best, "args": vars(args),
-                         "elapsed_s": stats["time_s"],
+                         "groups": groups, "groups_info": groups_info, "best": best, "best_test": best_test,
+                         "args": vars(args), "elapsed_s": stats["time_s"],
                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate()}}, ckpt_path)
         clock.end_epoch()

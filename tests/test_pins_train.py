@@ -256,6 +256,39 @@ def test_resume_after_a_kill_between_log_and_checkpoint(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def cut_run(tmp_path, epochs, stop_after):
+    """A PLAIN run of `epochs` epochs in tmp_path, stopped after epoch `stop_after`; returns the
+    argv that resumes it."""
+    argv = [*FAST, *PLAIN, "--batch-size", "512", "--epochs", str(epochs), "--output-dir", str(tmp_path)]
+    assert T.main(argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(
+        argv + ["--exit-after-epoch", str(stop_after)])) is None
+    return argv
+
+
+def main_of(argv):
+    return T.main(argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(argv))
+
+
+def test_resume_takes_best_test_from_the_checkpoint(tmp_path, monkeypatch):
+    """Test top-1 peaks at epoch 0 (50); the run stops after epoch 1 and its folder is moved with its
+    checkpoint only (log.txt lost): the resumed run's best_test is still epoch 0, from the
+    checkpoint, not the best of the epochs it ran (2: 20). A checkpoint from before best_test was
+    saved takes it from the log, as before."""
+    script_val_and_test(monkeypatch, [10.0, 40.0, 20.0, 30.0] * 2, [50.0, 10.0, 20.0, 5.0] * 2)
+    for folder, lose in ((tmp_path / "moved", "log"), (tmp_path / "old", "best_test")):
+        argv = cut_run(folder, 4, 1)
+        if lose == "log":
+            (folder / "log.txt").unlink()
+        else:  # as written before best_test was saved
+            ckpt = torch.load(folder / "checkpoint.pth", map_location="cpu", weights_only=False)
+            assert ckpt.pop("best_test")["epoch"] == 0
+            torch.save(ckpt, folder / "checkpoint.pth")
+        results = main_of(argv)
+        assert (results["best_test"]["epoch"], results["best_test"]["top1"], results["best_test"]["few"]) == (0, 50.0, 53.0)
+        assert json.load(open(folder / "results.json"))["best_test"] == results["best_test"]
+        assert read_log(folder)[-1]["best_test_epoch"] == 0
+
+
 # ----------------------------------------------------------------------------- BCL's step
 
 BCL_WRAPPER = """
