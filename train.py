@@ -1492,16 +1492,24 @@ PROTOCOLS = {
 }
 
 
+def log_lines(log_path):
+    """log.txt's complete lines ([] without the file). A last line without its newline is left
+    out: the run was killed (or its node failed) while writing it, before that epoch's checkpoint,
+    so the epoch runs again and logs it whole."""
+    if not Path(log_path).exists():
+        return []
+    with open(log_path) as f:
+        return [line for line in f if line.endswith("\n")]
+
+
 def best_test_in(log_path, before_epoch):
     """The best test epoch among the log lines of epochs < before_epoch (a resumed run's past)."""
     best = None
-    if log_path.exists():
-        for line in open(log_path):
-            e = json.loads(line)
-            if e["epoch"] >= before_epoch or e.get("test_top1") is None:
-                continue
-            if best is None or e["test_top1"] > best["top1"]:
-                best = {"epoch": e["epoch"], **{k[5:]: v for k, v in e.items() if k.startswith("test_")}}
+    for e in map(json.loads, log_lines(log_path)):
+        if e["epoch"] >= before_epoch or e.get("test_top1") is None:
+            continue
+        if best is None or e["test_top1"] > best["top1"]:
+            best = {"epoch": e["epoch"], **{k[5:]: v for k, v in e.items() if k.startswith("test_")}}
     return best
 
 
@@ -1608,10 +1616,8 @@ def elapsed_before(ckpt, log_path, start_epoch):
         return 0.0
     if "elapsed_s" in ckpt:
         return ckpt["elapsed_s"]
-    times = [0.0]
-    if log_path.exists():
-        times += [e["time_s"] for e in map(json.loads, open(log_path)) if e["epoch"] < start_epoch and "time_s" in e]
-    return max(times)
+    logged = map(json.loads, log_lines(log_path))
+    return max([0.0] + [e["time_s"] for e in logged if e["epoch"] < start_epoch and "time_s" in e])
 
 
 def epoch_line(epoch, stats, clock, args):
@@ -1717,8 +1723,14 @@ def main(args):
         if args.loss == "bcl" and args.views is None:  # the run's own views; runs from before --views: workers
             args.views = ckpt["args"].get("views") or "workers"
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
-            lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
-            (out / "log.txt").write_text("".join(lines))
+            lines = [l for l in log_lines(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
+            # through a temporary file, synced before the rename (as save_atomic): a kill or a node
+            # failure while log.txt is rewritten in place would leave it empty
+            with open(out / "log.txt.tmp", "w") as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(out / "log.txt.tmp", out / "log.txt")
     elif is_main(args) and (out / "log.txt").exists():  # killed before its first checkpoint
         (out / "log.txt").unlink()
     if args.grouping == "none" and args.moo == "mgda":
@@ -1789,7 +1801,7 @@ def main(args):
             return None
 
     # --- results ----------------------------------------------------------------------------------
-    last = [json.loads(line) for line in open(out / "log.txt")][-1] if is_main(args) else {}
+    last = json.loads(log_lines(out / "log.txt")[-1]) if is_main(args) else {}
     results = {"last": {"epoch": last.get("epoch"), **{k[5:]: v for k, v in last.items() if k.startswith("test_")}},
                "best_on_val": best, "best_test": best_test, "protocols": PROTOCOLS,
                "epochs": args.epochs, "args": vars(args)}

@@ -289,6 +289,53 @@ def test_resume_takes_best_test_from_the_checkpoint(tmp_path, monkeypatch):
         assert read_log(folder)[-1]["best_test_epoch"] == 0
 
 
+def killed_opening(name, monkeypatch):
+    """open() (builtins and io, which pathlib uses) killed right after it opens a file named
+    name... for writing: the file is created (or emptied) and nothing is written."""
+    import builtins
+    import io
+    real = io.open
+
+    def opening(file, mode="r", *a, **kw):
+        f = real(file, mode, *a, **kw)
+        if "w" in mode and Path(str(file)).name.startswith(name):
+            f.close()
+            raise KeyboardInterrupt("SIGKILL")
+        return f
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(io, "open", opening)
+
+
+def test_a_kill_while_the_log_is_cut_to_the_checkpoint_leaves_it_whole(tmp_path, monkeypatch):
+    """On resume log.txt is cut to the checkpoint's epochs; a kill while that is written must leave
+    the old log (through a temporary file), and the same command then resumes."""
+    argv = cut_run(tmp_path, 3, 1)
+    shutil.copy(tmp_path / "checkpoint.prev.pth", tmp_path / "checkpoint.pth")  # epoch 1 is to run again
+    before = (tmp_path / "log.txt").read_bytes()
+    with monkeypatch.context() as m:
+        killed_opening("log.txt", m)
+        with pytest.raises(KeyboardInterrupt):
+            main_of(argv)
+    assert (tmp_path / "log.txt").read_bytes() == before
+    main_of(argv)
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1, 2]
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
+    """A kill (or a node failure) while an epoch's line is written leaves a last line without its
+    newline: every reader of log.txt leaves it out, and the resumed run logs that epoch whole."""
+    argv = cut_run(tmp_path, 3, 0)
+    time_s = read_log(tmp_path)[0]["time_s"]
+    partial = '{"epoch": 1, "train_loss": 2.30'
+    with open(tmp_path / "log.txt", "a") as f:
+        f.write(partial)
+    assert T.best_test_in(tmp_path / "log.txt", 5)["epoch"] == 0
+    assert T.elapsed_before({}, tmp_path / "log.txt", 5) == time_s  # a checkpoint from before elapsed_s
+    main_of(argv)
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1, 2]
+    assert partial not in (tmp_path / "log.txt").read_text()
+
+
 # ----------------------------------------------------------------------------- BCL's step
 
 BCL_WRAPPER = """
