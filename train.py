@@ -1731,8 +1731,13 @@ def main(args):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(out / "log.txt.tmp", out / "log.txt")
-    elif is_main(args) and (out / "log.txt").exists():  # killed before its first checkpoint
-        (out / "log.txt").unlink()
+    elif is_main(args):  # a fresh start: no file of an earlier run (killed before its first checkpoint,
+        # or finished and its checkpoints moved away) may stand beside this run's new log
+        stale = [name for name in ("log.txt", "log.txt.tmp", "groups.json", "results.json") if (out / name).exists()]
+        for name in stale:
+            (out / name).unlink()
+        if stale:
+            log(args, f"run: no checkpoint in {out}; removed the earlier run's {', '.join(stale)}")
     if args.grouping == "none" and args.moo == "mgda":
         # every class with training images its own objective (the paper's "MOO" ablation)
         check_class_objectives_fit(model, args, present.size, device)

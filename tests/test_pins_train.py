@@ -336,6 +336,22 @@ def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
     assert partial not in (tmp_path / "log.txt").read_text()
 
 
+def test_a_fresh_start_removes_the_earlier_runs_outputs(tmp_path):
+    """A fresh start in a used --output-dir (no checkpoint: killed before its first one, or moved
+    away) removes the earlier run's log.txt, groups.json and results.json, which it would rewrite
+    only later; a checkpoint of another run is still refused, and nothing is removed then."""
+    for name in ("log.txt", "groups.json", "results.json"):
+        (tmp_path / name).write_text('{"epoch": 9, "stale": true}\n')
+    argv = cut_run(tmp_path, 2, 0)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "groups.json").exists()  # PLAIN: no groups
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0]
+    (tmp_path / "results.json").write_text('{"kept": true}\n')
+    with pytest.raises(data_lt.UserError, match="--lr"):
+        main_of(argv + ["--lr", "0.5"])
+    assert json.load(open(tmp_path / "results.json")) == {"kept": True}
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0]
+
+
 # ----------------------------------------------------------------------------- BCL's step
 
 BCL_WRAPPER = """
