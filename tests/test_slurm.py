@@ -198,6 +198,14 @@ def test_slurm_submission_writes_the_dry_run_script_and_a_requeueable_trainer(tm
         assert str(e.value).startswith("sbatch refused the job")
         assert capsys.readouterr().err == ""
         assert not list((tmp_path / "jobs").glob(".code-*"))  # no snapshot left behind
+    # with --output-dir, train.py's files go there and the messages say so; submitit's logs stay
+    monkeypatch.setenv("PATH", fake_slurm(tmp_path / "bin4", 'echo "Submitted batch job 4343"'))
+    outdir = tmp_path / "run"
+    submit_py.main(submit_py.get_args_parser().parse_args(argv + ["--job-dir", str(tmp_path / "jobs3" / "%j"),
+                                                                  "--output-dir", str(outdir)]))
+    out, folder = capsys.readouterr().out, tmp_path / "jobs3" / "4343"
+    assert f"job 4343: logs in {folder}, checkpoints and results in {outdir}" in out
+    assert f"tail -f {folder}/4343_0_log.out; cat {outdir}/log.txt" in out and f"{folder}/log.txt" not in out
 
 
 # ------------------------------------------------------------------------------------------ local
