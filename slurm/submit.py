@@ -161,7 +161,11 @@ class Trainer:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             if env.cluster == "local":  # the hostname need not resolve in a container
                 os.environ["MASTER_ADDR"] = "127.0.0.1"
-        return train_py.main(args)
+        # train.py's flags only: the cluster's (--timeout, --nodes, --partition, ...) would go into
+        # the checkpoint's args, and a resubmission with another time limit or size would be
+        # refused as another run (a change of world size is one train.py allows)
+        flags = vars(train_py.get_args_parser().parse_args([]))
+        return train_py.main(argparse.Namespace(**{k: v for k, v in vars(args).items() if k in flags}))
 
     def import_train(self, job_id):
         """train.py from the job's code snapshot (from the checkout without one)."""
