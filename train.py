@@ -173,7 +173,8 @@ def add_train_arguments(p):
     c.add_argument("--lr", type=float, default=None, help=default_help("lr"))
     c.add_argument("--output-dir", default="output",
                    help="where log.txt, groups.json, checkpoint.pth and results.json go; a run started again "
-                        "with the same folder resumes from its checkpoint")
+                        "with the same folder resumes from its checkpoint (without one it starts afresh and "
+                        "removes an earlier run's log.txt, groups.json and results.json)")
     c.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
                    help="none with --moo mgda makes every class its own objective")
     c.add_argument("--moo", default="mgda", choices=["mgda", "none"],
