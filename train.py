@@ -173,7 +173,8 @@ def add_train_arguments(p):
     c.add_argument("--lr", type=float, default=None, help=default_help("lr"))
     c.add_argument("--output-dir", default="output",
                    help="where log.txt, groups.json, checkpoint.pth and results.json go; a run started again "
-                        "with the same folder resumes from its checkpoint")
+                        "with the same folder resumes from its checkpoint (without one it starts afresh and "
+                        "removes an earlier run's log.txt, groups.json and results.json)")
     c.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
                    help="none with --moo mgda makes every class its own objective")
     c.add_argument("--moo", default="mgda", choices=["mgda", "none"],
@@ -1492,16 +1493,24 @@ PROTOCOLS = {
 }
 
 
+def log_lines(log_path):
+    """log.txt's complete lines ([] without the file). A last line without its newline is left
+    out: the run was killed (or its node failed) while writing it, before that epoch's checkpoint,
+    so the epoch runs again and logs it whole."""
+    if not Path(log_path).exists():
+        return []
+    with open(log_path) as f:
+        return [line for line in f if line.endswith("\n")]
+
+
 def best_test_in(log_path, before_epoch):
     """The best test epoch among the log lines of epochs < before_epoch (a resumed run's past)."""
     best = None
-    if log_path.exists():
-        for line in open(log_path):
-            e = json.loads(line)
-            if e["epoch"] >= before_epoch or e.get("test_top1") is None:
-                continue
-            if best is None or e["test_top1"] > best["top1"]:
-                best = {"epoch": e["epoch"], **{k[5:]: v for k, v in e.items() if k.startswith("test_")}}
+    for e in map(json.loads, log_lines(log_path)):
+        if e["epoch"] >= before_epoch or e.get("test_top1") is None:
+            continue
+        if best is None or e["test_top1"] > best["top1"]:
+            best = {"epoch": e["epoch"], **{k[5:]: v for k, v in e.items() if k.startswith("test_")}}
     return best
 
 
@@ -1608,10 +1617,8 @@ def elapsed_before(ckpt, log_path, start_epoch):
         return 0.0
     if "elapsed_s" in ckpt:
         return ckpt["elapsed_s"]
-    times = [0.0]
-    if log_path.exists():
-        times += [e["time_s"] for e in map(json.loads, open(log_path)) if e["epoch"] < start_epoch and "time_s" in e]
-    return max(times)
+    logged = map(json.loads, log_lines(log_path))
+    return max([0.0] + [e["time_s"] for e in logged if e["epoch"] < start_epoch and "time_s" in e])
 
 
 def epoch_line(epoch, stats, clock, args):
@@ -1717,16 +1724,30 @@ def main(args):
         if args.loss == "bcl" and args.views is None:  # the run's own views; runs from before --views: workers
             args.views = ckpt["args"].get("views") or "workers"
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
-            lines = [l for l in open(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
-            (out / "log.txt").write_text("".join(lines))
-    elif is_main(args) and (out / "log.txt").exists():  # killed before its first checkpoint
-        (out / "log.txt").unlink()
+            lines = [l for l in log_lines(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
+            # through a temporary file, synced before the rename (as save_atomic): a kill or a node
+            # failure while log.txt is rewritten in place would leave it empty
+            with open(out / "log.txt.tmp", "w") as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(out / "log.txt.tmp", out / "log.txt")
+    elif is_main(args):  # a fresh start: no file of an earlier run (killed before its first checkpoint,
+        # or finished and its checkpoints moved away) may stand beside this run's new log
+        stale = [name for name in ("log.txt", "log.txt.tmp", "groups.json", "results.json") if (out / name).exists()]
+        for name in stale:
+            (out / name).unlink()
+        if stale:
+            log(args, f"run: no checkpoint in {out}; removed the earlier run's {', '.join(stale)}")
     if args.grouping == "none" and args.moo == "mgda":
         # every class with training images its own objective (the paper's "MOO" ablation)
         check_class_objectives_fit(model, args, present.size, device)
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
-    best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
+    if ckpt is not None and "best_test" in ckpt:  # the log may be cut short, or not moved with the checkpoint
+        best_test = ckpt["best_test"]
+    else:  # checkpoints from before best_test was saved: the epochs in the log
+        best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
     if args.loss == "bcl":  # saved with the checkpoints, so that a resumed run keeps its views
         args.views = "device" if bcl_train_views(data, args) == "device" else "workers"
         log(args, f"bcl: views made {'on the device' if args.views == 'device' else 'in DataLoader workers'}")
@@ -1776,8 +1797,8 @@ def main(args):
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "groups": groups, "groups_info": groups_info, "best": best, "args": vars(args),
-                         "elapsed_s": stats["time_s"],
+                         "groups": groups, "groups_info": groups_info, "best": best, "best_test": best_test,
+                         "args": vars(args), "elapsed_s": stats["time_s"],
                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate()}}, ckpt_path)
         clock.end_epoch()
@@ -1786,7 +1807,7 @@ def main(args):
             return None
 
     # --- results ----------------------------------------------------------------------------------
-    last = [json.loads(line) for line in open(out / "log.txt")][-1] if is_main(args) else {}
+    last = json.loads(log_lines(out / "log.txt")[-1]) if is_main(args) else {}
     results = {"last": {"epoch": last.get("epoch"), **{k[5:]: v for k, v in last.items() if k.startswith("test_")}},
                "best_on_val": best, "best_test": best_test, "protocols": PROTOCOLS,
                "epochs": args.epochs, "args": vars(args)}

@@ -161,7 +161,11 @@ class Trainer:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             if env.cluster == "local":  # the hostname need not resolve in a container
                 os.environ["MASTER_ADDR"] = "127.0.0.1"
-        return train_py.main(args)
+        # train.py's flags only: the cluster's (--timeout, --nodes, --partition, ...) would go into
+        # the checkpoint's args, and a resubmission with another time limit or size would be
+        # refused as another run (a change of world size is one train.py allows)
+        flags = vars(train_py.get_args_parser().parse_args([]))
+        return train_py.main(argparse.Namespace(**{k: v for k, v in vars(args).items() if k in flags}))
 
     def import_train(self, job_id):
         """train.py from the job's code snapshot (from the checkout without one)."""
@@ -469,16 +473,20 @@ def main(args):
     if staging is not None:
         place_snapshot(staging, Path(code_dir.replace("%j", str(job.job_id))),
                        f"job {job.job_id} is queued but cannot run: cancel it (scancel {job.job_id}) and submit again")
-    print(f"job {job.job_id}: logs, checkpoints and results in {folder}", flush=True)
+    out = args.output_dir or folder  # where train.py writes: --output-dir when given (see Trainer)
+    if out == folder:
+        print(f"job {job.job_id}: logs, checkpoints and results in {folder}", flush=True)
+    else:  # submitit's logs stay in the job folder
+        print(f"job {job.job_id}: logs in {folder}, checkpoints and results in {out}", flush=True)
     if args.cluster == "slurm":
         print(f"follow it with: squeue -j {job.job_id}; tail -f {folder}/{job.job_id}_0_log.out; "
-              f"cat {folder}/log.txt")
+              f"cat {out}/log.txt")
         return
     try:  # local and debug: wait, so the command ends when the job does
         job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
         raise SubmitError(f"job {job.job_id} failed: {failure_cause(e)}; full log: {job.paths.stderr}") from None
-    print(f"job {job.job_id} done: {folder}/results.json")
+    print(f"job {job.job_id} done: {out}/results.json")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,102 @@ def test_resume_after_a_kill_between_log_and_checkpoint(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def cut_run(tmp_path, epochs, stop_after):
+    """A PLAIN run of `epochs` epochs in tmp_path, stopped after epoch `stop_after`; returns the
+    argv that resumes it."""
+    argv = [*FAST, *PLAIN, "--batch-size", "512", "--epochs", str(epochs), "--output-dir", str(tmp_path)]
+    assert T.main(argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(
+        argv + ["--exit-after-epoch", str(stop_after)])) is None
+    return argv
+
+
+def main_of(argv):
+    return T.main(argparse.ArgumentParser(parents=[T.get_args_parser()]).parse_args(argv))
+
+
+def test_resume_takes_best_test_from_the_checkpoint(tmp_path, monkeypatch):
+    """Test top-1 peaks at epoch 0 (50); the run stops after epoch 1 and its folder is moved with its
+    checkpoint only (log.txt lost): the resumed run's best_test is still epoch 0, from the
+    checkpoint, not the best of the epochs it ran (2: 20). A checkpoint from before best_test was
+    saved takes it from the log, as before."""
+    script_val_and_test(monkeypatch, [10.0, 40.0, 20.0, 30.0] * 2, [50.0, 10.0, 20.0, 5.0] * 2)
+    for folder, lose in ((tmp_path / "moved", "log"), (tmp_path / "old", "best_test")):
+        argv = cut_run(folder, 4, 1)
+        if lose == "log":
+            (folder / "log.txt").unlink()
+        else:  # as written before best_test was saved
+            ckpt = torch.load(folder / "checkpoint.pth", map_location="cpu", weights_only=False)
+            assert ckpt.pop("best_test")["epoch"] == 0
+            torch.save(ckpt, folder / "checkpoint.pth")
+        results = main_of(argv)
+        assert (results["best_test"]["epoch"], results["best_test"]["top1"], results["best_test"]["few"]) == (0, 50.0, 53.0)
+        assert json.load(open(folder / "results.json"))["best_test"] == results["best_test"]
+        assert read_log(folder)[-1]["best_test_epoch"] == 0
+
+
+def killed_opening(name, monkeypatch):
+    """open() (builtins and io, which pathlib uses) killed right after it opens a file named
+    name... for writing: the file is created (or emptied) and nothing is written."""
+    import builtins
+    import io
+    real = io.open
+
+    def opening(file, mode="r", *a, **kw):
+        f = real(file, mode, *a, **kw)
+        if "w" in mode and Path(str(file)).name.startswith(name):
+            f.close()
+            raise KeyboardInterrupt("SIGKILL")
+        return f
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(io, "open", opening)
+
+
+def test_a_kill_while_the_log_is_cut_to_the_checkpoint_leaves_it_whole(tmp_path, monkeypatch):
+    """On resume log.txt is cut to the checkpoint's epochs; a kill while that is written must leave
+    the old log (through a temporary file), and the same command then resumes."""
+    argv = cut_run(tmp_path, 3, 1)
+    shutil.copy(tmp_path / "checkpoint.prev.pth", tmp_path / "checkpoint.pth")  # epoch 1 is to run again
+    before = (tmp_path / "log.txt").read_bytes()
+    with monkeypatch.context() as m:
+        killed_opening("log.txt", m)
+        with pytest.raises(KeyboardInterrupt):
+            main_of(argv)
+    assert (tmp_path / "log.txt").read_bytes() == before
+    main_of(argv)
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1, 2]
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
+    """A kill (or a node failure) while an epoch's line is written leaves a last line without its
+    newline: every reader of log.txt leaves it out, and the resumed run logs that epoch whole."""
+    argv = cut_run(tmp_path, 3, 0)
+    time_s = read_log(tmp_path)[0]["time_s"]
+    partial = '{"epoch": 1, "train_loss": 2.30'
+    with open(tmp_path / "log.txt", "a") as f:
+        f.write(partial)
+    assert T.best_test_in(tmp_path / "log.txt", 5)["epoch"] == 0
+    assert T.elapsed_before({}, tmp_path / "log.txt", 5) == time_s  # a checkpoint from before elapsed_s
+    main_of(argv)
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1, 2]
+    assert partial not in (tmp_path / "log.txt").read_text()
+
+
+def test_a_fresh_start_removes_the_earlier_runs_outputs(tmp_path):
+    """A fresh start in a used --output-dir (no checkpoint: killed before its first one, or moved
+    away) removes the earlier run's log.txt, groups.json and results.json, which it would rewrite
+    only later; a checkpoint of another run is still refused, and nothing is removed then."""
+    for name in ("log.txt", "groups.json", "results.json"):
+        (tmp_path / name).write_text('{"epoch": 9, "stale": true}\n')
+    argv = cut_run(tmp_path, 2, 0)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "groups.json").exists()  # PLAIN: no groups
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0]
+    (tmp_path / "results.json").write_text('{"kept": true}\n')
+    with pytest.raises(data_lt.UserError, match="--lr"):
+        main_of(argv + ["--lr", "0.5"])
+    assert json.load(open(tmp_path / "results.json")) == {"kept": True}
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0]
+
+
 # ----------------------------------------------------------------------------- BCL's step
 
 BCL_WRAPPER = """

@@ -198,6 +198,56 @@ def test_slurm_submission_writes_the_dry_run_script_and_a_requeueable_trainer(tm
         assert str(e.value).startswith("sbatch refused the job")
         assert capsys.readouterr().err == ""
         assert not list((tmp_path / "jobs").glob(".code-*"))  # no snapshot left behind
+    # with --output-dir, train.py's files go there and the messages say so; submitit's logs stay
+    monkeypatch.setenv("PATH", fake_slurm(tmp_path / "bin4", 'echo "Submitted batch job 4343"'))
+    outdir = tmp_path / "run"
+    submit_py.main(submit_py.get_args_parser().parse_args(argv + ["--job-dir", str(tmp_path / "jobs3" / "%j"),
+                                                                  "--output-dir", str(outdir)]))
+    out, folder = capsys.readouterr().out, tmp_path / "jobs3" / "4343"
+    assert f"job 4343: logs in {folder}, checkpoints and results in {outdir}" in out
+    assert f"tail -f {folder}/4343_0_log.out; cat {outdir}/log.txt" in out and f"{folder}/log.txt" not in out
+
+
+def test_a_resubmission_with_other_cluster_flags_resumes(tmp_path, monkeypatch, capsys):
+    """The Trainer hands train.py its own flags only: a job resubmitted into the same --output-dir
+    with another --timeout, --nodes or --partition resumes (the checkpoint holds no cluster flag),
+    one with another --lr is still refused. The task runs here, in a stand-in job environment;
+    with --cluster debug (one of them) the job's last line names --output-dir's results.json."""
+    import submitit
+    import data_lt
+    from types import SimpleNamespace
+    submit_py = load_submit()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the Trainer sets it (and torch's threads) from its cores
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    argv = ["--dataset", "synthetic-lt", "--arch", "resnet8", "--device", "cpu", "--gpus-per-node", "0",
+            "--cpus-per-task", "1", "--workers", "0", "--batch-size", "512", "--epochs", "3", "--grouping", "none",
+            "--moo", "none", "--sampler", "random", "--print-freq", "1000", "--output-dir", str(out)]
+    try:
+        submit_py.main(submit_py.get_args_parser().parse_args(
+            ["--cluster", "debug", *argv, "--job-dir", str(tmp_path / "jobs" / "%j"), "--timeout", "60",
+             "--exit-after-epoch", "0"]))
+        printed = capsys.readouterr().out
+        job = printed.split("job ", 1)[1].split(":", 1)[0]
+        assert f"job {job}: logs in {tmp_path / 'jobs' / job}, checkpoints and results in {out}" in printed
+        assert f"job {job} done: {out}/results.json" in printed
+        ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+        assert ckpt["epoch"] == 0 and "timeout" not in ckpt["args"] and "nodes" not in ckpt["args"]
+        monkeypatch.setattr(submitit, "JobEnvironment",
+                            lambda: SimpleNamespace(cluster="debug", job_id="2", num_tasks=1, global_rank=0))
+
+        def task(*more):
+            args = submit_py.get_args_parser().parse_args(argv + ["--job-dir", str(tmp_path / "jobs" / "%j"), *more])
+            return submit_py.Trainer(args)()
+        assert task("--timeout", "120", "--nodes", "2", "--partition", "other", "--exit-after-epoch", "1") is None
+        printed = capsys.readouterr().out
+        assert f"resumed from {out / 'checkpoint.pth'} at epoch 1" in printed, printed
+        with pytest.raises(data_lt.UserError, match="--lr"):
+            task("--lr", "0.5")
+        results = task("--timeout", "30")
+        assert results["last"]["epoch"] == 2 and not {"timeout", "nodes", "partition"} & set(results["args"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ local
