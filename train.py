@@ -60,7 +60,7 @@ BASE = dict(
     moo_update="scaled",      # ours: [paper] Eq. 12's Pareto descent direction, at the raw gradients' size
     moo_gram="all",           # MGDA's Gram over every parameter the group losses reach
     recalibrate_bn=True,      # ours, measured: see results/README.md "The MGDA step and the grouping"
-    ncut_assign="kmeans",     # ours, measured: a lower Eq. 9 value than cluster_qr (the release's), see --ncut-assign
+    ncut_assign="kmeans",     # ours, measured: a lower NCut value (Eq. 9) than cluster_qr (the release's), see --ncut-assign
     bcl_group_loss="la",      # [bcl] main.py l.231: BCL's classification loss is logit-adjusted
     schedule="step", lr_drops=None,  # None: x0.1 at 80 % and x0.01 at 90 % of --epochs
 )
@@ -175,8 +175,10 @@ def add_train_arguments(p):
                    help="where log.txt, groups.json, checkpoint.pth and results.json go; a run started again "
                         "with the same folder resumes from its checkpoint (without one it starts afresh and "
                         "removes an earlier run's log.txt, groups.json and results.json)")
-    c.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count", "none"],
-                   help="none with --moo mgda makes every class its own objective")
+    c.add_argument("--grouping", default="gbg", choices=["gbg", "random", "count_bins", "count", "none"],
+                   help="random, count_bins: Table 5's baselines (count_bins: Li et al. 2020's bins of 10, 100, "
+                        "1000 training images, G = the bins used; count: G near-equal groups by count, ours); "
+                        "none with --moo mgda makes every class its own objective")
     c.add_argument("--moo", default="mgda", choices=["mgda", "none"],
                    help="none: average the group losses (the paper's 'GBG' ablation)")
     c.add_argument("--num-groups", type=num_groups_arg, default=4,
@@ -222,7 +224,7 @@ def add_train_arguments(p):
                    help="how NCut turns the spectral embedding into groups: kmeans (default: unit rows, seeded "
                         "k-means, 10 restarts, the lowest cost kept) or cluster_qr (the release, utils.py l.147: "
                         "scikit-learn's QR-pivoting assignment, no seed; --preset release). K-means stays the "
-                        "default: on 480 synthetic affinities it reached the lower Eq. 9 value 217 times, "
+                        "default: on 480 synthetic affinities it reached the lower NCut value 217 times, "
                         "cluster_qr 26 times, the same value 237 times (results/graph_self_loops/README.md)")
     g.add_argument("--regroup-every", type=int, default=0,
                    help="regroup every N epochs (0: never); how far the groups moved (adjusted Rand index) is in "
@@ -323,6 +325,11 @@ def fill_defaults(args):
         args.workers = default_workers()
     if args.data_root is None:  # torchvision downloads CIFAR here (README, Quick start)
         args.data_root = "./data"
+    if args.grouping == "count_bins":  # G: the number of Li et al.'s count bins the classes fill
+        if args.num_groups not in ("bins", get_args_parser().get_default("num_groups")):
+            raise data_lt.UserError(f"--grouping count_bins makes one group per count bin the classes fill (Li et al. "
+                                    f"2020); drop --num-groups {args.num_groups}, or use --grouping count")
+        args.num_groups = "bins"
     if args.group_epoch is None:
         # Ours, measured (results/README.md, "Grouping on outputs that mean something"): groups taken at the
         # end of the warm-up agree across seeds (adjusted Rand 0.66), those of the initial model
@@ -343,7 +350,7 @@ def fill_defaults(args):
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
         (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
          f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
-        (args.num_groups == "auto" or args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
+        (args.num_groups in ("auto", "bins") or args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
         (args.num_groups != "auto" or args.grouping in ("gbg", "none"),
          f"--num-groups auto reads G from the class-gradient affinity, which --grouping {args.grouping} does not "
          f"compute: give --num-groups N, or use --grouping gbg"),
@@ -978,6 +985,8 @@ def make_groups(model, data, args, device):
         sub = gbg.random_groups(present.size, G, seed=args.seed)
     elif args.grouping == "count":
         sub = gbg.count_groups(data.class_counts[present], G)
+    elif args.grouping == "count_bins":  # G is the number of bins the counts fill
+        sub = gbg.count_bins_groups(data.class_counts[present])
     else:
         backbone = [p for p in model.backbone.parameters() if p.requires_grad]
         P = sum(p.numel() for p in backbone)
@@ -1030,7 +1039,7 @@ def make_groups(model, data, args, device):
 
 
 def describe_groups(groups, A, data, args, epoch, stats=None):
-    """groups.json: the groups, their sizes and training counts, the Eq. 9 value, and (gbg) how
+    """groups.json: the groups, their sizes and training counts, the NCut value, and (gbg) how
     saturated the outputs the class gradients saw were (max_softmax_mean) and the range of the
     class-gradient norms."""
     present = data.class_counts > 0
@@ -1565,7 +1574,7 @@ def group_classes(model, data, args, device, epoch, groups, groups_info):
             grouping_stats["num_groups_auto"]["epoch"] = epoch
     info = describe_groups(groups, A, data, args, epoch, grouping_stats)
     groups_info, regroup_ari = add_to_history(info, groups_info, previous, groups, present)
-    ncut = "" if info["ncut"] is None else f", Eq. 9 value {info['ncut']:.4f}"
+    ncut = "" if info["ncut"] is None else f", NCut value {info['ncut']:.4f}"
     moved = "" if regroup_ari is None else f", adjusted Rand index {regroup_ari:.3f} vs the previous groups"
     log(args, f"groups (epoch {epoch}): sizes {info['sizes']}{ncut}{moved}")
     for line in group_lines(info):
@@ -1670,7 +1679,9 @@ def main(args):
     # --- data -------------------------------------------------------------------------------------
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
     K, present = data.num_classes, np.flatnonzero(data.class_counts > 0)
-    if args.grouping != "none" and not args.eval and args.num_groups == "auto":
+    if args.grouping == "count_bins":
+        pass  # G is the number of Li et al.'s bins the training counts fill (make_groups)
+    elif args.grouping != "none" and not args.eval and args.num_groups == "auto":
         check_auto_groups(args, present.size)
     elif args.grouping != "none" and not args.eval and not 1 <= args.num_groups <= present.size:
         raise data_lt.UserError(f"--num-groups {args.num_groups} must be between 1 and the {present.size} classes of "

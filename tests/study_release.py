@@ -14,7 +14,7 @@ solver: the release's MinNormSolver.find_min_norm_element (min_norm_solvers.py l
     is no bound: it runs until the L1 change of alpha is below STOP_CRIT = 1e-5 (a cap of
     --max-iter iterations here stands for "would not stop").
 assign: how the two label assignments of gbg.ncut_groups (k-means on the unit-row embedding, and
-    the release's cluster_qr) compare on synthetic affinities: the Eq. 9 value each reaches.
+    the release's cluster_qr) compare on synthetic affinities: the NCut value each reaches.
 groups: the CIFAR-10 JPEG copy's groups at the end of the warm-up, from checkpoints written by
     `train.py ... --exit-after-epoch 4` (the model that train.py groups at epoch 5): the class
     gradients as make_groups takes them, then NCut on the graph with self-loops (W_ii = 2, gbg.py
@@ -248,7 +248,7 @@ def _graph_with_self_loops(A):
 
 
 def ncut_exhaustive(A, G):
-    """The partition of the K classes into G non-empty groups with the lowest Eq. 9 value on the
+    """The partition of the K classes into G non-empty groups with the lowest NCut value on the
     graph without self-loops, by enumerating every partition (restricted growth strings: S(10, 4)
     = 34,105 at K = 10). Returns (labels, value)."""
     W = gbg._graph_weights(A)

@@ -167,7 +167,7 @@ def test_training_moves_far_beyond_the_tolerance(runs, mode):
 @pytest.mark.parametrize("mode", ["exact", "every"])
 def test_distributed_grouping_matches_one_process(runs, mode):
     """Classes shared out among the ranks for class_gradients, rows summed, rank 0's NCut
-    broadcast: the same groups, and the same Eq. 9 value (so the same affinity), as one process.
+    broadcast: the same groups, and the same NCut value (so the same affinity), as one process.
     'exact' uses the full gradients, 'every' the 256-dim CountSketch."""
     one = json.load(open(runs[mode][1] / "groups.json"))
     two = json.load(open(runs[mode][2] / "groups.json"))

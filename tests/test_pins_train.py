@@ -229,6 +229,23 @@ def test_random_grouping_end_to_end(tmp_path):
     assert len(read_log(tmp_path)[0]["alpha_mean"]) == 3
 
 
+def test_count_bins_grouping_end_to_end(tmp_path):
+    """--grouping count_bins: Li et al.'s bins of the synthetic set's counts (reference: each class
+    placed by hand by its count), G = the bins used; --num-groups N other than the default refused."""
+    counts = data_lt.build_data("synthetic-lt", "./data", imb_factor=100, seed=0).class_counts
+    bins = np.array([3 if c >= 1000 else 2 if c >= 100 else 1 if c >= 10 else 0 for c in counts])
+    used = sorted(set(bins.tolist()), reverse=True)
+    want = np.array([used.index(b) for b in bins])
+    r = train(*FAST, "--grouping", "count_bins", "--epochs", "1", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.load(open(tmp_path / "groups.json"))
+    assert info["grouping"] == "count_bins" and info["num_groups"] == len(used) >= 2
+    assert info["groups"] == [np.flatnonzero(want == g).tolist() for g in range(len(used))]
+    assert len(read_log(tmp_path)[0]["alpha_mean"]) == len(used)
+    refused = train(*FAST, "--grouping", "count_bins", "--num-groups", "3", "--output-dir", str(tmp_path / "x"))
+    assert refused.returncode != 0 and "drop --num-groups 3" in refused.stderr and "Traceback" not in refused.stderr
+
+
 # ----------------------------------------------------------------------------- resume and the log
 
 def test_resume_after_a_kill_between_log_and_checkpoint(tmp_path):

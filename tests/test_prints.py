@@ -50,7 +50,7 @@ def test_a_stopped_and_resumed_run_prints_what_it_did(tmp_path):
     after = [l for l in lines if re.match(r"grouping: class gradients in \d+\.\ds", l)]
     ncut = [l for l in lines if re.match(r"grouping: affinity and NCut of 10 classes into 4 groups in \d+\.\ds$", l)]
     assert len(before) == len(after) == len(ncut) == 1, lines
-    assert re.search(r"^groups \(epoch 0\): sizes \[.*\], Eq. 9 value \d+\.\d{4}$", first.stdout, re.M)
+    assert re.search(r"^groups \(epoch 0\): sizes \[.*\], NCut value \d+\.\d{4}$", first.stdout, re.M)
     # the classes by name, in groups.json and in the printed groups
     names = data_lt.synthetic_names(10)
     groups = json.load(open(tmp_path / "groups.json"))
