@@ -298,6 +298,28 @@ BUGS = [
     ("sync_bn_2d_only", "train.py",
      "if isinstance(child, nn.modules.batchnorm._BatchNorm):", "if isinstance(child, nn.BatchNorm2d):",
      ["tests/test_cuda_paths.py::test_sync_bn_converts_the_same_modules_on_cpu_and_cuda"]),
+    ("count_bins_edge_inclusive_high", "gbg.py",  # a count of 10 would fall in [0, 10)
+     'np.searchsorted(np.asarray(edges, dtype=float), counts, side="right")',
+     'np.searchsorted(np.asarray(edges, dtype=float), counts, side="left")',
+     ["tests/test_grouping.py::test_count_bins_groups_are_li_et_al_2020_bins"]),
+    ("recalibration_weights_batches_equally", "gbg.py",
+     "                seen[0] += len(x)\n                seen[1] = len(x) / seen[0]",
+     "                seen[0] += 1\n                seen[1] = 1.0 / seen[0]",  # the plain average over batches
+     ["tests/test_grouping.py::test_recalibration_weights_batches_by_their_size"]),
+    ("recalibration_keeps_a_batch_of_one", "gbg.py",
+     "            if len(chunks) > 1 and len(chunks[-1]) == 1:", "            if False:",
+     ["tests/test_grouping.py::test_recalibration_never_makes_a_batch_of_one"]),
+    ("to_device_non_blocking_to_the_host", "gbg.py",
+     'non_blocking=t.device.type == "cpu")  # from the host only', "non_blocking=True)",
+     ["tests/test_grouping.py::test_to_device_blocks_on_copies_to_the_cpu"]),
+    ("group_ids_unchecked", "gbg.py",
+     "    if not torch.is_tensor(class_to_group) and len(class_to_group) and \\\n",
+     "    if False and \\\n",
+     ["tests/test_moo.py::test_group_losses_refuses_group_ids_beyond_num_groups"]),
+    ("workspace_shrinks", "gbg.py",
+     "    if workspace is not None and (kept is None or flat.data_ptr() != kept.data_ptr()):",
+     "    if workspace is not None:",
+     ["tests/test_moo.py::test_workspace_keeps_its_largest_buffer"]),
 ]
 
 
