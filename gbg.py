@@ -1299,7 +1299,8 @@ def class_update_cosines(logits, targets, update, params, *, class_counts=None, 
     A larger cosine means class k contributes more to the descent. Also |g_k| / |d|, the relative
     size (the figure's dots).
 
-    logits [B, K] must still hold their graph (one backward per class present, graph retained);
+    logits [B, K] must still hold their graph (one backward per class present; the last one frees
+    it, so call this after the step's own backward or on a fresh forward);
     update: the flat d [P] over `params`, in their order. class_counts [K]: the global batch's
     counts when the batch is split over processes (the class gradients are then summed over them);
     default, this batch's. Returns float64 CPU tensors cos [K] and ratio [K], NaN for the classes
