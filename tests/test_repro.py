@@ -330,6 +330,7 @@ def test_budget_stops_runs_that_cannot_finish(tmp_path, tarball):
 
 def test_budget_cuts_what_runs_at_its_end_and_starts_nothing_after(tmp_path, tarball):
     out, data = tmp_path / "out", tmp_path / "data"
+    repro.ensure_data(data, tarball)  # unpacked beforehand: on a busy machine it can take the 1 s the runs get
     (out / "gbg_s0").mkdir(parents=True)
     (out / "gbg_s0" / "results.json").write_text("{}")  # an earlier run's file: not this run's result
     r = run_repro(tmp_path, "--device", "cpu", "--runs", "ce,gbg", "--epochs", "100000", "--budget", "11",
