@@ -42,18 +42,20 @@ DPI = 80  # ~900 x 560 px pictures; saved with a 128-colour palette, 40-120 KB
 
 def load_run(folder, label=None):
     """A run folder as a dict: label, name (the folder's), log (one dict per epoch, the last line of
-    an epoch kept when a resumed run logged it twice), groups (groups.json or None)."""
+    an epoch kept when a resumed run logged it twice; a last line without its newline, which a run
+    still going is writing, and lines without an epoch are left out), groups (groups.json or None)."""
     folder = Path(folder)
     if not (folder / "log.txt").is_file():
         sys.exit(f"{folder}: no log.txt; give run folders that train.py wrote (its --output-dir)")
     by_epoch = {}
     for n, line in enumerate(open(folder / "log.txt"), 1):
-        if line.strip():
+        if line.strip() and line.endswith("\n"):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 sys.exit(f"{folder}/log.txt line {n} is not JSON: give a log.txt that train.py wrote")
-            by_epoch[row.get("epoch", len(by_epoch))] = row
+            if isinstance(row, dict) and row.get("epoch") is not None:
+                by_epoch[row["epoch"]] = row
     groups = json.load(open(folder / "groups.json")) if (folder / "groups.json").is_file() else None
     return {"label": label or folder.name, "name": folder.name, "log": [by_epoch[e] for e in sorted(by_epoch)],
             "groups": groups}
@@ -186,10 +188,12 @@ def draw_update_ratio(runs):
     return fig
 
 
-def diag_values(run, key, epoch):
-    """The per-class list `key` at `epoch`, or its mean per class over every diagnosed epoch
-    (epoch 'mean'), None for a class absent from the diagnostic batches."""
-    rows = [r for r in run["log"] if r.get("diag_cos") is not None and (epoch == "mean" or r["epoch"] == epoch)]
+def diag_values(run, key, epoch, epochs=None):
+    """The per-class list `key` at `epoch`, or its mean per class over the diagnosed epochs (epoch
+    'mean': those in `epochs`, all of them when None), None for a class absent from the diagnostic
+    batches; [] when no such epoch logs `key`."""
+    rows = [r for r in run["log"] if r.get(key) is not None and (
+        r["epoch"] == epoch if epoch != "mean" else epochs is None or r["epoch"] in epochs)]
     per_class = [[v for v in map(number, vs) if v is not None] for vs in zip(*[r[key] for r in rows])]
     return [sum(vs) / len(vs) if vs else None for vs in per_class]
 
@@ -210,10 +214,16 @@ def draw_diagnostic(base, other, epoch, per_end=None, names=None):
     diagnostic batches of cos(g_k, d), g_k the class's cross-entropy gradient in a batch and d the
     update the step takes on that batch (the batch gradient under CE, sum_i w_i g_i under MGDA),
     the base run beside the other; dots: |g_k| / |d| (train.py gradient_diagnostic,
-    gbg.class_update_cosines). Each run's diagnostic batches are drawn by its own sampler."""
-    cos = [diag_values(r, "diag_cos", epoch) for r in (base, other)]
-    ratio = [diag_values(r, "diag_ratio", epoch) for r in (base, other)]
+    gbg.class_update_cosines). Each run's diagnostic batches are drawn by its own sampler; with
+    epoch 'mean', both runs are averaged over the epochs both diagnosed. ValueError (one line)
+    when the two runs have different numbers of classes."""
+    both = diagnosed_epochs(base) & diagnosed_epochs(other)
+    cos = [diag_values(r, "diag_cos", epoch, both) for r in (base, other)]
     K = len(cos[0])
+    if len(cos[1]) != K:
+        raise ValueError(f"{base['label']} has {K} classes and {other['label']} {len(cos[1])}: give --diag-pair "
+                         f"two runs of the same data set")
+    ratio = [diag_values(r, "diag_ratio", epoch, both) or [None] * K for r in (base, other)]  # none logged: no dots
     counts = class_counts(other) or class_counts(base)
     if per_end is None:  # every class of a small data set, else the paper's two head and two tail classes
         per_end = 0 if K <= 20 else 2
@@ -226,8 +236,9 @@ def draw_diagnostic(base, other, epoch, per_end=None, names=None):
     for run, c, r, shift, color in zip((base, other), cos, ratio, (-w / 2, w / 2), colors):
         x = [n + shift for n in range(len(shown))]
         ax.bar(x, [nan(c[k]) for k in shown], w, color=color, alpha=0.8, label=f"{run['label']}: cos(g_k, d)")
-        dots.plot(x, [nan(r[k]) for k in shown], "o", color=color, mec="black", ms=5,
-                  label=f"{run['label']}: |g_k| / |d|")
+        if any(r[k] is not None for k in shown):  # a log scale needs a value
+            dots.plot(x, [nan(r[k]) for k in shown], "o", color=color, mec="black", ms=5,
+                      label=f"{run['label']}: |g_k| / |d|")
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([class_name(k, names) + (f"\n{counts[k]}" if k in counts else "") for k in shown], fontsize=8)
     for n in range(1, len(shown)):  # the Many | Medium | Few borders, by training count
@@ -239,7 +250,8 @@ def draw_diagnostic(base, other, epoch, per_end=None, names=None):
     ax.set_xlabel("class, head to tail" + (" (training images below)" if counts else " (class id order)"))
     ax.set_ylabel("cos(g_k, d): class k's gradient against the step's update\n(mean over the diagnostic batches)")
     dots.set_ylabel("|g_k| / |d| (dots, log scale)")
-    dots.set_yscale("log")
+    if dots.lines:
+        dots.set_yscale("log")
     ax.axhline(0, color="black", lw=0.6)
     when = "mean over the diagnosed epochs" if epoch == "mean" else f"epoch {epoch}"
     fig.suptitle(f"Fig. 2 measure, {when}: {base['label']} beside {other['label']}", fontsize=11)
@@ -290,7 +302,7 @@ def get_args_parser():
                         "(default 0 1: the first run is the baseline, e.g. CE, the second e.g. CE+GBG+MOO)")
     p.add_argument("--diag-epoch", default="last",
                    help="the epoch of fig2_diagnostic.png: last (default: the last both runs diagnosed), an "
-                        "epoch number, or mean (per class, the mean over the diagnosed epochs)")
+                        "epoch number, or mean (per class, the mean over the epochs both runs diagnosed)")
     p.add_argument("--diag-classes", type=int, default=None, metavar="N",
                    help="show the N classes with the most and the N with the fewest training images "
                         "(default: every class up to 20 classes, else 2 and 2 as in the paper)")
@@ -322,12 +334,16 @@ def main(argv=None):
     if args.diag_pair and not (0 <= b < len(runs) and 0 <= o < len(runs) and b != o):
         sys.exit(f"--diag-pair {b} {o}: give two different run indices from 0 to {len(runs) - 1}")
     epoch = None if len(runs) < 2 else diag_epoch(runs[b], runs[o], args.diag_epoch)
-    pictures["fig2_diagnostic.png"] = None if epoch is None else draw_diagnostic(
-        runs[b], runs[o], epoch, args.diag_classes, names)
+    mismatch = None
+    try:
+        pictures["fig2_diagnostic.png"] = None if epoch is None else draw_diagnostic(
+            runs[b], runs[o], epoch, args.diag_classes, names)
+    except ValueError as e:  # runs of different data sets
+        pictures["fig2_diagnostic.png"], mismatch = None, str(e)
     why = {"alpha.png": "no run logs alpha_mean (MGDA runs do)",
            "group_loss.png": "no run logs train_group_loss (runs with groups do)",
            "update_ratio.png": "no run logs update_ratio (MGDA runs with --ratio-every do)",
-           "fig2_diagnostic.png": "it needs two runs" if len(runs) < 2 else
+           "fig2_diagnostic.png": "it needs two runs" if len(runs) < 2 else mismatch or
                                   f"{runs[b]['label']} and {runs[o]['label']} have no epoch both diagnosed "
                                   f"(train.py --diag-every N)"}
     for name, fig in pictures.items():

@@ -15,19 +15,32 @@ Data: the CIFAR-10 JPEG copy in ImageFolder layout (train/<class>/*.jpg, test/<c
 Every run: train.py --dataset folder-lt --imb-factor 100, batch 256, --workers 0, the row's flags,
 then --extra. Its folder OUT/<row>_s<seed> holds log.txt, results.json, groups.json, stdout.txt
 (train.py's stdout and stderr), wall.json ({"run", "wall_s", "exit_code", "flags", "resumes",
-"commit"}: the row's flags and --extra; wall_s summed over every call that ran it, resumes the
-number of those calls after the first, commit the checkout's git commit) and, for a run that did
-not finish, stop.json (why). The checkpoints of finished runs are deleted; those of unfinished runs
-are kept.
+"commit", "command"}: the row's flags and --extra; wall_s summed over every call that ran it,
+resumes the number of those calls after the first, commit the checkout's git commit, command the
+whole train.py command) and, for a run that did not finish, stop.json (why). The checkpoints of
+finished runs (exit 0 and results.json) are deleted; those of other runs are kept. A checkpoint is
+checkpoint.pth or checkpoint.prev.pth (train.py's save_atomic renames the one into the other
+before it puts the new file in place, and resumes from either).
 
 Calling it again with the same --out goes on where the last call ended, so that runs longer than a
 session (a CPU at the paper's schedule) cross sessions: a finished run (results.json, exit 0) is
-kept and not run again; an unfinished one (a checkpoint.pth: stopped, cut, or killed with the
-session) is resumed from its checkpoint by train.py with the same command, its stdout.txt appended
-to; any other run folder is emptied and the run starts from zero. wall.json is rewritten while a run
-goes, so a call killed outright still leaves the wall time it had spent. Run every call of a set of
-runs from the same commit (wall.json records it). OUT/table.json and OUT/table.md have one line
-per run folder found in OUT, and for every row with two or more finished seeds one line of
+kept and not run again; an unfinished one (a checkpoint, and a process that was stopped: stopped,
+cut, killed with the session, or --exit-after-epoch in --extra) is resumed from its checkpoint by
+train.py with the same command, its stdout.txt appended to. A run that failed by itself (train.py
+exited non-zero, not by a signal: a one-line error such as a divergence or a refused resume, or a
+crash) is "failed (exit N, checkpoint kept)": it counts as a failure (exit 1, its stdout's last
+line printed) and is not run again by later calls, which would most likely fail the same way; to
+resume it once the cause is fixed, delete its wall.json, or delete its folder to start it over.
+Any other run folder is emptied and the run starts from zero. wall.json is rewritten while a run
+goes, so a call killed outright still leaves the wall time it had spent. A folder that a call
+would keep or resume but that an earlier call made with other settings (wall.json's command:
+--epochs, --arch, --amp, --device, --extra, the row's flags; not the interpreter, --data or --out)
+is refused in one line: give that call another --out. Folders from before wall.json recorded the
+command are taken as they are. Run every call of a set of runs from the same commit (wall.json
+records it). OUT/table.json and OUT/table.md have one record per call of repro.py on OUT
+(machine, command, wall time, date; a table.json from before the list gives its single one), one
+line per run folder found in OUT, with the epochs it has kept (its checkpoint's epoch + 1, else
+log.txt's distinct epochs), and for every row with two or more finished seeds one line of
 mean +- half the range (max - min) / 2 over those seeds: with two seeds, both lie on its bounds.
 
 Order and priority: the runs are the rows of --runs for the first seed, then for the next seed,
@@ -336,11 +349,52 @@ def runs_to_stop(left, paces, final, now, deadline, shared):
     return stop
 
 
+# train.py's save_atomic renames checkpoint.pth to checkpoint.prev.pth before it renames the new
+# file into place, and resumes from checkpoint.prev.pth when checkpoint.pth is missing: a run
+# killed between the two renames has only the .prev one, and it still resumes.
+CHECKPOINTS = ("checkpoint.pth", "checkpoint.prev.pth")
+
+
+def has_checkpoint(folder):
+    return any((Path(folder) / name).exists() for name in CHECKPOINTS)
+
+
+def epochs_done(folder, log=None):
+    """The epochs a run has kept: its checkpoint's epoch + 1 (log.txt gets an epoch's line before
+    the checkpoint is saved, so a run killed in between logged one epoch more than it kept), else
+    the distinct epochs of log.txt (an epoch logged again after a resume counts once)."""
+    for name in CHECKPOINTS:
+        if (Path(folder) / name).exists():
+            try:
+                import torch  # only here: the table of runs without checkpoints needs no torch
+                return int(torch.load(Path(folder) / name, map_location="cpu", weights_only=False,
+                                      mmap=True)["epoch"]) + 1
+            except Exception:  # unreadable (cut short), or torch missing: the next file, then the log
+                continue
+    log = read_log(Path(folder) / "log.txt") if log is None else log
+    return len({e["epoch"] for e in log if "epoch" in e})
+
+
+def stopped(exit_code):
+    """The run's process was stopped from outside (None: still going when its call was killed;
+    killed by a signal: negative; 130, 137, 143: train.py's exit on SIGINT, SIGKILL, SIGTERM),
+    as opposed to an exit of its own (0, or 1 for train.py's one-line errors and crashes)."""
+    return exit_code is None or exit_code < 0 or exit_code in (130, 137, 143)
+
+
 def finished(folder):
     """A run that ended by itself in an earlier call: its results, exit 0, no checkpoint left."""
     wall = read_json(folder / "wall.json") or {}
-    return (folder / "results.json").exists() and wall.get("exit_code") == 0 and \
-        not (folder / "checkpoint.pth").exists()
+    return (folder / "results.json").exists() and wall.get("exit_code") == 0 and not has_checkpoint(folder)
+
+
+def failed_with_checkpoint(folder):
+    """A run that ended with an error of its own in an earlier call (train.py's exit 1: diverged,
+    a resume refused because the flags differ, a crash) and kept a checkpoint: not resumed again
+    by itself, since the same command would most likely fail the same way."""
+    wall = read_json(folder / "wall.json") or {}
+    return has_checkpoint(folder) and "exit_code" in wall and not stopped(wall["exit_code"]) and \
+        wall["exit_code"] != 0
 
 
 def git_commit():
@@ -359,7 +413,7 @@ def git_commit():
 def start_run(args, run):
     """Start the run, or resume it when its folder holds a checkpoint of an earlier call."""
     out = run["dir"]
-    earlier = (read_json(out / "wall.json") or {}) if (out / "checkpoint.pth").exists() else None
+    earlier = (read_json(out / "wall.json") or {}) if has_checkpoint(out) else None
     if earlier is None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -373,7 +427,7 @@ def start_run(args, run):
             f.write(f"--- repro.py: resumed ({run['resumes']}) at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
             f.flush()
         # a session of its own, so that a stop reaches DataLoader workers that --extra may ask for
-        run["proc"] = subprocess.Popen(run_command(args, run["row"], run["seed"], out), stdout=f,
+        run["proc"] = subprocess.Popen(run["command"], stdout=f,
                                        stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     run["t0"] = time.time()
     run["since"] = 1
@@ -381,12 +435,45 @@ def start_run(args, run):
     return earlier is not None
 
 
+def settings(command):
+    """A train.py command as its '--flag value' items, without what does not change the run: the
+    interpreter, train.py's path, --data-root and --output-dir (a moved checkout, data or --out)."""
+    items = []
+    for token in command[2:]:
+        if token.startswith("--") or not items:
+            items.append(token)
+        else:
+            items[-1] += " " + token
+    return [i for i in items if i.split(" ", 1)[0] not in ("--data-root", "--output-dir")]
+
+
+def check_settings(args):
+    """One line and no run when a folder this call would keep or resume (finished, or with a
+    checkpoint) was made by an earlier call with other settings (--epochs, --arch, --amp, --device,
+    --extra, the row's flags: wall.json's command), rather than mixing the two in one table.
+    Folders from before wall.json recorded the command are accepted as they are."""
+    for seed in args.seeds:
+        for row in args.runs:
+            folder = Path(args.out) / run_name(row, seed)
+            earlier = (read_json(folder / "wall.json") or {}).get("command")
+            if not earlier or not (finished(folder) or has_checkpoint(folder)):
+                continue
+            old, new = settings(earlier), settings(run_command(args, row, seed, folder))
+            if old != new:
+                was = " ".join(i for i in old if i not in new) or "no other flag"
+                now = " ".join(i for i in new if i not in old) or "no other flag"
+                difference = f"{was}; this call: {now}" if (was, now) != ("no other flag",) * 2 else \
+                    "the same flags in another order"
+                fail(f"{folder} was made with other train.py settings ({difference}); give this call another "
+                     f"--out, or the settings of that folder's call")
+
+
 def write_wall(run):
     """wall.json: the wall time of every call that ran this run, this one's so far included."""
     wall = run["wall_before"] + time.time() - run["t0"]
     (run["dir"] / "wall.json").write_text(json.dumps(
         {"run": str(run["dir"]), "wall_s": wall, "exit_code": run["proc"].poll(), "flags": run["flags"],
-         "resumes": run["resumes"], "commit": run["commit"]}))
+         "resumes": run["resumes"], "commit": run["commit"], "command": run["command"]}))
     return wall
 
 
@@ -399,7 +486,8 @@ def observe(run):
 
 def end_run(run, status=None, reason=None):
     """Stop the run if still going (status 'stopped' or 'cut'), then write wall.json (and
-    stop.json), and delete a finished run's checkpoints."""
+    stop.json), and delete a finished run's checkpoints: exit 0 with results.json (train.py's
+    --exit-after-epoch also exits 0, without results, and its checkpoint resumes it)."""
     proc = run["proc"]
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -412,7 +500,7 @@ def end_run(run, status=None, reason=None):
     if status:
         with open(run["dir"] / "stop.json", "w") as f:
             json.dump({"status": status, "reason": reason, "epochs": run["epochs"]}, f)
-    elif proc.returncode == 0:
+    elif proc.returncode == 0 and (run["dir"] / "results.json").exists():
         for ckpt in run["dir"].glob("checkpoint*.pth"):
             ckpt.unlink()
     return wall
@@ -424,6 +512,7 @@ def run_all(args, t_start):
     commit = git_commit()
     queue = [dict(row=row, seed=seed, name=run_name(row, seed), dir=Path(args.out) / run_name(row, seed),
                   flags=row_flags(row, args.extra), epochs=args.epochs, commit=commit,
+                  command=run_command(args, row, seed, Path(args.out) / run_name(row, seed)),
                   grouping=flag_value(row_flags(row, args.extra), "--grouping", "gbg") != "none")
              for seed in args.seeds for row in args.runs
              if run_name(row, seed) not in getattr(args, "planned_out", ())]
@@ -452,6 +541,12 @@ def run_all(args, t_start):
     for r in [r for r in queue if finished(r["dir"])]:
         queue.remove(r)
         say(f"{r['name']}: finished in an earlier call, kept")
+    for r in [r for r in queue if failed_with_checkpoint(r["dir"])]:
+        queue.remove(r)
+        code = read_json(r["dir"] / "wall.json")["exit_code"]
+        say(f"{r['name']}: failed in an earlier call (exit {code}, checkpoint kept), not run again: see "
+            f"{r['dir'] / 'stdout.txt'}; once the cause is fixed, delete its wall.json to resume it from the "
+            f"checkpoint (its earlier wall time is then not counted), or the folder to start it over")
     last_wall = time.time()
     try:
         while queue or running:
@@ -465,7 +560,7 @@ def run_all(args, t_start):
                 for r in list(running):
                     finish(r, "cut", "still running at the end of --budget")
                 for r in queue:
-                    if (r["dir"] / "checkpoint.pth").exists():  # an earlier call's unfinished run: kept for the next
+                    if has_checkpoint(r["dir"]):  # an earlier call's unfinished run: kept for the next
                         say(f"{r['name']}: not resumed (--budget spent); kept for the next call")
                         continue
                     shutil.rmtree(r["dir"], ignore_errors=True)  # an earlier run's files are not this run's
@@ -494,11 +589,11 @@ def run_all(args, t_start):
                     finish(going[i], "stopped", f"cannot end by {deadline - t_start:.0f} s: {left[i]} epochs left at "
                                                 f"{paces[i] or 0:.2f} s each, {len(going)} runs going")
     finally:  # interrupted: leave no run behind; each keeps its checkpoint and its wall time
-        for r in running:
+        for r in list(running):  # every one, also a run that ended by itself just before
             if r["proc"].poll() is None:
                 os.killpg(r["proc"].pid, signal.SIGKILL)
                 r["proc"].wait()
-                write_wall(r)
+            end_run(r)
 
 
 # --- GPU check and sizing -------------------------------------------------------------------------
@@ -544,7 +639,10 @@ def plan_runs(names, seconds, left):
 def gpu_check_first(args, t_start):
     """--device cuda: tests/gpu_check.py first (a CUDA-only failure shows before the long runs),
     into OUT/gpu_check; with --budget, the runs that its images/s say cannot end in
-    time are not started (stop.json says why) rather than cut."""
+    time are not started (stop.json says why) rather than cut. A run's need is the epochs it has
+    left (--epochs less those of its checkpoint) at the per-epoch cost of run_seconds; finished runs
+    (kept by run_all) and failed ones (not run again) are not planned; a planned-out run with a
+    checkpoint keeps it for the next call ("not resumed")."""
     folder = Path(args.out) / "gpu_check"
     print(f"gpu check: tests/gpu_check.py {folder}", flush=True)
     code = subprocess.run([args.python, str(ROOT / "tests" / "gpu_check.py"), str(folder)], cwd=ROOT).returncode
@@ -553,14 +651,26 @@ def gpu_check_first(args, t_start):
         print(f"gpu check: exit {code}{'' if report else ', no report'}; see {folder} (the runs go on)", flush=True)
     if args.budget is None or not report or args.arch != "resnet32":
         return
-    names = [run_name(row, seed) for seed in args.seeds for row in args.runs]
-    seconds = [run_seconds(row, args, report) for seed in args.seeds for row in args.runs]
+    names, seconds = [], []
+    for seed in args.seeds:
+        for row in args.runs:
+            run_dir = Path(args.out) / run_name(row, seed)
+            if finished(run_dir) or failed_with_checkpoint(run_dir):
+                continue
+            whole = run_seconds(row, args, report)  # all of --epochs
+            done = min(epochs_done(run_dir), args.epochs) if has_checkpoint(run_dir) else 0
+            names.append(run_name(row, seed))
+            seconds.append(None if whole is None else whole * (args.epochs - done) / args.epochs)
     left = args.budget - RESERVE_S - (time.time() - t_start)
     kept, args.planned_out = plan_runs(names, seconds, left)
     for name, need in zip(names, seconds):
         if name in args.planned_out:
-            reason = f"planned out: needs {need:.0f} s of the GPU (tests/gpu_check.py's images/s), {left:.0f} s left"
+            needs = "an unknown time" if need is None else f"{need:.0f} s"
+            reason = f"planned out: needs {needs} of the GPU (tests/gpu_check.py's images/s), {left:.0f} s left"
             run_dir = Path(args.out) / name
+            if has_checkpoint(run_dir):
+                print(f"{name}: not resumed ({reason}); its checkpoint is kept for the next call", flush=True)
+                continue
             if not run_dir.exists() or not any(run_dir.iterdir()):  # an earlier run's files stay as they are
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "stop.json").write_text(json.dumps(
@@ -578,10 +688,12 @@ def run_status(folder):
         return stop["status"]
     if wall is None:
         return "incomplete (no wall.json)"
-    if wall["exit_code"] is None or (folder / "checkpoint.pth").exists() and wall["exit_code"] != 0:
-        return "unfinished (the same command resumes it)"
-    if wall["exit_code"] != 0:
-        return f"failed (exit {wall['exit_code']})"
+    code, kept = wall["exit_code"], has_checkpoint(folder)
+    if stopped(code) or code == 0 and not results and kept:  # exit 0 without results: --exit-after-epoch
+        return "unfinished (the same command resumes it)" if kept else \
+            "unfinished (no checkpoint yet: the same command restarts it from zero)"
+    if code != 0:
+        return f"failed (exit {code}, checkpoint kept)" if kept else f"failed (exit {code})"
     return "done" if results else "failed (no results.json)"
 
 
@@ -593,7 +705,7 @@ def summarize_run(folder):
                           read_json(folder / "results.json"))
     status = run_status(folder)
     speeds = [e["images_per_s"] for e in log if "images_per_s" in e]
-    line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=len(log),
+    line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=epochs_done(folder, log),
                 wall_s=wall["wall_s"] if wall else None, resumes=(wall or {}).get("resumes"),
                 images_per_s=sum(speeds) / len(speeds) if speeds else None,
                 **{k: None for k in RESULT_KEYS}, best_epoch=None)
@@ -633,9 +745,19 @@ def fmt(v, spread=None, digits=2):
     return f"{v:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
-def write_table(out, machine=None, wall_s=None, command=None):
-    """table.json and table.md from every run folder in out; the machine, wall time and command
-    of the run that made them are kept from an earlier table.json when not given."""
+def earlier_calls(old):
+    """The calls recorded in an earlier table.json: its list, or, from a table.json written before
+    the list, its single machine / wall_s / command (no date) when it has any."""
+    if "calls" in old:
+        return list(old["calls"])
+    one = {k: old.get(k) for k in ("machine", "command", "wall_s")}
+    return [dict(one, date=None)] if any(v is not None for v in one.values()) else []
+
+
+def write_table(out, call=None):
+    """table.json and table.md from every run folder in out. calls: one record per call of
+    repro.py on out (machine, command, wall seconds, date), the earlier ones kept from the earlier
+    table.json, `call` (this one's; None for --summarize) appended."""
     out = Path(out)
     folders = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
         (d / f).exists() for f in ("wall.json", "stop.json", "log.txt"))] if out.is_dir() else []
@@ -644,8 +766,7 @@ def write_table(out, machine=None, wall_s=None, command=None):
              f"give the --out of a run")
     old = read_json(out / "table.json") or {}
     lines = sorted((summarize_run(d) for d in folders), key=order_key)
-    table = dict(machine=machine or old.get("machine"), wall_s=wall_s if wall_s is not None else old.get("wall_s"),
-                 command=command or old.get("command"), runs=lines, means=mean_lines(lines),
+    table = dict(calls=earlier_calls(old) + ([call] if call else []), runs=lines, means=mean_lines(lines),
                  spread="half the range over the finished seeds, (max - min) / 2",
                  columns="top1, many, medium, few: test top-1 after the last epoch (results.json 'last'); best_top1 / "
                          "best_epoch: the best test epoch (results.json 'best_test'); images_per_s: the mean over "
@@ -671,10 +792,13 @@ def render_markdown(table):
                      fmt(l["best_top1"], l["best_top1_halfrange"]), "", "",
                      fmt(l["wall_s"] / 60, digits=1), "", fmt(l["images_per_s"], digits=0),
                      "seeds " + ", ".join(map(str, l["seeds"]))])
-    wall = "not recorded" if table["wall_s"] is None else f"{table['wall_s'] / 60:.1f} min"
-    text = [f"Machine: {table['machine'] or 'not recorded'}. Script wall time: {wall}.",
-            f"Command: `{table['command'] or 'not recorded'}`", "",
-            "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    text = []
+    for n, call in enumerate(table["calls"] or [dict(machine=None, wall_s=None, command=None, date=None)], 1):
+        wall = "not recorded" if call["wall_s"] is None else f"{call['wall_s'] / 60:.1f} min"
+        when = f"Call {n} of {len(table['calls'])}, {call['date']}: " if call.get("date") else ""
+        text += [f"{when}Machine: {call['machine'] or 'not recorded'}. Script wall time: {wall}.",
+                 f"Command: `{call['command'] or 'not recorded'}`"]
+    text += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     text += ["| " + " | ".join(r) + " |" for r in rows]
     if table["means"]:
         text += ["", "Mean rows: mean ± half the range (max - min) / 2 over the finished seeds."]
@@ -710,6 +834,7 @@ def main(args):
         return 0
     if Path(args.out).exists() and not Path(args.out).is_dir():
         fail(f"--out {args.out} is a file; give a folder")
+    check_settings(args)
     ensure_data(args.data, args.tarball)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.device == "cuda" and args.gpu_check:
@@ -718,11 +843,13 @@ def main(args):
     wall = time.time() - t_start
     card = machine(args)
     command = shlex.join(["python", "tests/repro.py"] + sys.argv[1:])
-    table, md = write_table(args.out, card, wall, command)
+    table, md = write_table(args.out, dict(machine=card, command=command, wall_s=wall,
+                                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
     print(f"\nmachine: {card}\nwall time: {wall:.0f} s ({wall / 60:.1f} min)\n\n{md}", end="")
     failed = [l for l in table["runs"] if l["status"].startswith("failed")]
     for l in failed:
-        tail = (Path(args.out) / l["run"] / "stdout.txt").read_text().strip().splitlines()[-1:] or [""]
+        stdout = Path(args.out) / l["run"] / "stdout.txt"
+        tail = (stdout.read_text().strip().splitlines()[-1:] if stdout.exists() else []) or [""]
         print(f"{l['run']}: {l['status']}: {tail[0]}")
     return 1 if failed else 0
 

@@ -155,3 +155,43 @@ def test_one_line_errors(tmp_path):
 def test_shot_thresholds_are_data_lt_s():
     import data_lt
     assert (plot_runs.MANY, plot_runs.FEW) == (data_lt.MANY, data_lt.FEW)
+
+
+# --- planted logs: what a run folder may hold while a run goes or after a resume --------------------
+def planted(folder, rows, tail=""):
+    """A run folder whose log.txt holds `rows`, then `tail` (a line still being written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return folder
+
+
+def test_diag_mean_is_over_the_epochs_both_runs_diagnosed(tmp_path):
+    """--diag-epoch mean: the base run diagnosed epochs 0 and 1, the other only 1: both are drawn
+    at epoch 1 alone, not the base at the mean of 0 and 1."""
+    base = planted(tmp_path / "ce", [{"epoch": 0, "diag_cos": [0.9, 0.1], "diag_ratio": [1.0, 2.0]},
+                                     {"epoch": 1, "diag_cos": [0.5, 0.3], "diag_ratio": [3.0, 4.0]}])
+    other = planted(tmp_path / "gbg", [{"epoch": 0}, {"epoch": 1, "diag_cos": [0.2, 0.4], "diag_ratio": [5.0, 6.0]}])
+    runs = plot_runs.with_colors([plot_runs.load_run(base, "CE"), plot_runs.load_run(other, "GBG")])
+    assert plot_runs.diag_epoch(runs[0], runs[1], "mean") == "mean"
+    ax = plot_runs.draw_diagnostic(runs[0], runs[1], "mean").axes[0]
+    bars = sorted(ax.patches, key=lambda b: b.get_x())
+    assert [b.get_height() for b in bars] == pytest.approx([0.5, 0.2, 0.3, 0.4])  # class 0: CE, GBG; class 1
+
+
+def test_a_log_being_written_or_with_odd_lines_still_plots(tmp_path):
+    """A last line without its newline (the run is writing it), a line without an epoch, a diagnosed
+    epoch without diag_ratio: drawn from the complete epoch lines; runs of different class counts:
+    the diagnostic picture is skipped with one line, the others are drawn."""
+    a = planted(tmp_path / "a", [{"epoch": 0, "test_top1": 10.0, "diag_cos": [0.1, 0.2]}, {"note": "no epoch"},
+                                 {"epoch": 1, "test_top1": 20.0, "diag_cos": [0.3, 0.4]}], tail='{"epoch": 2, "test_')
+    b = planted(tmp_path / "b", [{"epoch": 1, "test_top1": 30.0, "diag_cos": [0.5, 0.6, 0.7]}])
+    run = plot_runs.with_colors([plot_runs.load_run(a), plot_runs.load_run(a, "again")])
+    line = plot_runs.draw_accuracy(run).axes[0].lines[0]
+    assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [10.0, 20.0]
+    ax = plot_runs.draw_diagnostic(run[0], run[1], 1).axes[0]  # diag_cos without diag_ratio: bars, no dots
+    assert sorted(b.get_height() for b in ax.patches) == pytest.approx([0.3, 0.3, 0.4, 0.4])
+    r = plot(a, b, "--out", tmp_path / "plots")
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [l for l in r.stdout.splitlines() if "fig2_diagnostic.png: skipped" in l]
+    assert len(skipped) == 1 and "a has 2 classes and b 3" in skipped[0]
+    assert (tmp_path / "plots" / "accuracy.png").exists() and not (tmp_path / "plots" / "fig2_diagnostic.png").exists()
