@@ -44,6 +44,7 @@ README_COMMANDS = {
     "avg": ["--moo", "none"],
     "moo": ["--grouping", "none"],
     "random": ["--grouping", "random"],
+    "count_bins": ["--grouping", "count_bins"],
     "count": ["--grouping", "count"],
     "bcl": ["--loss", "bcl", "--grouping", "none", "--moo", "none"],
     "bcl_avg": ["--loss", "bcl", "--moo", "none"],
