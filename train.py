@@ -598,19 +598,19 @@ def previous_checkpoint(path):
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, fsync it, keep the current file as checkpoint.prev.pth, rename
-    the new one into place and fsync the folder. A rename alone is not durable: after a node
-    failure the file system may hold the new name with no data yet, and every requeue then fails;
-    with the fsyncs the data is on disk before the name points at it, and if the newest file is
-    still unreadable the previous one is there to fall back to (see load_resume_checkpoint)."""
+def replace_durably(path, write, keep_previous=False):
+    """Write `path` through a temporary file: write(f) into it, fsync it, (keep_previous: keep the
+    current file as checkpoint.prev.pth,) rename it into place and fsync the folder. A rename alone
+    is not durable: after a node failure the file system may hold the new name with no data yet;
+    with the fsyncs the data is on disk before the name points at it. A kill mid-write leaves the
+    old file whole."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
-    if path.exists():
+    if keep_previous and path.exists():
         os.replace(path, previous_checkpoint(path))
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
@@ -618,6 +618,13 @@ def save_atomic(obj, path):
         os.fsync(fd)  # the renames themselves
     finally:
         os.close(fd)
+
+
+def save_atomic(obj, path):
+    """A checkpoint written durably, the previous one kept as checkpoint.prev.pth: if the newest
+    file is still unreadable after a node failure, every requeue would fail without it (see
+    load_resume_checkpoint)."""
+    replace_durably(path, lambda f: torch.save(obj, f), keep_previous=True)
 
 
 def load_resume_checkpoint(ckpt_path, args):
@@ -1679,11 +1686,10 @@ def main(args):
     # --- data -------------------------------------------------------------------------------------
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
     K, present = data.num_classes, np.flatnonzero(data.class_counts > 0)
-    if args.grouping == "count_bins":
-        pass  # G is the number of Li et al.'s bins the training counts fill (make_groups)
-    elif args.grouping != "none" and not args.eval and args.num_groups == "auto":
+    if args.grouping != "none" and not args.eval and args.num_groups == "auto":
         check_auto_groups(args, present.size)
-    elif args.grouping != "none" and not args.eval and not 1 <= args.num_groups <= present.size:
+    elif args.num_groups != "bins" and args.grouping != "none" and not args.eval \
+            and not 1 <= args.num_groups <= present.size:
         raise data_lt.UserError(f"--num-groups {args.num_groups} must be between 1 and the {present.size} classes of "
                                 f"{args.dataset} that have training images")
     if data.kind == "tensor":  # CIFAR-sized: the whole set lives on the device, augmented there
@@ -1736,13 +1742,8 @@ def main(args):
             args.views = ckpt["args"].get("views") or "workers"
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
             lines = [l for l in log_lines(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
-            # through a temporary file, synced before the rename (as save_atomic): a kill or a node
-            # failure while log.txt is rewritten in place would leave it empty
-            with open(out / "log.txt.tmp", "w") as f:
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(out / "log.txt.tmp", out / "log.txt")
+            # not in place: a kill or a node failure while log.txt is rewritten would leave it empty
+            replace_durably(out / "log.txt", lambda f: f.write("".join(lines).encode()))
     elif is_main(args):  # a fresh start: no file of an earlier run (killed before its first checkpoint,
         # or finished and its checkpoints moved away) may stand beside this run's new log
         stale = [name for name in ("log.txt", "log.txt.tmp", "groups.json", "results.json") if (out / name).exists()]
