@@ -1512,11 +1512,22 @@ PROTOCOLS = {
 def log_lines(log_path):
     """log.txt's complete lines ([] without the file). A last line without its newline is left
     out: the run was killed (or its node failed) while writing it, before that epoch's checkpoint,
-    so the epoch runs again and logs it whole."""
+    so the epoch runs again and logs it whole. Any other line that is not an epoch's JSON (an edit,
+    a disk fault) stops the run with its number before anything is written: the checkpoint stays."""
     if not Path(log_path).exists():
         return []
     with open(log_path) as f:
-        return [line for line in f if line.endswith("\n")]
+        lines = [line for line in f if line.endswith("\n")]
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            ok = isinstance(entry, dict) and isinstance(entry.get("epoch"), int)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise data_lt.UserError(f"{log_path} line {number} is not an epoch's JSON line ({line.strip()[:60]!r}); "
+                                    f"mend or delete that line and run again (the checkpoint is untouched)")
+    return lines
 
 
 def best_test_in(log_path, before_epoch):

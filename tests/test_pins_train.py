@@ -353,6 +353,24 @@ def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
     assert partial not in (tmp_path / "log.txt").read_text()
 
 
+def test_a_damaged_log_line_stops_the_resume_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A complete line of log.txt that is not an epoch's JSON (a hand edit, a disk fault) is not a
+    line cut short by a kill: the resume stops with a UserError (one line) naming the file and the
+    line, before it rewrites the log or the checkpoint; mended, the same command resumes."""
+    argv = cut_run(tmp_path, 3, 1)
+    lines = (tmp_path / "log.txt").read_text().splitlines(keepends=True)
+    for bad in ("not json\n", "[1, 2]\n", '{"epoch": "1"}\n'):
+        (tmp_path / "log.txt").write_text(lines[0] + bad + lines[1])
+        before = {f: (tmp_path / f).read_bytes() for f in ("log.txt", "checkpoint.pth")}
+        with pytest.raises(data_lt.UserError) as e:
+            main_of(argv)
+        assert "\n" not in str(e.value) and f"{tmp_path / 'log.txt'} line 2 " in str(e.value), str(e.value)
+        assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    (tmp_path / "log.txt").write_text("".join(lines))
+    main_of(argv)
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1, 2]
+
+
 def test_a_fresh_start_removes_the_earlier_runs_outputs(tmp_path):
     """A fresh start in a used --output-dir (no checkpoint: killed before its first one, or moved
     away) removes the earlier run's log.txt, groups.json and results.json, which it would rewrite
