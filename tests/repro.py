@@ -439,19 +439,21 @@ def start_run(args, run):
 
 def settings(command):
     """A train.py command as its '--flag value' items, without what does not change the run: the
-    interpreter, train.py's path, --data-root and --output-dir (a moved checkout, data or --out)."""
+    interpreter, train.py's path, --data-root and --output-dir (a moved checkout, data or --out),
+    and --amp (train.py resumes a run with or without it: a run begun on a machine with fast bf16
+    can end on one without; each call's command stays in table.json's calls)."""
     items = []
     for token in command[2:]:
         if token.startswith("--") or not items:
             items.append(token)
         else:
             items[-1] += " " + token
-    return [i for i in items if i.split(" ", 1)[0] not in ("--data-root", "--output-dir")]
+    return [i for i in items if i.split(" ", 1)[0] not in ("--data-root", "--output-dir", "--amp")]
 
 
 def check_settings(args):
     """One line and no run when a folder this call would keep or resume (finished, or with a
-    checkpoint) was made by an earlier call with other settings (--epochs, --arch, --amp, --device,
+    checkpoint) was made by an earlier call with other settings (--epochs, --arch, --device,
     --extra, the row's flags: wall.json's command), rather than mixing the two in one table.
     Folders from before wall.json recorded the command are accepted as they are."""
     for seed in args.seeds:

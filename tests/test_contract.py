@@ -89,7 +89,7 @@ def test_resume_never_continues_another_experiment(tmp_path, monkeypatch, capsys
     assert (tmp_path / "output" / "checkpoint.pth").read_bytes() == saved
     assert not (tmp_path / "output" / "results.json").exists()
     for flags in (["--num-groups", "3"], ["--imb-factor", "10"], ["--lr", "0.5"], ["--arch", "resnet20"],
-                  ["--loss", "bcl"], ["--seed", "1"], ["--amp"], ["--no-recalibrate-bn"]):
+                  ["--loss", "bcl"], ["--seed", "1"], ["--no-recalibrate-bn"]):
         with pytest.raises(data_lt.UserError, match=flags[0].replace("--no-", "no --")) as e:
             run(*gbg_run, *flags)
         assert "\n" not in str(e.value) and "--output-dir" in str(e.value)
@@ -105,6 +105,36 @@ def test_resume_never_continues_another_experiment(tmp_path, monkeypatch, capsys
         assert flag in resume[0], (flag, resume[0])
     assert [e["epoch"] for e in read_log(tmp_path / "output")] == [0, 1]
     assert json.load(open(tmp_path / "output" / "results.json"))["args"]["grouping"] == "gbg"
+
+
+def test_amp_on_a_cpu_without_native_bf16_stops_with_one_line_and_a_run_resumes_across_amp(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """--amp on a CPU: refused in one line before anything is written where the CPU has no native
+    bf16 (emulated bf16 trains ~7x slower), run where it has; the run line says which arithmetic
+    runs; a run begun with --amp resumes without it (and back), saying so in one line."""
+    monkeypatch.chdir(tmp_path)
+    cmd = [*FAST, "--epochs", "2", "--warmup-epochs", "1", "--output-dir", "amp"]
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(data_lt.UserError, match="--amp on this CPU: it has no native bf16") as e:
+        run(*cmd, "--amp")
+    assert "\n" not in str(e.value) and "leave out --amp" in str(e.value)
+    assert not (tmp_path / "amp").exists()  # stopped before the output folder was made
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    run(*cmd, "--amp", "--exit-after-epoch", "0")
+    out = capsys.readouterr().out
+    assert [l for l in out.splitlines() if l.startswith("run: ")][0].endswith("device cpu, bf16 autocast"), out
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
+    run(*cmd)  # where bf16 is slow, the run goes on in fp32
+    out = capsys.readouterr().out
+    assert "resumed from amp/checkpoint.pth at epoch 1" in out
+    resume = [l for l in out.splitlines() if l.startswith("resume: ") and "amp" in l]
+    assert resume == ["resume: no --amp (the checkpoint's run had --amp): from epoch 1 on the network computes "
+                      "in fp32"], out
+    assert [l for l in out.splitlines() if l.startswith("run: ")][0].endswith("device cpu, fp32")
+    assert [e["epoch"] for e in read_log(tmp_path / "amp")] == [0, 1]
+    # the real capability check answers without error on this machine, whatever the CPU
+    monkeypatch.undo()
+    assert T.cpu_has_native_bf16() in (True, False)
 
 
 def test_resume_flag_comparison_by_hand():

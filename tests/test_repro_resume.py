@@ -143,7 +143,6 @@ def test_exit_0_without_results_keeps_the_checkpoint_and_resumes(tmp_path, fake)
 @pytest.mark.parametrize("then, words", [
     (["--epochs", "5"], "(--epochs 4; this call: --epochs 5)"),
     (["--arch", "resnet8"], "(--arch resnet32; this call: --arch resnet8)"),
-    (["--amp"], "this call: --amp)"),
     (["--extra=--moo-grad last"], "this call: --moo-grad last)"),
 ])
 def test_a_folder_made_with_other_settings_is_refused(tmp_path, fake, then, words):
@@ -159,6 +158,17 @@ def test_a_folder_made_with_other_settings_is_refused(tmp_path, fake, then, word
     # the same settings: kept
     r = call(fake, out, {}, "--runs", "ce")
     assert r.returncode == 0 and "ce_s0: finished in an earlier call, kept" in r.stdout
+
+
+def test_a_run_begun_with_amp_resumes_without_it(tmp_path, fake):
+    """--amp is the arithmetic, not the experiment: train.py resumes across it (saying so), so
+    repro.py does not refuse the folder; the call's command without --amp is the one recorded."""
+    out = tmp_path / "out"
+    r = call(fake, out, {"ce_s0": {"checkpoint": True, "exit": 143}}, "--runs", "ce", "--amp")
+    assert "--amp" in json.loads((out / "ce_s0" / "wall.json").read_text())["command"]
+    r = call(fake, out, {"ce_s0": {"from": 1, "results": True}}, "--runs", "ce", "--no-amp")
+    assert r.returncode == 0 and "resume ce_s0" in r.stdout, r.stdout + r.stderr
+    assert "--amp" not in json.loads((out / "ce_s0" / "wall.json").read_text())["command"]
 
 
 def test_a_resumed_run_with_other_settings_is_refused_and_old_folders_are_taken(tmp_path, fake):
