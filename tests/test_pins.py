@@ -222,6 +222,18 @@ def _defaults(*argv):
     return args
 
 
+def test_bcl_defaults_to_the_releases_group_loss_and_every_other_source_wins():
+    """--loss bcl: a group's loss is the mean over its samples (the release's); CE keeps Eq. 10's
+    class means; an explicit flag, --preset paper (Eq. 10) and --preset release (samples) win."""
+    for dataset in ("cifar10-lt", "imagenet-lt", "inat2018"):
+        assert _defaults("--loss", "bcl", "--dataset", dataset).group_loss == "sample"
+        assert _defaults("--dataset", dataset).group_loss == "class"
+    assert _defaults("--loss", "bcl", "--group-loss", "class").group_loss == "class"
+    assert _defaults("--loss", "ce", "--group-loss", "sample").group_loss == "sample"
+    assert _defaults("--loss", "bcl", "--preset", "paper").group_loss == "class"
+    assert _defaults("--preset", "release").group_loss == "sample"
+
+
 def test_defaults_quoted_in_readme():
     a = _defaults()
     assert (a.normalize, a.group_loss, a.moo_grad, a.moo_update, a.moo_gram, a.moo_every, a.recalibrate_bn) == \
