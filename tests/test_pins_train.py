@@ -447,8 +447,8 @@ def small_bcl_model(num_classes, class_counts):
 def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, temperature=0.1):
     """The gradient of one BCL+GBG step with one group, written from BCL's definition:
     la_weight * LA + bcl_weight * (mean over processes of each process's BCL loss), where
-    LA = mean over the classes present of the class-mean CE of the logit-adjusted cosine logits
-    30 cos(z, w_k) + log(N_k / N), over the global batch; every BatchNorm, the backbone's and the
+    LA = the mean over the global batch's samples (--loss bcl's default group loss, the release's)
+    of the CE of the logit-adjusted cosine logits 30 cos(z, w_k) + log(N_k / N); every BatchNorm, the backbone's and the
     heads', sees every process's views (--sync-bn, as nn.SyncBatchNorm on CUDA); the projection
     head runs over all three views, as BCL's BCLModel.forward and the authors' CIFAR model do,
     before the classification view's rows are dropped; each process's contrastive loss sees its
@@ -476,7 +476,7 @@ def direct_bcl_grads(ranks, class_counts, la_weight=2.0, bcl_weight=1.6, tempera
     zc, y = torch.cat(cls_z), torch.cat(cls_y)
     logits = 30.0 * F.normalize(zc, dim=1) @ F.normalize(w, dim=1).T + log_prior
     per_sample = -torch.log_softmax(logits, dim=1)[torch.arange(len(y)), y]
-    la = torch.stack([per_sample[y == c].mean() for c in torch.unique(y)]).mean()
+    la = per_sample.mean()
     loss = la_weight * la + bcl_weight * contrast
     names = [n for n, p in model.named_parameters()]
     return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
