@@ -71,7 +71,9 @@ def test_rows_mean_what_their_names_say():
     assert row["loss"] == "bcl" and row["sampler"] == "random" and row["group_epoch"] == 0
     # release_ce: the same but for the loss (and the BCL-only options it leaves at their defaults)
     ce = vars(parse(*base, *repro.ROWS["release_ce"].split()))
-    assert {k for k in ce if ce[k] != row[k]} == {"loss", "bcl_group_loss", "la_weight", "bcl_weight", "bcl_temp"}
+    # (and the view: BCL's classification view is the release's, CE's crop and flip unless --augment release)
+    assert {k for k in ce if ce[k] != row[k]} == {"loss", "bcl_group_loss", "la_weight", "bcl_weight", "bcl_temp",
+                                                  "augment"}
     assert ce["loss"] == "ce"
 
 
