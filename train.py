@@ -1774,8 +1774,9 @@ def main(args):
     else:
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
                   f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} "
-                  f"{args.schedule} (warm-up {args.warmup_epochs}), "
-                  f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
+                  f"{args.schedule}{f' x{args.lr_gamma:g} a drop' if args.schedule == 'step' else ''} (warm-up "
+                  f"{args.warmup_epochs}), wd {args.wd}; loss {args.loss}"
+                  f"{' class-balanced' if args.class_balanced else ''}, augment {args.augment}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}, {'bf16 autocast' if args.amp else 'fp32'}"
                   f"{f'; preset {args.preset}' if args.preset else ''}")
