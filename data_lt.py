@@ -30,6 +30,8 @@ BCL (--loss bcl) trains on three views per sample (bcl_views): make_loader(..., 
 yields ([x_cls, x_con1, x_con2], y), each sample's views made on the CPU by SeededViews and seeded
 by (epoch seed, sample index) alone, for either kind. For "tensor" data, views="device" makes the
 same views batch by batch on the device (device_views), seeded by (epoch seed, sample index) too.
+CE under --augment release (the authors' CIFAR view) trains on the classification view alone:
+views=[bcl_views(...)[0]] in workers, or views="device-cls" on the device, batches ([x_cls], y).
 """
 import atexit
 import math
