@@ -30,6 +30,8 @@ BCL (--loss bcl) trains on three views per sample (bcl_views): make_loader(..., 
 yields ([x_cls, x_con1, x_con2], y), each sample's views made on the CPU by SeededViews and seeded
 by (epoch seed, sample index) alone, for either kind. For "tensor" data, views="device" makes the
 same views batch by batch on the device (device_views), seeded by (epoch seed, sample index) too.
+CE under --augment release (the authors' CIFAR view) trains on the classification view alone:
+views=[bcl_views(...)[0]] in workers, or views="device-cls" on the device, batches ([x_cls], y).
 """
 import atexit
 import math
@@ -929,15 +931,19 @@ def _gray_trunc(x):
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).to(torch.uint8).unsqueeze(-3).expand(x.shape)
 
 
-def device_views(images, index, seed, mean, std):
+def device_views(images, index, seed, mean, std, n_views=3):
     """[classification view, contrastive view, contrastive view] of uint8 images [B,3,H,W] whose
     sample indices are `index` [B]: bcl_views("tensor", ...)'s transforms, batched on the images'
     device, each sample's draws a function of (seed, index) alone (see the section comment).
     The draws (a few dozen numbers per sample) are made on the host from `index` (a list or a CPU
-    tensor, as the batch sampler gives it) and copied to the device without waiting."""
+    tensor, as the batch sampler gives it) and copied to the device without waiting.
+    n_views=1: the classification view alone (the same as the first of three)."""
     index = torch.as_tensor(index, dtype=torch.long, device="cpu")
     H, W = images.shape[-2:]
-    return [cls_view(images, cls_view_params(seed, index, H, W), mean, std),
+    cls = cls_view(images, cls_view_params(seed, index, H, W), mean, std)
+    if n_views == 1:
+        return [cls]
+    return [cls,
             sim_view(images, sim_view_params(seed, 1, index, H, W), mean, std),
             sim_view(images, sim_view_params(seed, 2, index, H, W), mean, std)]
 
@@ -972,6 +978,9 @@ def end_workers():
 atexit.register(end_workers)  # atexit runs last-registered first: before multiprocessing's own hook
 
 
+DEVICE_VIEWS = {"device": 3, "device-cls": 1}  # make_loader's views made on the device: how many of device_views'
+
+
 class Loader:
     """Re-iterable batches: each iter() is one epoch; len() is the number of batches."""
 
@@ -998,13 +1007,16 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
     views (training only; e.g. bcl_views): batches are ([x_view1, x_view2, ...], y), each view
     made per sample on the CPU (DataLoader workers) by SeededViews, seeded by (seed, index).
     views="device" (TensorImages only): the BCL views made batch by batch on `device` by
-    device_views, seeded by (seed, index) too; no worker processes.
+    device_views, seeded by (seed, index) too; no worker processes. views="device-cls": the
+    classification view alone, as a list of one ([x_cls], y): CE under --augment release.
     """
     device = torch.device(device)
     if isinstance(views, str) and train:
-        if views != "device" or not isinstance(ds, TensorImages):
-            raise UserError(f"make_loader: views={views!r} needs views='device' and images held as one tensor "
-                            f"(CIFAR-sized data), got {type(ds).__name__}; pass torchvision pipelines (bcl_views)")
+        if views not in DEVICE_VIEWS or not isinstance(ds, TensorImages):
+            raise UserError(f"make_loader: views={views!r} needs views='device' or 'device-cls' and images held as "
+                            f"one tensor (CIFAR-sized data), got {type(ds).__name__}; pass torchvision pipelines "
+                            f"(bcl_views)")
+        n_views = DEVICE_VIEWS[views]
         ds = ds.to(device) if ds.images.device != device else ds
         view_seed = int(torch.randint(0, 2 ** 62, ())) if seed is None else seed
 
@@ -1012,7 +1024,7 @@ def make_loader(ds, batch_sampler, *, train, device, num_workers=4, generator=No
             for idx in batch_sampler:
                 cpu_idx = torch.as_tensor(idx, dtype=torch.long)
                 idx = to_device(cpu_idx, device)
-                yield device_views(ds.images[idx], cpu_idx, view_seed, ds.mean, ds.std), ds.targets[idx]
+                yield device_views(ds.images[idx], cpu_idx, view_seed, ds.mean, ds.std, n_views), ds.targets[idx]
         return Loader(device_epoch, lambda: len(batch_sampler))
     if views is not None and train:
         base = ds.to("cpu") if isinstance(ds, TensorImages) else ds

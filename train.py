@@ -206,15 +206,27 @@ def add_train_arguments(p):
     d.add_argument("--data-seed", type=int, default=0,
                    help="seed of the long-tailed subset (CIFAR, folder-lt; synthetic-lt's images): fixed across "
                         "runs, as LDAM-DRW, BCL and the authors' release do; --seed varies the training only")
+    d.add_argument("--augment", default=None, choices=["crop-flip", "release"],
+                   help="the training view of the classification loss: crop-flip, RandomCrop(32, pad 4) + flip "
+                        "(LDAM-DRW's cifar_train.py transform_train, default with --loss ce); release, the "
+                        "authors' CIFAR view, crop-flip + AutoAugment CIFAR10 policy + Cutout 16 px (GBG_v1 "
+                        "cifar_Group_full.py l.168-176; BCL's classification view, the only one with --loss bcl). "
+                        "release needs CIFAR-sized images held as one tensor (cifar10-lt, cifar100-lt, folder-lt "
+                        "of small images); made where --views says")
     d.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: the cores this process may use, at most 8)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--wd", type=float, default=None, help=default_help("wd"))
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--schedule", default=None, choices=["step", "cosine"],
-                   help=default_help("schedule", "step: x0.1 at each of --lr-drops (by default at 80%% and 90%% of the "
+                   help=default_help("schedule", "step: x --lr-gamma (0.1) at each of --lr-drops (by default at 80%% and 90%% of the "
                                                  "epochs, 160/180 of 200)"))
-    o.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
+    o.add_argument("--lr-drops", type=int, nargs="+", default=None,
+                   help="step schedule: epochs at which lr drops x --lr-gamma")
+    o.add_argument("--lr-gamma", type=float, default=0.1,
+                   help="step schedule: the factor of each drop. 0.1: the release's adjust_lr (GBG_v1 "
+                        "cifar_Group_full.py l.422-434: x0.1 after 160, x0.01 after 180); 0.01: LDAM-DRW's "
+                        "adjust_learning_rate (cifar_train.py l.366-378: x0.01 after 160, x0.0001 after 180)")
     o.add_argument("--warmup-epochs", type=float, default=None, help=default_help("warmup_epochs"))
     g = p.add_argument_group("GBG: the grouping (Algorithm 1)")
     g.add_argument("--max-groups", type=int, default=None,
@@ -264,6 +276,11 @@ def add_train_arguments(p):
                         "default with --loss ce); sample: the mean over its samples (the release's, Alg. 2's "
                         "L(theta; B_i); default with --loss bcl, whose logit-adjusted loss class means would "
                         "balance twice: 4.2 points below BCL on CIFAR-10-LT, ResNet-8)")
+    s.add_argument("--class-balanced", action="store_true",
+                   help="with --grouping none --moo none: every class its own group, the groups averaged with "
+                        "equal weights, so the batch loss is the mean over the batch's classes of their mean "
+                        "losses (class-balanced CE: the re-balancing of Eq. 10 without groups or MGDA). Without "
+                        "it, --grouping none --moo none trains on the batch's sample mean")
     s.add_argument("--sampler", default=None, choices=["random", "gac"],
                    help="default: gac with groups, plain shuffled batches with --grouping none (every class its "
                         "own objective: the paper's MOO row, where tail objectives are often absent)")
@@ -284,7 +301,7 @@ def add_train_arguments(p):
                    help=default_help("bcl_group_loss", "under grouping, the group losses are logit-adjusted CE (la) or "
                                                        "plain CE (ce, the authors' CIFAR release)"))
     b.add_argument("--views", default=None, choices=["device", "workers"],
-                   help="BCL: where the three views are made: device (default for CIFAR-sized data held as one "
+                   help="BCL, and --augment release: where the views are made: device (default for CIFAR-sized data held as one "
                         "tensor; batched on --device, this project's choice, same transforms) or workers (per "
                         "sample in DataLoader workers; always for image files)")
     x = p.add_argument_group("diagnostics")
@@ -332,6 +349,8 @@ def fill_defaults(args):
                 setattr(args, k, v)
     if args.sampler is None:  # every class its own objective: plain batches (see --sampler)
         args.sampler = "random" if args.grouping == "none" else "gac"
+    if args.augment is None:  # BCL's classification view is the release's (data_lt.bcl_views)
+        args.augment = "release" if args.loss == "bcl" else "crop-flip"
     if args.workers is None:
         args.workers = default_workers()
     if args.data_root is None:  # torchvision downloads CIFAR here (README, Quick start)
@@ -361,6 +380,14 @@ def fill_defaults(args):
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),
         (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
          f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
+        (args.lr_gamma > 0, f"--lr-gamma {args.lr_gamma} must be positive (0.1: x0.1 at each drop)"),
+        (args.loss == "ce" or args.augment == "release",
+         "--loss bcl's classification view is the release's (AutoAugment + Cutout, data_lt.bcl_views); drop "
+         "--augment crop-flip"),
+        (not args.class_balanced or (args.grouping == "none" and args.moo == "none"),
+         f"--class-balanced makes every class its own group with equal weights; it goes with --grouping none "
+         f"--moo none (with --grouping {args.grouping} --group-loss class averages class means inside each group, "
+         f"with --moo mgda every class is its own objective already): drop it, or pass --grouping none --moo none"),
         (args.num_groups in ("auto", "bins") or args.num_groups >= 1, f"--num-groups {args.num_groups} must be at least 1"),
         (args.num_groups != "auto" or args.grouping in ("gbg", "none"),
          f"--num-groups auto reads G from the class-gradient affinity, which --grouping {args.grouping} does not "
@@ -907,8 +934,29 @@ def bcl_train_views(data, args):
     return data_lt.bcl_views(data.kind, data.mean, data.std, size)
 
 
+def uses_views(args):
+    """Whether training batches come from make_loader's views: BCL's three, or CE's classification
+    view alone under --augment release (else make_loader's own crop and flip)."""
+    return args.loss == "bcl" or args.augment == "release"
+
+
+def train_views(data, args):
+    """make_loader's views for training: BCL's three (bcl_train_views); under --loss ce with
+    --augment release, BCL's classification view alone, the same draws for the same (seed, index)
+    ("device-cls", or the first of the torchvision pipelines); else None."""
+    if args.loss == "bcl":
+        return bcl_train_views(data, args)
+    if args.augment != "release":
+        return None
+    if data.kind != "tensor":
+        raise data_lt.UserError(f"--augment release is the release's CIFAR view (AutoAugment CIFAR10 policy, Cutout "
+                                f"16 px); {args.dataset} is read from image files: drop --augment release")
+    made = bcl_train_views(data, args)
+    return "device-cls" if made == "device" else made[:1]
+
+
 # --- Learning rate --------------------------------------------------------------------------------
-# Linear warm-up, then step (x0.1 at each of --lr-drops, by default 80 % and 90 % of
+# Linear warm-up, then step (x --lr-gamma, 0.1, at each of --lr-drops, by default 80 % and 90 % of
 # the epochs: 160/180 of 200, the CIFAR recipe) or cosine decay. A function of the epoch alone, so
 # resume is exact.
 def lr_at(epoch, args):
@@ -916,7 +964,7 @@ def lr_at(epoch, args):
         return args.lr * (epoch + 1e-3) / args.warmup_epochs
     if args.schedule == "step":
         drops = args.lr_drops or (0.8 * args.epochs, 0.9 * args.epochs)
-        return args.lr * 0.1 ** sum(epoch >= d for d in drops)
+        return args.lr * args.lr_gamma ** sum(epoch >= d for d in drops)
     t = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
     return args.lr * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -1151,8 +1199,8 @@ def batch_losses(model, x, y, counts, args, device):
     under BCL), and the contrastive term (BCL) or None. Every loss is normalised by the GLOBAL
     batch's class counts, so that the sum over processes of the local losses is the loss of the
     global batch."""
-    if args.loss == "bcl":  # [classification view, contrastive view, contrastive view]: one batch (see BCL)
-        x = torch.cat(x)
+    if isinstance(x, list):  # BCL's [classification view, contrastive view, contrastive view]: one batch
+        x = torch.cat(x)     # (see BCL); under --augment release, [classification view] alone
     if args.amp:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -1726,8 +1774,9 @@ def main(args):
     else:
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
                   f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} "
-                  f"{args.schedule} (warm-up {args.warmup_epochs}), "
-                  f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
+                  f"{args.schedule}{f' x{args.lr_gamma:g} a drop' if args.schedule == 'step' else ''} (warm-up "
+                  f"{args.warmup_epochs}), wd {args.wd}; loss {args.loss}"
+                  f"{' class-balanced' if args.class_balanced else ''}, augment {args.augment}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}, {'bf16 autocast' if args.amp else 'fp32'}"
                   f"{f'; preset {args.preset}' if args.preset else ''}")
@@ -1787,7 +1836,7 @@ def main(args):
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         log(args, f"resumed from {resume_path} at epoch {start_epoch}")
-        if args.loss == "bcl" and args.views is None:  # the run's own views; runs from before --views: workers
+        if uses_views(args) and args.views is None:  # the run's own views; runs from before --views: workers
             args.views = ckpt["args"].get("views") or "workers"
         if is_main(args) and (out / "log.txt").exists():  # drop lines of epochs that will run again
             lines = [l for l in log_lines(out / "log.txt") if json.loads(l)["epoch"] < start_epoch]
@@ -1800,18 +1849,21 @@ def main(args):
             (out / name).unlink()
         if stale:
             log(args, f"run: no checkpoint in {out}; removed the earlier run's {', '.join(stale)}")
-    if args.grouping == "none" and args.moo == "mgda":
-        # every class with training images its own objective (the paper's "MOO" ablation)
-        check_class_objectives_fit(model, args, present.size, device)
+    if args.grouping == "none" and (args.moo == "mgda" or args.class_balanced):
+        # every class with training images its own objective (the paper's "MOO" ablation), or its own
+        # group averaged with the others present (--class-balanced: the mean of the classes' mean losses)
+        if args.moo == "mgda":
+            check_class_objectives_fit(model, args, present.size, device)
         groups = np.zeros(K, dtype=np.int64)
         groups[present] = np.arange(present.size)
     if ckpt is not None and "best_test" in ckpt:  # the log may be cut short, or not moved with the checkpoint
         best_test = ckpt["best_test"]
     else:  # checkpoints from before best_test was saved: the epochs in the log
         best_test = best_test_in(out / "log.txt", start_epoch) if is_main(args) else None
-    if args.loss == "bcl":  # saved with the checkpoints, so that a resumed run keeps its views
-        args.views = "device" if bcl_train_views(data, args) == "device" else "workers"
-        log(args, f"bcl: views made {'on the device' if args.views == 'device' else 'in DataLoader workers'}")
+    if uses_views(args):  # saved with the checkpoints, so that a resumed run keeps its views
+        args.views = "device" if train_views(data, args) in ("device", "device-cls") else "workers"
+        log(args, f"{'bcl' if args.loss == 'bcl' else 'augment release'}: views made "
+                  f"{'on the device' if args.views == 'device' else 'in DataLoader workers'}")
 
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
@@ -1830,7 +1882,7 @@ def main(args):
         sampler.set_epoch(epoch)
         loader = data_lt.make_loader(data.train, sampler, train=True, device=device, num_workers=args.workers,
                                      seed=args.seed * 100003 + epoch,
-                                     views=bcl_train_views(data, args) if args.loss == "bcl" else None)
+                                     views=train_views(data, args))
         stats = train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, device, clock)
         if regroup_ari is not None:
             stats["regroup_ari"] = regroup_ari

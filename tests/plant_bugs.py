@@ -323,6 +323,23 @@ BUGS = [
      "    if workspace is not None and (kept is None or flat.data_ptr() != kept.data_ptr()):",
      "    if workspace is not None:",
      ["tests/test_moo.py::test_workspace_keeps_its_largest_buffer"]),
+    # issue #35's CE rows (tests/test_ce_rows.py)
+    ("class_balanced_trains_on_the_sample_mean", "train.py",
+     'if args.grouping == "none" and (args.moo == "mgda" or args.class_balanced):',
+     'if args.grouping == "none" and args.moo == "mgda":',
+     ["tests/test_ce_rows.py::test_class_balanced_run_gives_every_class_its_own_group"]),
+    ("lr_gamma_ignored", "train.py",
+     "return args.lr * args.lr_gamma ** sum(", "return args.lr * 0.1 ** sum(",
+     ["tests/test_ce_rows.py::test_lr_gamma_gives_ldam_drws_schedule"]),
+    ("augment_release_without_cutout", "data_lt.py",
+     "    return x.masked_fill(hole[:, None], 0.0)", "    return x",
+     ["tests/test_ce_rows.py::test_augment_release_device_view_equals_torchvision_ops"]),
+    ("augment_release_ignored_for_ce", "train.py",
+     '    if args.augment != "release":\n        return None', '    if True:\n        return None',
+     ["tests/test_ce_rows.py::test_augment_release_device_view_equals_torchvision_ops"]),
+    ("jpeg_copy_at_444", "tests/make_cifar_jpeg.py",
+     "QUALITY, SUBSAMPLING = 75, 2", "QUALITY, SUBSAMPLING = 75, 0",
+     ["tests/test_make_cifar_jpeg.py::test_files_are_quality_75_with_420_sampling"]),
 ]
 
 

@@ -51,6 +51,12 @@ README_COMMANDS = {
     "bcl_moo": ["--loss", "bcl", "--grouping", "none"],
     "bcl_gbg": ["--loss", "bcl"],
     "regroup": ["--regroup-every", "20"],
+    # issue #35's rows (their README lines are proposed in the branch's report)
+    "cb": ["--grouping", "none", "--moo", "none", "--class-balanced"],
+    "gbg_sample": ["--group-loss", "sample"],
+    "ce_aug": ["--grouping", "none", "--moo", "none", "--augment", "release"],
+    "gbg_aug": ["--augment", "release"],
+    "ce_ldam": ["--grouping", "none", "--moo", "none", "--batch-size", "128", "--wd", "2e-4", "--lr-gamma", "0.01"],
 }
 
 
@@ -71,8 +77,59 @@ def test_rows_mean_what_their_names_say():
     assert row["loss"] == "bcl" and row["sampler"] == "random" and row["group_epoch"] == 0
     # release_ce: the same but for the loss (and the BCL-only options it leaves at their defaults)
     ce = vars(parse(*base, *repro.ROWS["release_ce"].split()))
-    assert {k for k in ce if ce[k] != row[k]} == {"loss", "bcl_group_loss", "la_weight", "bcl_weight", "bcl_temp"}
+    # (and the view: BCL's classification view is the release's, CE's crop and flip unless --augment release)
+    assert {k for k in ce if ce[k] != row[k]} == {"loss", "bcl_group_loss", "la_weight", "bcl_weight", "bcl_temp",
+                                                  "augment"}
     assert ce["loss"] == "ce"
+
+
+def test_issue_35_rows_differ_from_their_pairs_in_what_they_isolate():
+    """Each of issue #35's rows against the row it is read beside: only the flags it is about differ."""
+    base = ["--dataset", "folder-lt", "--epochs", "200"]
+    rows = {r: vars(parse(*base, *repro.ROWS[r].split())) for r in repro.ROWS if r not in ("release",)}
+    diff = lambda a, b: {k for k in rows[a] if rows[a][k] != rows[b][k]}
+    assert diff("cb", "ce") == {"class_balanced"} and rows["cb"]["class_balanced"]
+    assert diff("gbg_sample", "gbg") == {"group_loss"} and rows["gbg_sample"]["group_loss"] == "sample"
+    assert diff("ce_aug", "ce") == diff("gbg_aug", "gbg") == {"augment"} and rows["ce_aug"]["augment"] == "release"
+    assert rows["ce"]["augment"] == rows["gbg"]["augment"] == "crop-flip"
+    assert diff("ce_ldam", "ce") == {"batch_size", "wd", "lr_gamma"}
+    # the protocol's --batch-size 256 comes first in run_command: the row's 128 wins
+    args = repro.check_args(repro.get_args_parser().parse_args(["--device", "cpu", "--runs", "ce_ldam"]))
+    cmd = repro.run_command(args, "ce_ldam", 0, Path("/o/ce_ldam_s0"))
+    ldam = parse(*cmd[2:])
+    assert (ldam.batch_size, ldam.wd, ldam.lr, ldam.warmup_epochs) == (128, 2e-4, 0.1, 5)
+    # LDAM-DRW's adjust_learning_rate after its warm-up: x0.01 once epoch + 1 > 160, x0.0001 once > 180
+    assert [train_lr(ldam, e) for e in range(5, 200)] == pytest.approx(
+        [0.1 * (1e-4 if e + 1 > 180 else 1e-2 if e + 1 > 160 else 1) for e in range(5, 200)], rel=1e-12)
+
+
+def train_lr(args, epoch):
+    import train
+    return train.lr_at(epoch, args)
+
+
+def test_dataset_option_runs_on_the_official_files(tmp_path):
+    """--dataset cifar10-lt: train.py reads torchvision's CIFAR-10 python files in --data (default
+    data/, train.py's --data-root), nothing is unpacked, and a folder without them stops in one line."""
+    args = repro.check_args(repro.get_args_parser().parse_args(["--device", "cpu", "--dataset", "cifar10-lt"]))
+    assert args.data == ROOT / "data"
+    cmd = repro.run_command(args, "ce", 0, Path("/o/ce_s0"))
+    run = parse(*cmd[2:])
+    assert (run.dataset, run.data_root, run.imb_factor) == ("cifar10-lt", str(ROOT / "data"), 100)
+    jpeg = repro.check_args(repro.get_args_parser().parse_args(["--device", "cpu"]))
+    assert jpeg.data == ROOT / ".data" / "cifar10" and parse(*repro.run_command(jpeg, "ce", 0, Path("/o"))[2:]).dataset \
+        == "folder-lt"
+    # another --dataset is another experiment: a folder made on the JPEG copy is not resumed on the official files
+    assert repro.settings(cmd) != repro.settings(repro.run_command(jpeg, "ce", 0, Path("/o/ce_s0")))
+    official = tmp_path / "root" / "cifar-10-batches-py"
+    official.mkdir(parents=True)
+    r = run_repro(tmp_path, "--device", "cpu", "--dataset", "cifar10-lt", "--data", str(tmp_path / "root"),
+                  "--out", str(tmp_path / "o"), check=False)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "lacks the CIFAR-10 python files" in r.stderr
+    for name in ("data_batch_1", "test_batch"):
+        (official / name).write_bytes(b"")
+    repro.ensure_data(tmp_path / "root", tmp_path / "no.tar.gz", "cifar10-lt")  # present: nothing to unpack
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["cifar-10-batches-py"]
 
 
 def test_run_command_puts_the_row_and_extra_after_the_protocol():
@@ -309,6 +366,20 @@ def test_one_epoch_end_to_end_on_cpu_and_summarize(tmp_path, tarball):
         one = table["runs"][0][k]
         assert (mean[k], mean[k + "_halfrange"]) == ((None, None) if one is None else (one, 0.0))
     assert f"{mean['top1']:.2f} ± 1.50" in (out / "table.md").read_text()
+
+
+def test_issue_35_rows_run_end_to_end(tmp_path, tarball):
+    """The CE rows of issue #35 through repro.py and train.py, one epoch each on the tiny copy: each
+    run's results.json holds the flags its row names (the augmentation, the class-balanced loss, LDAM's
+    batch, weight decay and drops)."""
+    out = tmp_path / "out"
+    run_repro(tmp_path, "--device", "cpu", "--runs", "cb,ce_aug,ce_ldam", "--epochs", "1", "--arch", "resnet8",
+              "--data", str(tmp_path / "data"), "--tarball", str(tarball), "--out", str(out))
+    got = {r: json.loads((out / f"{r}_s0" / "results.json").read_text())["args"] for r in ("cb", "ce_aug", "ce_ldam")}
+    assert got["cb"]["class_balanced"] and got["cb"]["augment"] == "crop-flip"
+    assert got["ce_aug"]["augment"] == "release" and got["ce_aug"]["views"] == "device"
+    assert (got["ce_ldam"]["batch_size"], got["ce_ldam"]["wd"], got["ce_ldam"]["lr_gamma"]) == (128, 2e-4, 0.01)
+    assert "augment release: views made on the device" in (out / "ce_aug_s0" / "stdout.txt").read_text()
 
 
 def test_budget_stops_runs_that_cannot_finish(tmp_path, tarball):
