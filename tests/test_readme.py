@@ -6,6 +6,7 @@ given a check or a reason."""
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,11 @@ def checkout(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    # A script that execs this interpreter, not a symlink to it: a virtualenv's python found through a
+    # symlink elsewhere no longer sees the venv's pyvenv.cfg and runs without the venv's packages.
+    python = tmp_path / "bin" / "python"
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
     return tmp_path
 
 
@@ -170,6 +175,15 @@ def test_every_command_that_runs_here_is_in_readme():
     assert len(COMMANDS) > 30  # the parser finds README's blocks
     for command in RUN:
         assert command in found, command
+
+
+def test_readme_python_is_this_interpreter(tmp_path):
+    """README's `python` in the checkout is this interpreter with its environment (a virtualenv's
+    packages included): same sys.prefix, same torch."""
+    r = bash("python -c 'import sys, torch; print(sys.prefix); print(torch.__file__)'", checkout(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    import torch
+    assert r.stdout.splitlines() == [sys.prefix, torch.__file__]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[normal(c)[:60] for c in COMMANDS])
