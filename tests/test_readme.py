@@ -111,11 +111,14 @@ def demo(tmp_path, command):
 
 
 def summarize(tmp_path, command):
-    """The CPU miniature's table rebuilt from its run folders alone is the table README quotes from."""
-    shutil.copytree(ROOT / "results" / "cpu_miniature", tmp_path / "runs" / "cpu_mini")
+    """The CPU miniature's table rebuilt from its committed run folders alone (a fresh clone has no
+    others) is the table README quotes from, and the folder is left as it was (a clean tree)."""
+    shutil.copytree(ROOT / "results" / "cpu_miniature", tmp_path / "results" / "cpu_miniature")
+    before = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
     r = bash(command, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == (ROOT / "results" / "cpu_miniature" / "table.md").read_text()
+    assert {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()} == before
 
 
 def plots(tmp_path, command):
@@ -158,7 +161,7 @@ def local_job(tmp_path, command):
 RUN = {
     "python train.py --dataset synthetic-lt --arch resnet8 --epochs 5 --warmup-epochs 1 --batch-size 64 "
     "--output-dir runs/demo": demo,
-    "python tests/repro.py --summarize --out runs/cpu_mini": summarize,
+    "python tests/repro.py --summarize --out results/cpu_miniature": summarize,
     "bash slurm/imagenet_lt.sh --dry-run": dry_run,
     "python tests/plot_runs.py results/cpu_miniature/{ce_s0,gbg_s0,ce_s1,gbg_s1,release_ce_s0,regroup_s0} --labels CE "
     "CE+GBG+MOO CE CE+GBG+MOO \"release rule on CE\" \"CE+GBG+MOO, regrouped every 20\" --class-names "
