@@ -18,7 +18,7 @@ Usage::
     for epoch in range(warmup_epochs):
         for x, y in torch.utils.data.DataLoader(dataset, batch_size, shuffle=True):
             optimizer.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); optimizer.step()
-    # Stage 1, once: class gradients of the backbone (un-augmented images) -> cosine affinity -> NCut groups
+    # Stage 1, once: class gradients of the backbone (un-augmented) -> cosine affinity -> NCut groups
     backbone = [p for name, p in model.named_parameters() if not name.startswith("fc.")]
     grads = gbg.class_gradients(model, plain_dataset, num_classes, backbone)
     groups = gbg.ncut_groups(gbg.affinity(grads), num_groups)
