@@ -91,12 +91,12 @@ def files(folder):
 
 # ------------------------------------------------------------------------------ what runs, and what it must do
 def demo(tmp_path, command):
-    """The one-minute CPU demo learns: its last epoch is well above chance (10 %), as README shows."""
+    """The CPU demo (about a minute) learns: its last epoch is well above chance (10 %), as README shows."""
     r = bash(command, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.load(open(tmp_path / "runs" / "demo" / "results.json"))
     assert results["last"]["top1"] >= 40, results["last"]
-    shown = README.split("It prints")[1].split("```")[1].splitlines()  # README's copy of what it prints
+    shown = README.split("The last command is a CPU demo")[1].split("```")[1].splitlines()  # what README shows it print
     assert shown[0] == "text" and shown[1].startswith("run: ") and shown[2].startswith("data: ")
     assert shown[-1].startswith("done: ")
     printed = r.stdout.splitlines()
