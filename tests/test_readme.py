@@ -165,7 +165,7 @@ RUN = {
     "bash slurm/imagenet_lt.sh --dry-run": dry_run,
     "python tests/plot_runs.py results/cpu_miniature/{ce_s0,gbg_s0,ce_s1,gbg_s1,release_ce_s0,regroup_s0} --labels CE "
     "CE+GBG+MOO CE CE+GBG+MOO \"release rule on CE\" \"CE+GBG+MOO, regrouped every 20\" --class-names "
-    "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck --out results/cpu_miniature/plots": plots,
+    "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck --smooth 5 --out results/cpu_miniature/plots": plots,
     "python slurm/submit.py --cluster local --dataset synthetic-lt --device cpu --arch resnet8 --gpus-per-node 0 "
     "--tasks-per-node 2 --epochs 1": local_job,
 }
