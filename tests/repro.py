@@ -779,9 +779,9 @@ are (a committed results folder stays clean)."""
                          "log.txt's epochs; wall_s: summed over the calls that ran the run, resumes: how many of them resumed "
                          "it (- where the run predates the count); results only for runs with status 'done'")
     md = render_markdown(table)
-    if call or not same_table(old, table):  # --summarize of an unchanged folder leaves its files as they are
+    if call or not same_table(old, table):  # --summarize of an unchanged folder leaves table.json as it is
         write_if_changed(out / "table.json", json.dumps(table, indent=1) + "\n")
-        write_if_changed(out / "table.md", md)
+    write_if_changed(out / "table.md", md)
     return table, md
 
 

@@ -421,3 +421,6 @@ def test_summarize_of_a_committed_results_folder_leaves_it_as_it_is(tmp_path, na
     s = run_repro(tmp_path, "--summarize", "--out", str(out))
     assert s.stdout == (ROOT / "results" / name / "table.md").read_text()
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+    (out / "table.md").unlink()  # a table.md deleted (or edited) is written again from the run folders
+    run_repro(tmp_path, "--summarize", "--out", str(out))
+    assert (out / "table.md").read_bytes() == before[out / "table.md"][0]
