@@ -4,8 +4,9 @@ Optimization", AAAI 2024).
 
 Stage 1 groups the K classes by the direction of their loss gradients; stage 2 trains with one
 loss per group, and every step follows a direction that lowers all the group losses at once.
-With a `model` whose classifier is `model.fc`, a `dataset` of (input, class id) pairs, its class
-ids `labels` [N], `num_classes`, a `batch_size`, a number of `epochs` and an `optimizer`:
+With a `model` whose classifier is `model.fc`, a `dataset` of (input, class id) pairs (augmented),
+`plain_dataset`, the same samples without augmentation, its class ids `labels` [N], `num_classes`,
+a `batch_size`, `warmup_epochs`, a number of `epochs` and an `optimizer`:
 
 Usage::
 
@@ -13,14 +14,18 @@ Usage::
     import gbg
 
     num_groups = 4  # G, the paper's choice
-    # Stage 1, once: class gradients of the backbone -> their cosine affinity -> NCut groups
+    # Warm-up: plain CE first (groups of the untrained model agree across seeds no better than chance)
+    for epoch in range(warmup_epochs):
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size, shuffle=True):
+            optimizer.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); optimizer.step()
+    # Stage 1, once: class gradients of the backbone (un-augmented) -> cosine affinity -> NCut groups
     backbone = [p for name, p in model.named_parameters() if not name.startswith("fc.")]
-    grads = gbg.class_gradients(model, dataset, num_classes, backbone)
+    grads = gbg.class_gradients(model, plain_dataset, num_classes, backbone)
     groups = gbg.ncut_groups(gbg.affinity(grads), num_groups)
     # Stage 2: every batch holds every group (GAC sampler); one MGDA step over the group losses
     sampler = gbg.GACBatchSampler(labels, groups, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
-    for epoch in range(epochs):
+    for epoch in range(warmup_epochs, epochs):
         sampler.set_epoch(epoch)
         for x, y in loader:
             losses, present = gbg.group_losses(model(x), y, groups, num_groups)

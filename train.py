@@ -3,7 +3,8 @@ several processes under torch.distributed (torchrun, or slurm/submit.py through 
 
     python train.py                                   # CIFAR-10-LT IF 100, ResNet-32, CE+GBG+MOO, GAC
     python train.py --loss bcl                        # BCL+GBG+MOO (the paper's best numbers; see BCL)
-    python train.py --dataset synthetic-lt --epochs 2 --output-dir /tmp/demo   # a one-minute CPU demo
+    python train.py --dataset synthetic-lt --arch resnet8 --epochs 5 --warmup-epochs 1 --batch-size 64 \
+        --output-dir runs/demo                        # README's CPU demo: about a minute on one core
     python train.py --preset release                  # the authors' released CIFAR configuration (see README)
     python train.py --eval --resume output/checkpoint.pth   # top-1 and Many/Medium/Few of a checkpoint
 
@@ -167,7 +168,7 @@ def add_train_arguments(p):
     after its cluster flags)."""
     c = p.add_argument_group("most used")
     c.add_argument("--dataset", default="cifar10-lt", choices=DATASETS,
-                   help="the long-tailed data set; synthetic-lt is made in memory (a one-minute CPU demo)")
+                   help="the long-tailed data set; synthetic-lt is made in memory (README's CPU demo: about a minute on one core)")
     c.add_argument("--data-root", default=None,
                    help="folder holding the data set, see README (default: ./data; with --eval the checkpoint's)")
     c.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],

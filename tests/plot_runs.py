@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pictures of train.py run folders (their log.txt and groups.json), drawn into --out as PNG:
 
-  accuracy.png          test top-1 and Many / Medium / Few over the epochs, one line per run
+  accuracy.png          test top-1 and Many / Medium / Few over the epochs, one line per run (a panel
+                        no run has classes for, e.g. Few on CIFAR-10-LT, is left out)
   alpha.png             MGDA's weight per group (alpha_mean) over the epochs, one panel per GBG run
   group_loss.png        each group's training loss (train_group_loss), one panel per GBG run
   update_ratio.png      |d| / |g_mean| over the epochs (update_ratio), one line per run that logs it
@@ -11,6 +12,11 @@
     python tests/plot_runs.py RUN_DIR [RUN_DIR ...] --out FOLDER [--labels L1 L2 ...]
     python tests/plot_runs.py results/cpu_miniature/ce_s0 results/cpu_miniature/gbg_s0 --labels CE CE+GBG+MOO \\
         --out results/cpu_miniature/plots
+
+Runs given the same label (the seeds of one method) are drawn as their mean with a band from their
+minimum to their maximum, said in the legend. --smooth N draws each run's curves as the running
+mean of its last N logged epochs (said in the title): per-epoch test accuracy of a two-class shot
+group (CIFAR-10-LT's Medium) is noisy until the lr drops.
 
 Pairing for fig2_diagnostic.png: the first run given is the baseline (CE) and the second the run
 beside it (CE+GBG+MOO); --diag-pair I J picks two others (0-based, in the order given). Runs without
@@ -22,6 +28,7 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -58,7 +65,16 @@ def load_run(folder, label=None):
                 by_epoch[row["epoch"]] = row
     groups = json.load(open(folder / "groups.json")) if (folder / "groups.json").is_file() else None
     return {"label": label or folder.name, "name": folder.name, "log": [by_epoch[e] for e in sorted(by_epoch)],
-            "groups": groups}
+            "groups": groups, "seed": run_seed(folder)}
+
+
+def run_seed(folder):
+    """train.py's --seed of a run: results.json's args, else the folder's _s<seed> suffix, else None."""
+    try:
+        return int(json.load(open(folder / "results.json"))["args"]["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = re.search(r"_s(\d+)$", folder.name)
+        return int(m.group(1)) if m else None
 
 
 def number(v):
@@ -66,11 +82,16 @@ def number(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def series(run, key):
-    """(epochs, values) of one scalar key, skipping the epochs that do not hold it."""
+def series(run, key, smooth=1):
+    """(epochs, values) of one scalar key, skipping the epochs that do not hold it; with smooth N > 1,
+    each value is the mean of the last N values held (fewer at the start)."""
     pairs = [(row["epoch"], number(row.get(key))) for row in run["log"]]
     pairs = [(e, v) for e, v in pairs if v is not None]
-    return [e for e, _ in pairs], [v for _, v in pairs]
+    values = [v for _, v in pairs]
+    if smooth > 1:
+        values = [sum(values[max(0, i + 1 - smooth):i + 1]) / len(values[max(0, i + 1 - smooth):i + 1])
+                  for i in range(len(values))]
+    return [e for e, _ in pairs], values
 
 
 def group_series(run, key):
@@ -111,7 +132,7 @@ def group_label(g, run, names):
 
 def with_colors(runs):
     """Gives each run a colour and a legend entry: runs with the same label (the seeds of one
-    method) share the colour, and only the first of them is named in a legend."""
+    method) share the colour and are drawn together (plot_series: their mean and a min-max band)."""
     labels = list(dict.fromkeys(r["label"] for r in runs))
     seen = set()
     for r in runs:
@@ -121,23 +142,59 @@ def with_colors(runs):
     return runs
 
 
-def draw_accuracy(runs):
-    """(a) test top-1 and Many / Medium / Few (%) over the epochs, one line per run."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, (key, title) in zip(axes.flat, [("test_top1", "test top-1"), ("test_many", "Many (> 100 images)"),
-                                            ("test_medium", "Medium (20-100 images)"), ("test_few", "Few (< 20 images)")]):
-        for run in runs:
-            x, y = series(run, key)
-            if x:
-                ax.plot(x, y, color=run["color"], lw=0.9, label=run["legend"])
-        if not ax.lines:  # e.g. CIFAR-10-LT IF 100 has no Few class (its tail has 50 images)
-            ax.text(0.5, 0.5, "no such classes, or not evaluated", ha="center", va="center", transform=ax.transAxes)
+def plot_series(ax, runs, key, smooth=1):
+    """Draws `key` over the epochs on ax: one line per label. A label with one run: its values; with
+    several (seeds): their mean over the epochs all of them hold, and a band from their minimum to
+    their maximum, both said in the legend. Smoothing (running mean) is per run, before the mean."""
+    for label in dict.fromkeys(r["label"] for r in runs):
+        same = [r for r in runs if r["label"] == label]
+        held = [dict(zip(*series(r, key, smooth))) for r in same]
+        held = [h for h in held if h]
+        if not held:
+            continue
+        if len(held) == 1:
+            x = sorted(held[0])
+            ax.plot(x, [held[0][e] for e in x], color=same[0]["color"], lw=0.9, label=label)
+            continue
+        x = sorted(set.intersection(*(set(h) for h in held)))
+        if not x:
+            continue
+        values = [[h[e] for h in held] for e in x]
+        ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=same[0]["color"], alpha=0.2,
+                        lw=0)
+        ax.plot(x, [sum(v) / len(v) for v in values], color=same[0]["color"], lw=0.9,
+                label=f"{label}: mean of {len(held)} seeds, band min-max")
+
+
+SHOTS = [("test_top1", "test top-1"), ("test_many", "Many (> 100 images)"),
+         ("test_medium", "Medium (20-100 images)"), ("test_few", "Few (< 20 images)")]
+
+
+def smoothed(smooth):
+    return f" (running mean over {smooth} epochs)" if smooth > 1 else ""
+
+
+def draw_accuracy(runs, smooth=1):
+    """(a) test top-1 and Many / Medium / Few (%) over the epochs, one line per run (per label, see
+    plot_series). Panels are titled by their shot group ('Many ...', 'Medium ...', 'Few ...'); a
+    shot group no run holds (CIFAR-10-LT IF 100 has no Few class: its tail has 50 images) gets no
+    panel."""
+    panels = [(key, title) for key, title in SHOTS if any(series(r, key)[0] for r in runs)] or SHOTS[:1]
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.5 * rows + 0.5), sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        plot_series(ax, runs, key, smooth)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
         ax.set_xlabel("epoch")
+    for ax in list(axes.flat)[len(panels):]:
+        fig.delaxes(ax)
     axes[0, 0].legend(fontsize=8)
+    if smooth > 1:
+        fig.suptitle("test accuracy" + smoothed(smooth), fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -167,13 +224,10 @@ def draw_per_group(runs, key, ylabel, title, names=None):
     return fig
 
 
-def draw_update_ratio(runs):
-    """(d) update_ratio over the epochs, one line per run that logs it."""
+def draw_update_ratio(runs, smooth=1):
+    """(d) update_ratio over the epochs, one line per run that logs it (per label, see plot_series)."""
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for run in runs:
-        x, y = series(run, "update_ratio")
-        if x:
-            ax.plot(x, y, color=run["color"], lw=0.9, label=run["legend"])
+    plot_series(ax, runs, "update_ratio", smooth)
     if not ax.lines:
         plt.close(fig)
         return None
@@ -181,7 +235,8 @@ def draw_update_ratio(runs):
     ax.set_xlabel("epoch")
     ax.set_ylabel("|d| / |g_mean|")
     ax.set_title("update_ratio: the length of the MGDA step d against the gradient of the plain sample-mean "
-                 "loss\n(the same batch; mean over every --ratio-every-th step of the epoch)", fontsize=10)
+                 "loss\n(the same batch; mean over every --ratio-every-th step of the epoch)" + smoothed(smooth),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -254,13 +309,19 @@ def draw_diagnostic(base, other, epoch, per_end=None, names=None):
         dots.set_yscale("log")
     ax.axhline(0, color="black", lw=0.6)
     when = "mean over the diagnosed epochs" if epoch == "mean" else f"epoch {epoch}"
-    fig.suptitle(f"Fig. 2 measure, {when}: {base['label']} beside {other['label']}", fontsize=11)
+    fig.suptitle(f"Fig. 2 measure, {when}: {base['label']} ({which(base)}) beside {other['label']} ({which(other)})",
+                 fontsize=11)
     bars, bar_labels = ax.get_legend_handles_labels()
     marks, mark_labels = dots.get_legend_handles_labels()
     fig.legend(bars + marks, bar_labels + mark_labels, fontsize=8, loc="lower center", ncol=2)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
+
+
+def which(run):
+    """The run a picture shows: 'seed N' when known, else its folder's name."""
+    return f"seed {run['seed']}" if run.get("seed") is not None else run["name"]
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -306,6 +367,9 @@ def get_args_parser():
     p.add_argument("--diag-classes", type=int, default=None, metavar="N",
                    help="show the N classes with the most and the N with the fewest training images "
                         "(default: every class up to 20 classes, else 2 and 2 as in the paper)")
+    p.add_argument("--smooth", type=int, default=1, metavar="N",
+                   help="draw accuracy and update_ratio as the running mean of each run's last N logged "
+                        "epochs (default 1: the values as logged); said in the pictures' titles")
     p.add_argument("--class-names", default=None,
                    help="comma-separated class names by class id, for runs whose groups.json does not "
                         "name them (e.g. CIFAR-10's airplane,automobile,...)")
@@ -314,6 +378,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.smooth < 1:
+        sys.exit(f"--smooth {args.smooth}: give a whole number of epochs, 1 or more")
     if args.labels and len(args.labels) != len(args.runs):
         sys.exit(f"--labels has {len(args.labels)} names for {len(args.runs)} runs: give one per run")
     runs = with_colors([load_run(f, (args.labels or [None] * len(args.runs))[i]) for i, f in enumerate(args.runs)])
@@ -322,13 +388,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pictures = {
-        "accuracy.png": draw_accuracy(runs),
+        "accuracy.png": draw_accuracy(runs, args.smooth),
         "alpha.png": draw_per_group(runs, "alpha_mean", "alpha", "MGDA's weight alpha per group (alpha_mean: "
                                     "the mean over the epoch's steps; the weights sum to 1)", names),
         "group_loss.png": draw_per_group(runs, "train_group_loss", "training loss",
                                          "each group's training loss (train_group_loss: the mean over the "
                                          "epoch's steps that held the group)", names),
-        "update_ratio.png": draw_update_ratio(runs),
+        "update_ratio.png": draw_update_ratio(runs, args.smooth),
     }
     b, o = args.diag_pair or (0, 1)
     if args.diag_pair and not (0 <= b < len(runs) and 0 <= o < len(runs) and b != o):

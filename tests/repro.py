@@ -795,7 +795,9 @@ def earlier_calls(old):
 def write_table(out, call=None):
     """table.json and table.md from every run folder in out. calls: one record per call of
     repro.py on out (machine, command, wall seconds, date), the earlier ones kept from the earlier
-    table.json, `call` (this one's; None for --summarize) appended."""
+    table.json, `call` (this one's; None for --summarize) appended. --summarize (no call) of a folder
+whose runs have not changed since its table was written leaves table.json and table.md as they
+are (a committed results folder stays clean)."""
     out = Path(out)
     folders = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
         (d / f).exists() for f in ("wall.json", "stop.json", "log.txt"))] if out.is_dir() else []
@@ -810,10 +812,25 @@ def write_table(out, call=None):
                          "best_epoch: the best test epoch (results.json 'best_test'); images_per_s: the mean over "
                          "log.txt's epochs; wall_s: summed over the calls that ran the run, resumes: how many of them resumed "
                          "it (- where the run predates the count); results only for runs with status 'done'")
-    (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
     md = render_markdown(table)
-    (out / "table.md").write_text(md)
+    if call or not same_table(old, table):  # --summarize of an unchanged folder leaves table.json as it is
+        write_if_changed(out / "table.json", json.dumps(table, indent=1) + "\n")
+    write_if_changed(out / "table.md", md)
     return table, md
+
+
+def same_table(old, table):
+    """An earlier table.json says what `table` says: the same runs, means and calls (a table.json
+    from before the calls list read as its single call); the wording of its descriptions aside."""
+    skip = ("machine", "command", "wall_s", "columns", "spread")
+    data = lambda t: {k: v for k, v in t.items() if k not in skip}
+    return data(dict(old, calls=earlier_calls(old))) == data(json.loads(json.dumps(table)))
+
+
+def write_if_changed(path, text):
+    """Write text to path unless the file already holds it (its bytes and time stay as they are)."""
+    if not (path.is_file() and path.read_text() == text):
+        path.write_text(text)
 
 
 def render_markdown(table):

@@ -195,3 +195,50 @@ def test_a_log_being_written_or_with_odd_lines_still_plots(tmp_path):
     skipped = [l for l in r.stdout.splitlines() if "fig2_diagnostic.png: skipped" in l]
     assert len(skipped) == 1 and "a has 2 classes and b 3" in skipped[0]
     assert (tmp_path / "plots" / "accuracy.png").exists() and not (tmp_path / "plots" / "fig2_diagnostic.png").exists()
+
+
+# --- seeds, smoothing, panels, which seed ----------------------------------------------------------
+def test_seeds_of_one_label_are_a_mean_with_a_min_max_band(tmp_path):
+    """Two runs under one label (two seeds): one line, their mean over the epochs both hold, and a
+    band from their minimum to their maximum, both named in the legend; --smooth N is the running
+    mean of each run's last N values before the mean, said in the title."""
+    a = planted(tmp_path / "gbg_s0", [{"epoch": e, "test_top1": v} for e, v in enumerate([10.0, 20.0, 30.0])])
+    b = planted(tmp_path / "gbg_s1", [{"epoch": e, "test_top1": v} for e, v in enumerate([14.0, 10.0, 50.0, 60.0])])
+    c = planted(tmp_path / "ce_s0", [{"epoch": e, "test_top1": 5.0} for e in range(3)])
+    runs = plot_runs.with_colors([plot_runs.load_run(c, "CE"), plot_runs.load_run(a, "GBG"),
+                                  plot_runs.load_run(b, "GBG")])
+    ax = plot_runs.draw_accuracy(runs).axes[0]
+    assert [l.get_label() for l in ax.lines] == ["CE", "GBG: mean of 2 seeds, band min-max"]
+    assert list(ax.lines[1].get_xdata()) == [0, 1, 2] and list(ax.lines[1].get_ydata()) == [12.0, 15.0, 40.0]
+    (band,) = ax.collections
+    ys = sorted({round(float(y), 6) for y in band.get_paths()[0].vertices[:, 1]})
+    assert ys == [10.0, 14.0, 20.0, 30.0, 50.0]  # min and max at each epoch
+    assert ax.get_legend().texts[1].get_text() == "GBG: mean of 2 seeds, band min-max"
+    fig = plot_runs.draw_accuracy(runs, smooth=2)
+    assert list(fig.axes[0].lines[1].get_ydata()) == [12.0, 13.5, 27.5]  # (10+14)/2, (15+12)/2, (25+30)/2
+    assert "running mean over 2 epochs" in fig._suptitle.get_text()
+    r = plot(a, b, "--labels", "GBG", "GBG", "--smooth", "0", "--out", tmp_path / "plots")
+    assert r.returncode == 1 and "--smooth 0" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_a_shot_group_no_run_holds_gets_no_panel(tmp_path):
+    """CIFAR-10-LT IF 100 has no Few class (test_few null): three panels, titled by their shot group."""
+    rows = [{"epoch": e, "test_top1": 50.0 + e, "test_many": 60.0, "test_medium": 30.0 + e, "test_few": None}
+            for e in range(3)]
+    run = plot_runs.with_colors([plot_runs.load_run(planted(tmp_path / "ce_s0", rows), "CE")])
+    titles = [ax.get_title() for ax in plot_runs.draw_accuracy(run).axes]
+    assert [t.split()[0] for t in titles] == ["test", "Many", "Medium"]
+    medium = plot_runs.draw_accuracy(run).axes[2]
+    assert list(medium.lines[0].get_ydata()) == [30.0, 31.0, 32.0]
+    rows = [dict(r, test_few=10.0) for r in rows]
+    run = plot_runs.with_colors([plot_runs.load_run(planted(tmp_path / "few_s0", rows), "CE")])
+    assert [ax.get_title().split()[0] for ax in plot_runs.draw_accuracy(run).axes] == ["test", "Many", "Medium", "Few"]
+
+
+def test_diagnostic_title_says_which_seed(tmp_path):
+    base = planted(tmp_path / "ce_s1", [{"epoch": 0, "diag_cos": [0.9, 0.1]}])
+    other = planted(tmp_path / "gbg", [{"epoch": 0, "diag_cos": [0.2, 0.4]}])
+    (other / "results.json").write_text(json.dumps({"args": {"seed": 3}}))
+    runs = plot_runs.with_colors([plot_runs.load_run(base, "CE"), plot_runs.load_run(other, "GBG")])
+    title = plot_runs.draw_diagnostic(runs[0], runs[1], 0)._suptitle.get_text()
+    assert "CE (seed 1) beside GBG (seed 3)" in title

@@ -479,3 +479,19 @@ def test_the_same_command_resumes_a_run_killed_after_its_first_epoch(tmp_path, t
     r = run_repro(tmp_path, *argv, "--out", str(out))
     assert "gbg_s0: finished in an earlier call, kept" in r.stdout and "start gbg_s0" not in r.stdout
     assert json.loads((d / "wall.json").read_text()) == wall
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "results").glob("*/table.json")))
+def test_summarize_of_a_committed_results_folder_leaves_it_as_it_is(tmp_path, name):
+    """README's `--summarize --out results/...` on a clean checkout: the table is printed and not a
+    byte of the folder changes (no new call record, no date, no rewrite of an older table.json's
+    layout); table.json's modification time stays too."""
+    out = tmp_path / name
+    shutil.copytree(ROOT / "results" / name, out, ignore=shutil.ignore_patterns("*.pth", "*.png"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    s = run_repro(tmp_path, "--summarize", "--out", str(out))
+    assert s.stdout == (ROOT / "results" / name / "table.md").read_text()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+    (out / "table.md").unlink()  # a table.md deleted (or edited) is written again from the run folders
+    run_repro(tmp_path, "--summarize", "--out", str(out))
+    assert (out / "table.md").read_bytes() == before[out / "table.md"][0]

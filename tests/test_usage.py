@@ -50,6 +50,20 @@ def make_data(seed=0):
     return torch.utils.data.TensorDataset(x, labels), labels
 
 
+class Augmented(torch.utils.data.Dataset):
+    """The training view: each sample with fresh noise on every read (what augmentation does)."""
+
+    def __init__(self, plain):
+        self.plain = plain
+
+    def __len__(self):
+        return len(self.plain)
+
+    def __getitem__(self, i):
+        x, y = self.plain[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
 def mean_loss(model, dataset):
     x, y = dataset.tensors
     model.eval()
@@ -62,22 +76,35 @@ def mean_loss(model, dataset):
 def test_usage_example_is_short_and_runs_verbatim():
     code = usage_example()
     statements = [line for line in code.splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert 10 <= len(statements) <= 15, code  # short enough to copy at a glance
+    assert 10 <= len(statements) <= 18, code  # short enough to copy at a glance
     torch.manual_seed(0)
-    dataset, labels = make_data()
+    plain, labels = make_data()
     model = Net(K)
     before = [p.detach().clone() for p in model.parameters()]
-    names = dict(model=model, dataset=dataset, labels=labels, num_classes=K, batch_size=32, epochs=4,
+    grouped_on = []
+    real_class_gradients = gbg.class_gradients
+
+    def class_gradients(model, dataset, *args, **kwargs):
+        grouped_on.append(dataset)
+        return real_class_gradients(model, dataset, *args, **kwargs)
+
+    names = dict(model=model, dataset=Augmented(plain), plain_dataset=plain, labels=labels, num_classes=K,
+                 batch_size=32, warmup_epochs=1, epochs=4,
                  optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    loss_before = mean_loss(model, dataset)
-    exec(compile(code, "gbg.__doc__ (Usage)", "exec"), names)
+    loss_before = mean_loss(model, plain)
+    gbg.class_gradients = class_gradients
+    try:
+        exec(compile(code, "gbg.__doc__ (Usage)", "exec"), names)
+    finally:
+        gbg.class_gradients = real_class_gradients
+    assert grouped_on == [plain]  # the groups come from the un-augmented samples, as train.py's
     groups, step = names["groups"], names["step"]
     assert groups.shape == (K,) and sorted(set(groups.tolist())) == list(range(names["num_groups"]))
     alpha = step["alpha"]
     assert alpha.shape == (names["num_groups"],)  # GAC: every group in every batch
     assert (alpha >= 0).all() and float(alpha.sum()) == pytest.approx(1.0, abs=1e-9)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert mean_loss(model, dataset) < 0.8 * loss_before
+    assert mean_loss(model, plain) < 0.8 * loss_before
 
 
 # ---- class_gradients' default is the trainer's: BatchNorm recalibrated ----------------------
