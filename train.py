@@ -318,6 +318,10 @@ def add_train_arguments(p):
     return p
 
 
+EVAL_NEEDS_RESUME = ("--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by "
+                     "itself from checkpoint.pth in --output-dir")
+
+
 def fill_defaults(args):
     """Fill the flags left at None (command line > --preset > data set recipe > BASE) and check
     the flags, each with one line naming the flag and the fix."""
@@ -352,8 +356,9 @@ def fill_defaults(args):
         raise data_lt.UserError(f"{as_flag(not_finite[0], getattr(args, not_finite[0]))} is not a number a run "
                                 f"can use; give a finite value")
     checks = [
-        (args.batch_size >= 1 and args.batch_size % args.world_size == 0,
-         f"--batch-size {args.batch_size} does not split over the {args.world_size} process(es); "
+        (args.batch_size >= 1, f"--batch-size {args.batch_size}: give a positive batch size (the global batch)"),
+        (args.batch_size % args.world_size == 0,
+         f"--batch-size {args.batch_size} does not split over the {args.world_size} processes; "
          f"pick a positive multiple of {args.world_size}"),
         (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
         (args.lr > 0, f"--lr {args.lr} must be positive"),
@@ -384,9 +389,7 @@ def fill_defaults(args):
          "--diag-every must be >= 0 (0: off) and --diag-batches at least 1"),
         (args.diag_every == 0 or args.loss == "ce",
          "--diag-every measures the cross-entropy step; use it with --loss ce (BCL's views are random)"),
-        (args.eval == (args.resume is not None),
-         "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
-         "from checkpoint.pth in --output-dir"),
+        (args.eval == (args.resume is not None), EVAL_NEEDS_RESUME),
         (not args.compile or compile_supported(),
          f"--compile needs torch >= 2.6 (torch.compiler.set_stance, torch._functorch.config.donated_buffer); "
          f"this is torch {torch.__version__}: upgrade torch or drop --compile"),
@@ -1582,6 +1585,8 @@ MODEL_OPTIONS = ("dataset", "imb_factor", "data_seed", "arch", "loss")
 
 
 def load_for_eval(args):
+    if args.resume is None:  # before fill_defaults, whose check says the same
+        raise data_lt.UserError(EVAL_NEEDS_RESUME)
     path = Path(args.resume)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
