@@ -148,7 +148,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+        # `is`, not `in`: 0 == False, and --seed 0's default would go unsaid
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.default == [] or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
@@ -167,9 +169,13 @@ def add_train_arguments(p):
     after its cluster flags)."""
     c = p.add_argument_group("most used")
     c.add_argument("--dataset", default="cifar10-lt", choices=DATASETS,
-                   help="the long-tailed data set; synthetic-lt is made in memory (a one-minute CPU demo)")
+                   help="the long-tailed data set; folder-lt: any image tree DATA_ROOT/train/<class>/*, "
+                        "DATA_ROOT/test/<class>/* (the same class folders; train cut long-tailed like CIFAR); "
+                        "synthetic-lt is made in memory (a one-minute CPU demo)")
     c.add_argument("--data-root", default=None,
-                   help="folder holding the data set, see README (default: ./data; with --eval the checkpoint's)")
+                   help="folder holding the data set: CIFAR's python files (downloaded when absent), ImageNet-LT's or "
+                        "iNat's images and split files, folder-lt's train/ and test/ class folders; see README "
+                        "(default: ./data; with --eval the checkpoint's)")
     c.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
                    help=default_help("arch", "resnet8/20: smaller CIFAR ResNets, for quick checks and the tests"))
     c.add_argument("--loss", default=None, choices=["ce", "bcl"],
@@ -214,7 +220,8 @@ def add_train_arguments(p):
     o.add_argument("--schedule", default=None, choices=["step", "cosine"],
                    help=default_help("schedule", "step: x0.1 at each of --lr-drops (by default at 80%% and 90%% of the "
                                                  "epochs, 160/180 of 200)"))
-    o.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1")
+    o.add_argument("--lr-drops", type=int, nargs="+", default=None, help="step schedule: epochs at which lr drops x0.1 (default: 80%% and 90%% of --epochs, 160 180 of 200; "
+                        "--preset release: 160 180)")
     o.add_argument("--warmup-epochs", type=float, default=None, help=default_help("warmup_epochs"))
     g = p.add_argument_group("GBG: the grouping (Algorithm 1)")
     g.add_argument("--max-groups", type=int, default=None,
@@ -239,7 +246,7 @@ def add_train_arguments(p):
                         "groups.json's history and log.txt's regroup_ari")
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
-    g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping")
+    g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping (default: none, every training sample)")
     s = p.add_argument_group("GBG: the step (Algorithm 2) and its batches")
     s.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
@@ -302,9 +309,10 @@ def add_train_arguments(p):
     r.add_argument("--print-freq", type=int, default=0,
                    help="steps between progress lines (0: about ten lines an epoch)")
     r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
-    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
+    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates (default: none; a training run resumes from "
+                                                         "--output-dir by itself)")
     r.add_argument("--exit-after-epoch", type=int, default=None,
-                   help="stop (as if killed) once this epoch's checkpoint is written; for tests")
+                   help="stop (as if killed) once this epoch's checkpoint is written; for tests (default: none)")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
                         "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (results/README.md)")

@@ -140,6 +140,21 @@ def test_help_shows_what_runs_and_the_most_used_flags_first():
             assert per_dataset[ds] == (f"{value:g}" if isinstance(value, float) else str(value)), (ds, key, stated)
 
 
+def test_help_gives_every_flags_default():
+    """Every flag that takes a value says its default in --help (an on/off flag is off unless given):
+    --seed's 0 went unsaid, as 0 == False. folder-lt's layout is said there, not only in README."""
+    parser = T.get_args_parser(add_help=True)
+    formatter = parser._get_formatter()
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and a.nargs != 0
+              and "default" not in formatter._expand_help(a)]
+    assert silent == [], silent
+    text = " ".join(parser.format_help().split())
+    for flag, default in (("--seed", "0"), ("--data-seed", "0"), ("--momentum", "0.9")):
+        shown = re.search(re.escape(flag) + r" [A-Z_]+ .*?\(default: ([^)]*)\)", text).group(1)
+        assert shown == default == str(parser.get_default(flag[2:].replace("-", "_"))), (flag, shown)
+    assert "DATA_ROOT/train/<class>/*, DATA_ROOT/test/<class>/*" in text
+
+
 def test_submit_help_shows_the_cluster_flags_first():
     r = python("slurm/submit.py", "--help", timeout=300)
     assert r.returncode == 0, r.stderr
