@@ -319,6 +319,11 @@ BUGS = [
      "    if not torch.is_tensor(class_to_group) and len(class_to_group) and \\\n",
      "    if False and \\\n",
      ["tests/test_moo.py::test_group_losses_refuses_group_ids_beyond_num_groups"]),
+    # the command line reaching what it sets (issue #37's review)
+    ("group_loss_flag_not_passed", "train.py",
+     "gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,",
+     "gbg.group_losses(logits, y, class_to_group, G,",
+     ["tests/test_step.py::test_mgda_step_matches_separate_passes[ce-all-sample]"]),
     ("workspace_shrinks", "gbg.py",
      "    if workspace is not None and (kept is None or flat.data_ptr() != kept.data_ptr()):",
      "    if workspace is not None:",
