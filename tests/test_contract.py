@@ -355,6 +355,20 @@ def test_eval_reads_the_data_root_of_the_checkpoint(tmp_path, monkeypatch, capsy
         run("--device", "cpu", "--eval", "--resume", out / "checkpoint.pth", "--data-root", tmp_path / "nowhere")
 
 
+def test_eval_takes_the_model_options_of_the_checkpoint(tmp_path, capsys):
+    """--eval --resume CKPT alone evaluates under the checkpoint's --imb-factor (and data set, arch):
+    at IF 10, synthetic-lt's classes are Many and Medium, where the default IF 100 would make some
+    Few; its Many / Medium / Few are the ones the run logged."""
+    out = tmp_path / "run"
+    run(*FAST, *PLAIN, "--imb-factor", "10", "--epochs", "1", "--output-dir", out)
+    logged = read_log(out)[-1]
+    assert logged["test_few"] is None and logged["test_many"] is not None and logged["test_medium"] is not None
+    results = run("--device", "cpu", "--eval", "--resume", out / "checkpoint.pth")
+    assert {k: results["test"][k] for k in ("top1", "many", "medium", "few")} == \
+        {k: logged[f"test_{k}"] for k in ("top1", "many", "medium", "few")}
+    assert "synthetic-lt IF 10, data seed 0, resnet8" in capsys.readouterr().out
+
+
 def test_a_negligible_gbg_update_is_reported(tmp_path, monkeypatch, capsys):
     """An MGDA update a millionth of the plain gradient (scripted: the real step, scaled) for 3 epochs
     in a row: a warning in the log at the third, none before."""
