@@ -374,8 +374,11 @@ def train_flags(args):
     flags = []
     for k, v in vars(args).items():
         if k in defaults and v is not None and v != defaults[k]:
-            value = " ".join(map(str, v)) if isinstance(v, list) else v
-            flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {value}"))
+            name = k.replace("_", "-")
+            if isinstance(v, bool):  # --amp; --recalibrate-bn / --no-recalibrate-bn (BooleanOptionalAction)
+                flags.append(f"--{name}" if v else f"--no-{name}")
+            else:
+                flags.append(f"--{name} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v])))
     return " ".join(flags)
 
 

@@ -149,6 +149,27 @@ def test_dry_run_cluster_options(tmp_path, monkeypatch, capsys):
     assert "AttributeError" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
+def test_dry_run_rounds_the_time_up_and_prints_a_train_command_that_parses(tmp_path, monkeypatch, capsys):
+    """--timeout 30.5 asks sbatch for 31 minutes (SLURM takes whole minutes; fewer would end the job
+    before the limit asked for); the training flags the dry run prints are a train.py command line
+    that gives back the job's flags (--no-recalibrate-bn, not '--recalibrate-bn False')."""
+    submit_py = load_submit()
+    monkeypatch.setenv("PATH", fake_sinfo(tmp_path / "bin", [8]))
+    argv = ["--dry-run", "--job-dir", "/shared/x/%j", "--timeout", "30.5", "--dataset", "folder-lt", "--data-root",
+            "/data/my images", "--no-recalibrate-bn", "--lr-drops", "3", "5", "--amp", "--seed", "2"]
+    args = submit_py.get_args_parser().parse_args(argv)
+    submit_py.main(args)
+    out, err = capsys.readouterr()
+    assert sbatch_flags(out)["time"] == "31"
+    line = [l for l in err.splitlines() if "nothing submitted" in l][0]
+    flags = line.split("would run train.py ")[1].split(" from a copy of the code")[0]
+    import shlex
+    import train as T
+    parsed = vars(T.get_args_parser().parse_args(shlex.split(flags)))
+    expected = vars(T.get_args_parser().parse_args(argv[5:]))
+    assert parsed == expected and parsed["recalibrate_bn"] is False and parsed["data_root"] == "/data/my images"
+
+
 def test_slurm_submission_writes_the_dry_run_script_and_a_requeueable_trainer(tmp_path, monkeypatch, capsys):
     submit_py = load_submit()
     monkeypatch.setattr(submit_py, "NODE_LOCAL", ())  # tmp_path is under /tmp
