@@ -1439,7 +1439,7 @@ class EpochStats:
         if is_main(args):
             elapsed = time.time() - self.t0
             left = (steps - step - 1) * elapsed / (step + 1)
-            run_left = f", run eta {hms(clock.eta(epoch, left, left + elapsed))}" if clock else ""
+            run_left = f", run eta {clock.eta_text(epoch, left, left + elapsed)}" if clock else ""
             print(f"epoch {epoch} [{step + 1}/{steps}] loss {seen[0] / (step + 1):.4f} "
                   f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
                   f"eta {hms(left)} (epoch){run_left}", flush=True)
@@ -1662,28 +1662,72 @@ def evaluate_splits(model, test_loader, val_loader, class_counts, device, args):
 
 class RunClock:
     """The run's time: the seconds it has trained, across resumes (log.txt's time_s; each checkpoint
-    keeps it as elapsed_s, so a resumed run continues the count), and the time it has left."""
+    keeps it as elapsed_s, so a resumed run continues the count), and the time it has left.
 
-    def __init__(self, epochs, before=0.0):
-        self.epochs, self.before, self.t0 = epochs, before, time.time()
-        self.epoch_t0, self.epoch_s = self.t0, []  # the whole epochs this process ran, in seconds
+    Epochs differ in cost by kind: kind(epoch) is "GBG" for the epochs that step on groups (G
+    backward passes a step) and "plain" for the others (the warm-up before the grouping); each kind
+    is timed on its own, and each grouping (at the epochs in `groupings`) apart from its epoch. The
+    time left is unknown (eta returns None) while an epoch kind or a grouping still to come has not
+    been timed: at the end of the warm-up the run's ETA waits for the first GBG epoch, instead of
+    pricing it as a warm-up epoch. now: the clock (tests pass a fake one)."""
+
+    def __init__(self, epochs, before=0.0, kind=lambda epoch: "plain", groupings=(), now=time.time):
+        self.epochs, self.before, self.kind, self.groupings, self.now = epochs, before, kind, set(groupings), now
+        self.t0 = self.epoch_t0 = now()
+        self.epoch, self.grouping_t = 0, 0.0
+        self.epoch_s, self.grouping_s = {}, []  # whole epochs by kind (their grouping left out), groupings
 
     def elapsed(self):
-        return self.before + time.time() - self.t0
+        return self.before + self.now() - self.t0
 
-    def start_epoch(self):
-        self.epoch_t0 = time.time()
+    def start_epoch(self, epoch):
+        self.epoch, self.epoch_t0, self.grouping_t = epoch, self.now(), 0.0
+
+    def grouped(self, seconds):
+        """The grouping of the current epoch took `seconds`."""
+        self.grouping_s.append(seconds)
+        self.grouping_t += seconds
 
     def end_epoch(self):
-        self.epoch_s.append(time.time() - self.epoch_t0)
+        self.epoch_s.setdefault(self.kind(self.epoch), []).append(self.now() - self.epoch_t0 - self.grouping_t)
 
-    def eta(self, epoch, left_in_epoch, epoch_estimate):
-        """Seconds left: what is left of epoch `epoch`, then each later epoch at the mean of the
-        last whole epochs measured (grouping, evaluation and checkpoint included), or at
-        epoch_estimate before the first one ends."""
-        recent = self.epoch_s[-5:]
-        per_epoch = sum(recent) / len(recent) if recent else epoch_estimate
-        return left_in_epoch + (self.epochs - epoch - 1) * per_epoch
+    def eta(self, epoch, left_in_epoch, epoch_estimate=None):
+        """Seconds left: what is left of epoch `epoch`, then each later epoch at the mean of the last
+        five whole epochs of its kind (evaluation and checkpoint included), or for epoch's own kind
+        before one ends at epoch_estimate, plus each grouping to come at the mean of the last ones.
+        None while a kind or a grouping to come has not been timed."""
+        left = left_in_epoch
+        for e in range(epoch + 1, self.epochs):
+            recent = self.epoch_s.get(self.kind(e), [])[-5:]
+            if recent:
+                left += sum(recent) / len(recent)
+            elif epoch_estimate is not None and self.kind(e) == self.kind(epoch):
+                left += epoch_estimate
+            else:
+                return None
+            if e in self.groupings:
+                if not self.grouping_s:
+                    return None
+                left += sum(self.grouping_s[-5:]) / len(self.grouping_s[-5:])
+        return left
+
+    def eta_text(self, epoch, left_in_epoch, epoch_estimate=None):
+        """eta as printed: h:mm:ss, or when it cannot be known yet, after what it will be."""
+        left = self.eta(epoch, left_in_epoch, epoch_estimate)
+        if left is not None:
+            return hms(left)
+        kinds = [self.kind(e) for e in range(epoch + 1, self.epochs) if not self.epoch_s.get(self.kind(e))]
+        return f"after the first {kinds[0]} epoch" if kinds else "after the first grouping"
+
+
+def run_clock(args, before):
+    """The run's RunClock: its GBG epochs (from --group-epoch on, with --grouping other than none)
+    and the epochs at which it groups (--group-epoch, then every --regroup-every)."""
+    if args.grouping == "none":
+        return RunClock(args.epochs, before)
+    every = args.regroup_every or args.epochs
+    return RunClock(args.epochs, before, kind=lambda e: "GBG" if e >= args.group_epoch else "plain",
+                    groupings=range(args.group_epoch, args.epochs, every))
 
 
 def elapsed_before(ckpt, log_path, start_epoch):
@@ -1705,8 +1749,31 @@ def epoch_line(epoch, stats, clock, args):
     else:
         loss = f"train loss {stats['train_loss']:.4f}, " if "train_loss" in stats else ""
         done = f"{loss}not evaluated (--eval-every {args.eval_every})"
-    left = f", eta {hms(clock.eta(epoch, 0.0, 0.0))}" if epoch + 1 < args.epochs else ""
+    left = f", eta {clock.eta_text(epoch, 0.0)}" if epoch + 1 < args.epochs else ""
     return f"epoch {epoch}: {done}; {hms(clock.elapsed())} elapsed{left}"
+
+
+def warm_up_text(args):
+    """The run line's warm-up: its epochs, or the part of it that runs when the run is shorter."""
+    if args.warmup_epochs > args.epochs:
+        return f"{args.epochs:g} of its {args.warmup_epochs:g} epochs"
+    return f"{args.warmup_epochs}"
+
+
+def short_run_note(args):
+    """One line when the run ends inside its warm-up (e.g. --epochs 1 on CIFAR's 5-epoch warm-up):
+    the lr never reaches --lr, and the default grouping is at the initial model; None otherwise."""
+    if args.warmup_epochs <= 0 or math.ceil(args.warmup_epochs) < args.epochs:
+        return None
+    what = []
+    if args.warmup_epochs > args.epochs:
+        what.append(f"the lr rises to at most {lr_at(args.epochs, args):.3g}, never to --lr {args.lr:g},")
+    if args.grouping != "none" and args.group_epoch == 0:
+        what.append("the classes are grouped at the initial model (epoch 0), not at the end of the warm-up")
+    if not what:
+        return None
+    return (f"run: {plural(args.epochs, 'epoch')}, not longer than the {args.warmup_epochs:g}-epoch warm-up: "
+            f"{' and '.join(what)}; for a whole run give more --epochs, or --warmup-epochs 0 for a quick check")
 
 
 # A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
@@ -1739,11 +1806,14 @@ def main(args):
     else:
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
                   f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} "
-                  f"{args.schedule} (warm-up {args.warmup_epochs}), "
+                  f"{args.schedule} (warm-up {warm_up_text(args)}), "
                   f"wd {args.wd}; loss {args.loss}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}, {'bf16 autocast' if args.amp else 'fp32'}"
                   f"{f'; preset {args.preset}' if args.preset else ''}")
+        short = short_run_note(args)
+        if short:
+            log(args, short)
 
     # --- data -------------------------------------------------------------------------------------
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
@@ -1829,15 +1899,17 @@ def main(args):
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
-    clock = RunClock(args.epochs, elapsed_before(ckpt, out / "log.txt", start_epoch) if is_main(args) else 0.0)
+    clock = run_clock(args, elapsed_before(ckpt, out / "log.txt", start_epoch) if is_main(args) else 0.0)
     negligible = 0  # epochs in a row with a negligible GBG update
     for epoch in range(start_epoch, args.epochs):
-        clock.start_epoch()
+        clock.start_epoch(epoch)
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
         regroup_ari = None
         if args.grouping != "none" and due:  # Stage 1, Algorithm 1
+            t0 = clock.now()
             groups, groups_info, regroup_ari = group_classes(model, data, args, device, epoch, groups, groups_info)
+            clock.grouped(clock.now() - t0)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)

@@ -3,6 +3,7 @@ experiment under new flags; an error in a DataLoader worker ends the process wit
 of a hang; the same command gives the same run whatever --workers; bad input and interruptions end
 in one line before any work is lost, and say which checkpoint is kept."""
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -38,7 +39,7 @@ def start(*args, cwd=ROOT):
     the processes of a shell's background job, this test's perhaps, which a child inherits)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -235,19 +236,26 @@ def test_a_bad_image_ends_the_run_with_one_line_whatever_the_workers(tmp_path):
     SIGTERM and then waits: the process used to hang after a traceback); with none, the same line
     (as the UserError that train.py prints as one line: no process needed)."""
     cases = bad_image_cases(tmp_path)
-    procs = {name: (start(*argv, "--workers", 2, "--output-dir", tmp_path / name), words, time.time())
-             for name, (argv, words) in cases.items()}
-    for name, (argv, words) in cases.items():
-        with pytest.raises(data_lt.UserError) as e:
-            run(*argv, "--workers", 0, "--output-dir", tmp_path / f"{name} 0")
-        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
-    for name, (p, words, t0) in procs.items():
-        try:
-            out, err = p.communicate(timeout=600)  # seconds on an idle machine; a hang never ends
-        except subprocess.TimeoutExpired:
-            p.kill()
-            pytest.fail(f"{name}, --workers 2: still running after {time.time() - t0:.0f} s")
-        one_line(p.returncode, err, *words)
+    procs = {}
+    try:  # whatever fails, no train.py (nor its workers, in its process group) outlives the test
+        for name, (argv, words) in cases.items():
+            procs[name] = (start(*argv, "--workers", 2, "--output-dir", tmp_path / name), words, time.time())
+        for name, (argv, words) in cases.items():
+            with pytest.raises(data_lt.UserError) as e:
+                run(*argv, "--workers", 0, "--output-dir", tmp_path / f"{name} 0")
+            assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+        for name, (p, words, t0) in procs.items():
+            try:
+                out, err = p.communicate(timeout=600)  # seconds on an idle machine; a hang never ends
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name}, --workers 2: still running after {time.time() - t0:.0f} s")
+            one_line(p.returncode, err, *words)
+    finally:
+        for p, _, _ in procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)  # the process and its DataLoader workers
+                p.communicate()
 
 
 def test_utf8_byte_order_mark_in_a_split_file(tmp_path):
@@ -367,6 +375,27 @@ def test_eval_takes_the_model_options_of_the_checkpoint(tmp_path, capsys):
     assert {k: results["test"][k] for k in ("top1", "many", "medium", "few")} == \
         {k: logged[f"test_{k}"] for k in ("top1", "many", "medium", "few")}
     assert "synthetic-lt IF 10, data seed 0, resnet8" in capsys.readouterr().out
+
+
+def test_a_run_inside_its_warm_up_says_so_and_the_eta_waits_for_a_gbg_epoch(tmp_path, capsys):
+    """--epochs 1 under a 5-epoch warm-up: the run line gives the warm-up that runs, and one line says
+    that the lr stays below --lr (the logged lr is under the bound it gives) and that the classes are
+    grouped at the initial model. A run with a warm-up of 1 epoch before 2 GBG epochs: the epoch line
+    at the end of the warm-up gives no run ETA priced at warm-up epochs."""
+    run(*FAST, "--epochs", "1", "--warmup-epochs", "5", "--lr", "0.1", "--output-dir", tmp_path / "short")
+    lines = capsys.readouterr().out.splitlines()
+    assert "(warm-up 1 of its 5 epochs)" in [l for l in lines if l.startswith("run: ")][0]
+    notes = [l for l in lines if "warm-up:" in l]
+    assert notes == ["run: 1 epoch, not longer than the 5-epoch warm-up: the lr rises to at most 0.02, never to --lr "
+                     "0.1, and the classes are grouped at the initial model (epoch 0), not at the end of the warm-up; "
+                     "for a whole run give more --epochs, or --warmup-epochs 0 for a quick check"], lines
+    assert 0.01 < read_log(tmp_path / "short")[0]["lr"] <= 0.02 and "groups (epoch 0)" in "\n".join(lines)
+    run(*FAST, "--epochs", "3", "--warmup-epochs", "1", "--output-dir", tmp_path / "warm")
+    lines = capsys.readouterr().out.splitlines()
+    assert not [l for l in lines if "warm-up:" in l] and "(warm-up 1.0)" in lines[0]
+    ends = [l for l in lines if re.match(r"epoch \d: ", l)]
+    assert ends[0].endswith("elapsed, eta after the first GBG epoch"), ends
+    assert re.search(r"elapsed, eta \d:\d\d:\d\d$", ends[1]) and ends[2].endswith("elapsed"), ends
 
 
 def test_a_negligible_gbg_update_is_reported(tmp_path, monkeypatch, capsys):
