@@ -32,6 +32,7 @@ by (epoch seed, sample index) alone, for either kind. For "tensor" data, views="
 same views batch by batch on the device (device_views), seeded by (epoch seed, sample index) too.
 """
 import atexit
+import contextlib
 import math
 import multiprocessing.util  # noqa: F401 (its exit hook is registered before end_workers, which runs first)
 import os
@@ -319,9 +320,13 @@ def _require_root(root):
 
 def _cifar(name, root, imb_factor, seed):
     make = torchvision.datasets.CIFAR10 if name == "cifar10-lt" else torchvision.datasets.CIFAR100
+    existed = os.path.exists(root)
     try:
         train, test = make(root, train=True, download=True), make(root, train=False, download=True)
     except Exception as e:  # no network, proxy, corrupt archive: all end the same way for the user
+        if not existed:  # torchvision made the folder for the download: not left behind empty
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
         raise UserError(f"{name}: CIFAR python files not found under {root} and download failed "
                       f"({type(e).__name__}: {_one_line(e)[:200]}); place the CIFAR python files there "
                       f"or allow downloads") from e

@@ -758,6 +758,8 @@ def check_output_dir(out):
     if out.exists() and not out.is_dir():
         raise data_lt.UserError(f"--output-dir {out} is a file; pass a folder")
     probe = out / f".write-test-{os.getpid()}"
+    if not out.exists():  # made here: a run that fails before it writes anything removes it again
+        atexit.register(remove_if_empty, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -765,6 +767,13 @@ def check_output_dir(out):
     except OSError as e:
         raise data_lt.UserError(f"--output-dir {out} cannot be written ({e.strerror or type(e).__name__}: "
                                 f"{e.filename}); pass a folder you can write to") from None
+
+
+def remove_if_empty(folder):
+    """At exit: the --output-dir this run made, if it is still empty (the run failed before its first
+    file: a missing data set, a bad flag met late, Ctrl-C in the first epoch)."""
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def checkpoint_kept(out):

@@ -143,6 +143,11 @@ def test_errors_are_one_clear_line(tmp_path):
     missing = tmp_path / "nowhere"
     _one_clear_line(train("--dataset", "imagenet-lt", "--data-root", str(missing), "--device", "cpu",
                           "--output-dir", str(tmp_path / "o1")), str(missing))
+    assert not (tmp_path / "o1").exists()  # the run made it and wrote nothing: not left behind empty
+    (tmp_path / "o0").mkdir()  # a folder the user made stays
+    _one_clear_line(train("--dataset", "imagenet-lt", "--data-root", str(missing), "--device", "cpu",
+                          "--output-dir", str(tmp_path / "o0")), str(missing))
+    assert (tmp_path / "o0").is_dir()
     # labels out of range in a split file
     root = tmp_path / "inet"
     paths = _write_images(root, 6)
