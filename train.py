@@ -1968,11 +1968,16 @@ def main(args):
                "epochs": args.epochs, "args": vars(args)}
     if is_main(args):
         write_json(out / "results.json", results)
+    log(args, f"done: {results_line(results)}; {hms(clock.elapsed())}")
+    return results
+
+
+def results_line(results):
+    """results.json's accuracies in one line (the last line of a run, and of submit.py's local jobs)."""
+    best, best_test = results.get("best_on_val"), results.get("best_test")
     on_val = f"; best on val: test top-1 {best['test_top1']:.2f} (epoch {best['epoch']})" if best else ""
     on_test = f"; best test epoch: test top-1 {best_test['top1']:.2f} (epoch {best_test['epoch']})" if best_test else ""
-    log(args, f"done: last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}; "
-              f"{hms(clock.elapsed())}")
-    return results
+    return f"last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}"
 
 
 def stop_on_sigterm(signum, frame):

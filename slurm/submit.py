@@ -25,6 +25,7 @@ import contextlib
 import copy
 import getpass
 import io
+import json
 import math
 import os
 import re
@@ -489,7 +490,11 @@ def main(args):
         job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
         raise SubmitError(f"job {job.job_id} failed: {failure_cause(e)}; full log: {job.paths.stderr}") from None
-    print(f"job {job.job_id} done: {out}/results.json")
+    try:  # the run's accuracies, as train.py's last line gives them (none when it stopped early)
+        summary = "; " + train.results_line(json.load(open(os.path.join(out, "results.json"))))
+    except (OSError, ValueError, KeyError):
+        summary = ""
+    print(f"job {job.job_id} done: {out}/results.json{summary}")
 
 
 if __name__ == "__main__":
