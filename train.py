@@ -1875,9 +1875,7 @@ def main(args):
         groups_info = ckpt.get("groups_info")  # groups.json as of this checkpoint, history included
         if args.num_groups == "auto" and groups_info and "num_groups_auto" in groups_info:
             args.num_groups = groups_info["num_groups"]  # chosen at the first grouping, kept for the run
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"])
         log(args, f"resumed from {resume_path} at epoch {start_epoch}")
         if args.loss == "bcl" and args.views is None:  # the run's own views; runs from before --views: workers
             args.views = ckpt["args"].get("views") or "workers"
@@ -1914,11 +1912,24 @@ def main(args):
         clock.start_epoch(epoch)
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
-        regroup_ari = None
-        if args.grouping != "none" and due:  # Stage 1, Algorithm 1
-            t0 = clock.now()
+        regroup_ari, groups_before, groups_info_before = None, groups, groups_info
+        pending = (ckpt or {}).get("pending_groups") if epoch == start_epoch else None
+        if args.grouping != "none" and due and pending is not None and pending["epoch"] == epoch:
+            # grouped before a stop in this epoch (see below): the same groups, not an hour's grouping again
+            groups, groups_info, regroup_ari = pending["groups"], pending["groups_info"], pending["regroup_ari"]
+            if args.num_groups == "auto":  # as chosen at that grouping
+                args.num_groups = pending["groups_info"]["num_groups"]
+            set_rng_state(pending["rng"])
+            log(args, f"groups (epoch {epoch}): as grouped before the stop, from {resume_path} (groups.json)")
+        elif args.grouping != "none" and due:  # Stage 1, Algorithm 1
+            t0, rng = clock.now(), rng_state()
             groups, groups_info, regroup_ari = group_classes(model, data, args, device, epoch, groups, groups_info)
             clock.grouped(clock.now() - t0)
+            if is_main(args) and epoch > 0:  # the last checkpoint again, with these groups for a resume in this epoch
+                save_atomic(checkpoint_dict(model, optimizer, epoch - 1, groups_before, groups_info_before, best,
+                                            best_test, args, clock.elapsed(), rng,
+                                            pending_groups={"epoch": epoch, "groups": groups, "groups_info": groups_info,
+                                                            "regroup_ari": regroup_ari, "rng": rng_state()}), ckpt_path)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
@@ -1951,11 +1962,8 @@ def main(args):
         stats.update(epoch=epoch, time_s=clock.elapsed())
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "groups": groups, "groups_info": groups_info, "best": best, "best_test": best_test,
-                         "args": vars(args), "elapsed_s": stats["time_s"],
-                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                 "python": random.getstate()}}, ckpt_path)
+            save_atomic(checkpoint_dict(model, optimizer, epoch, groups, groups_info, best, best_test, args,
+                                        stats["time_s"], rng_state()), ckpt_path)
         clock.end_epoch()
         log(args, epoch_line(epoch, stats, clock, args))
         if args.exit_after_epoch is not None and epoch >= args.exit_after_epoch:
@@ -1978,6 +1986,25 @@ def results_line(results):
     on_val = f"; best on val: test top-1 {best['test_top1']:.2f} (epoch {best['epoch']})" if best else ""
     on_test = f"; best test epoch: test top-1 {best_test['top1']:.2f} (epoch {best_test['epoch']})" if best_test else ""
     return f"last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}"
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def checkpoint_dict(model, optimizer, epoch, groups, groups_info, best, best_test, args, elapsed_s, rng, **more):
+    """checkpoint.pth after `epoch`. more: pending_groups, the groups made at the start of epoch + 1
+    (saved right after a grouping, so that a run stopped in that epoch resumes without grouping again:
+    the same groups, the random state after them, as the grouping is a function of this checkpoint)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "groups": groups,
+            "groups_info": groups_info, "best": best, "best_test": best_test, "args": vars(args),
+            "elapsed_s": elapsed_s, "rng": rng, **more}
 
 
 def stop_on_sigterm(signum, frame):

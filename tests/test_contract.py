@@ -398,6 +398,36 @@ def test_a_run_inside_its_warm_up_says_so_and_the_eta_waits_for_a_gbg_epoch(tmp_
     assert re.search(r"elapsed, eta \d:\d\d:\d\d$", ends[1]) and ends[2].endswith("elapsed"), ends
 
 
+def test_a_stop_after_the_grouping_resumes_without_grouping_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the first GBG epoch (grouped at its start, after the warm-up's checkpoint): the
+    checkpoint was written again with the groups, so the same command goes on without grouping
+    again (111 s in issue #37), to the weights and groups of a run never stopped."""
+    argv = [*FAST, "--epochs", "2", "--warmup-epochs", "1"]
+    run(*argv, "--output-dir", tmp_path / "ref")
+    real = T.train_one_epoch
+
+    def stop_in_epoch_1(model, loader, optimizer, epoch, *a, **k):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(model, loader, optimizer, epoch, *a, **k)
+    monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, "--output-dir", tmp_path / "stopped")
+    ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["pending_groups"]["epoch"] == 1
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    monkeypatch.setattr(T, "group_classes", lambda *a, **k: pytest.fail("grouped again"))
+    capsys.readouterr()
+    run(*argv, "--output-dir", tmp_path / "stopped")
+    out = capsys.readouterr().out
+    assert "groups (epoch 1): as grouped before the stop" in out and "resumed from" in out
+    ref, got = (torch.load(tmp_path / d / "checkpoint.pth", map_location="cpu", weights_only=False)
+                for d in ("ref", "stopped"))
+    assert np.array_equal(ref["groups"], got["groups"]) and "pending_groups" not in got
+    assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
+    assert [e["epoch"] for e in read_log(tmp_path / "stopped")] == [0, 1]
+
+
 def test_a_negligible_gbg_update_is_reported(tmp_path, monkeypatch, capsys):
     """An MGDA update a millionth of the plain gradient (scripted: the real step, scaled) for 3 epochs
     in a row: a warning in the log at the third, none before."""
