@@ -724,7 +724,9 @@ def check_resume_flags(ckpt, args, path):
     """Compare the command's flags with those the checkpoint was trained with: stop with one line
     naming every flag that changes the experiment (and the fix), log those that may change."""
     saved = ckpt["args"]
-    auto = "num_groups_auto" in (ckpt.get("groups_info") or {})
+    # G chosen by auto: at a grouping of the checkpoint's run, or at the one saved with it (pending_groups)
+    auto = any("num_groups_auto" in (info or {}) for info in
+               (ckpt.get("groups_info"), (ckpt.get("pending_groups") or {}).get("groups_info")))
 
     def same(key):
         mine, theirs = getattr(args, key), saved[key]

@@ -398,11 +398,13 @@ def test_a_run_inside_its_warm_up_says_so_and_the_eta_waits_for_a_gbg_epoch(tmp_
     assert re.search(r"elapsed, eta \d:\d\d:\d\d$", ends[1]) and ends[2].endswith("elapsed"), ends
 
 
-def test_a_stop_after_the_grouping_resumes_without_grouping_again(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("num_groups", ["3", "auto"])
+def test_a_stop_after_the_grouping_resumes_without_grouping_again(tmp_path, monkeypatch, capsys, num_groups):
     """Ctrl-C in the first GBG epoch (grouped at its start, after the warm-up's checkpoint): the
     checkpoint was written again with the groups, so the same command goes on without grouping
-    again (111 s in issue #37), to the weights and groups of a run never stopped."""
-    argv = [*FAST, "--epochs", "2", "--warmup-epochs", "1"]
+    again (111 s in issue #37), to the weights and groups of a run never stopped; --num-groups auto
+    keeps the G it chose there."""
+    argv = [*FAST, "--epochs", "2", "--warmup-epochs", "1", "--num-groups", num_groups]
     run(*argv, "--output-dir", tmp_path / "ref")
     real = T.train_one_epoch
 
