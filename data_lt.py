@@ -34,6 +34,7 @@ CE under --augment release (the authors' CIFAR view) trains on the classificatio
 views=[bcl_views(...)[0]] in workers, or views="device-cls" on the device, batches ([x_cls], y).
 """
 import atexit
+import contextlib
 import math
 import multiprocessing.util  # noqa: F401 (its exit hook is registered before end_workers, which runs first)
 import os
@@ -321,9 +322,13 @@ def _require_root(root):
 
 def _cifar(name, root, imb_factor, seed):
     make = torchvision.datasets.CIFAR10 if name == "cifar10-lt" else torchvision.datasets.CIFAR100
+    existed = os.path.exists(root)
     try:
         train, test = make(root, train=True, download=True), make(root, train=False, download=True)
     except Exception as e:  # no network, proxy, corrupt archive: all end the same way for the user
+        if not existed:  # torchvision made the folder for the download: not left behind empty
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
         raise UserError(f"{name}: CIFAR python files not found under {root} and download failed "
                       f"({type(e).__name__}: {_one_line(e)[:200]}); place the CIFAR python files there "
                       f"or allow downloads") from e

@@ -149,7 +149,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+        # `is`, not `in`: 0 == False, and --seed 0's default would go unsaid
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.default == [] or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
@@ -168,9 +170,13 @@ def add_train_arguments(p):
     after its cluster flags)."""
     c = p.add_argument_group("most used")
     c.add_argument("--dataset", default="cifar10-lt", choices=DATASETS,
-                   help="the long-tailed data set; synthetic-lt is made in memory (README's CPU demo: about a minute on one core)")
+                   help="the long-tailed data set; folder-lt: any image tree DATA_ROOT/train/<class>/*, "
+                        "DATA_ROOT/test/<class>/* (the same class folders; train cut long-tailed like CIFAR); "
+                        "synthetic-lt is made in memory (README's CPU demo: about a minute on one core)")
     c.add_argument("--data-root", default=None,
-                   help="folder holding the data set, see README (default: ./data; with --eval the checkpoint's)")
+                   help="folder holding the data set: CIFAR's python files (downloaded when absent), ImageNet-LT's or "
+                        "iNat's images and split files, folder-lt's train/ and test/ class folders; see README "
+                        "(default: ./data; with --eval the checkpoint's)")
     c.add_argument("--arch", default=None, choices=["resnet32", "resnet20", "resnet8", "resnet50", "resnext50_32x4d"],
                    help=default_help("arch", "resnet8/20: smaller CIFAR ResNets, for quick checks and the tests"))
     c.add_argument("--loss", default=None, choices=["ce", "bcl"],
@@ -223,7 +229,8 @@ def add_train_arguments(p):
                    help=default_help("schedule", "step: x --lr-gamma (0.1) at each of --lr-drops (by default at 80%% and 90%% of the "
                                                  "epochs, 160/180 of 200)"))
     o.add_argument("--lr-drops", type=int, nargs="+", default=None,
-                   help="step schedule: epochs at which lr drops x --lr-gamma")
+                   help="step schedule: epochs at which lr drops x --lr-gamma (default: 80%% and 90%% of --epochs, "
+                        "160 180 of 200; --preset release: 160 180)")
     o.add_argument("--lr-gamma", type=float, default=0.1,
                    help="step schedule: the factor of each drop. 0.1: the release's adjust_lr (GBG_v1 "
                         "cifar_Group_full.py l.422-434: x0.1 after 160, x0.01 after 180); 0.01: LDAM-DRW's "
@@ -252,7 +259,7 @@ def add_train_arguments(p):
                         "groups.json's history and log.txt's regroup_ari")
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
-    g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping")
+    g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping (default: none, every training sample)")
     s = p.add_argument_group("GBG: the step (Algorithm 2) and its batches")
     s.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
@@ -320,9 +327,10 @@ def add_train_arguments(p):
     r.add_argument("--print-freq", type=int, default=0,
                    help="steps between progress lines (0: about ten lines an epoch)")
     r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
-    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates")
+    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates (default: none; a training run resumes from "
+                                                         "--output-dir by itself)")
     r.add_argument("--exit-after-epoch", type=int, default=None,
-                   help="stop (as if killed) once this epoch's checkpoint is written; for tests")
+                   help="stop (as if killed) once this epoch's checkpoint is written; for tests (default: none)")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (grouping and evaluation stay eager); "
                         "measured on the CPU: steps 1.3-1.6x faster after 1-2.5 min of compiling (results/README.md)")
@@ -334,6 +342,10 @@ def add_train_arguments(p):
                    help="BatchNorm statistics over the global batch (without it, each process normalises its own "
                         "share and the running statistics are averaged over the processes after every epoch)")
     return p
+
+
+EVAL_NEEDS_RESUME = ("--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by "
+                     "itself from checkpoint.pth in --output-dir")
 
 
 def fill_defaults(args):
@@ -372,8 +384,9 @@ def fill_defaults(args):
         raise data_lt.UserError(f"{as_flag(not_finite[0], getattr(args, not_finite[0]))} is not a number a run "
                                 f"can use; give a finite value")
     checks = [
-        (args.batch_size >= 1 and args.batch_size % args.world_size == 0,
-         f"--batch-size {args.batch_size} does not split over the {args.world_size} process(es); "
+        (args.batch_size >= 1, f"--batch-size {args.batch_size}: give a positive batch size (the global batch)"),
+        (args.batch_size % args.world_size == 0,
+         f"--batch-size {args.batch_size} does not split over the {args.world_size} processes; "
          f"pick a positive multiple of {args.world_size}"),
         (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
         (args.lr > 0, f"--lr {args.lr} must be positive"),
@@ -412,9 +425,7 @@ def fill_defaults(args):
          "--diag-every must be >= 0 (0: off) and --diag-batches at least 1"),
         (args.diag_every == 0 or args.loss == "ce",
          "--diag-every measures the cross-entropy step; use it with --loss ce (BCL's views are random)"),
-        (args.eval == (args.resume is not None),
-         "--eval and --resume PATH go together (evaluate that checkpoint); a training run resumes by itself "
-         "from checkpoint.pth in --output-dir"),
+        (args.eval == (args.resume is not None), EVAL_NEEDS_RESUME),
         (not args.compile or compile_supported(),
          f"--compile needs torch >= 2.6 (torch.compiler.set_stance, torch._functorch.config.donated_buffer); "
          f"this is torch {torch.__version__}: upgrade torch or drop --compile"),
@@ -741,7 +752,9 @@ def check_resume_flags(ckpt, args, path):
     """Compare the command's flags with those the checkpoint was trained with: stop with one line
     naming every flag that changes the experiment (and the fix), log those that may change."""
     saved = ckpt["args"]
-    auto = "num_groups_auto" in (ckpt.get("groups_info") or {})
+    # G chosen by auto: at a grouping of the checkpoint's run, or at the one saved with it (pending_groups)
+    auto = any("num_groups_auto" in (info or {}) for info in
+               (ckpt.get("groups_info"), (ckpt.get("pending_groups") or {}).get("groups_info")))
 
     def same(key):
         mine, theirs = getattr(args, key), saved[key]
@@ -775,6 +788,8 @@ def check_output_dir(out):
     if out.exists() and not out.is_dir():
         raise data_lt.UserError(f"--output-dir {out} is a file; pass a folder")
     probe = out / f".write-test-{os.getpid()}"
+    if not out.exists():  # made here: a run that fails before it writes anything removes it again
+        atexit.register(remove_if_empty, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -782,6 +797,13 @@ def check_output_dir(out):
     except OSError as e:
         raise data_lt.UserError(f"--output-dir {out} cannot be written ({e.strerror or type(e).__name__}: "
                                 f"{e.filename}); pass a folder you can write to") from None
+
+
+def remove_if_empty(folder):
+    """At exit: the --output-dir this run made, if it is still empty (the run failed before its first
+    file: a missing data set, a bad flag met late, Ctrl-C in the first epoch)."""
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def checkpoint_kept(out):
@@ -1477,7 +1499,7 @@ class EpochStats:
         if is_main(args):
             elapsed = time.time() - self.t0
             left = (steps - step - 1) * elapsed / (step + 1)
-            run_left = f", run eta {hms(clock.eta(epoch, left, left + elapsed))}" if clock else ""
+            run_left = f", run eta {clock.eta_text(epoch, left, left + elapsed)}" if clock else ""
             print(f"epoch {epoch} [{step + 1}/{steps}] loss {seen[0] / (step + 1):.4f} "
                   f"lr {optimizer.param_groups[0]['lr']:.4g} {seen[2] / max(elapsed, 1e-9):.0f} img/s "
                   f"eta {hms(left)} (epoch){run_left}", flush=True)
@@ -1631,6 +1653,8 @@ MODEL_OPTIONS = ("dataset", "imb_factor", "data_seed", "arch", "loss")
 
 
 def load_for_eval(args):
+    if args.resume is None:  # before fill_defaults, whose check says the same
+        raise data_lt.UserError(EVAL_NEEDS_RESUME)
     path = Path(args.resume)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -1698,28 +1722,72 @@ def evaluate_splits(model, test_loader, val_loader, class_counts, device, args):
 
 class RunClock:
     """The run's time: the seconds it has trained, across resumes (log.txt's time_s; each checkpoint
-    keeps it as elapsed_s, so a resumed run continues the count), and the time it has left."""
+    keeps it as elapsed_s, so a resumed run continues the count), and the time it has left.
 
-    def __init__(self, epochs, before=0.0):
-        self.epochs, self.before, self.t0 = epochs, before, time.time()
-        self.epoch_t0, self.epoch_s = self.t0, []  # the whole epochs this process ran, in seconds
+    Epochs differ in cost by kind: kind(epoch) is "GBG" for the epochs that step on groups (G
+    backward passes a step) and "plain" for the others (the warm-up before the grouping); each kind
+    is timed on its own, and each grouping (at the epochs in `groupings`) apart from its epoch. The
+    time left is unknown (eta returns None) while an epoch kind or a grouping still to come has not
+    been timed: at the end of the warm-up the run's ETA waits for the first GBG epoch, instead of
+    pricing it as a warm-up epoch. now: the clock (tests pass a fake one)."""
+
+    def __init__(self, epochs, before=0.0, kind=lambda epoch: "plain", groupings=(), now=time.time):
+        self.epochs, self.before, self.kind, self.groupings, self.now = epochs, before, kind, set(groupings), now
+        self.t0 = self.epoch_t0 = now()
+        self.epoch, self.grouping_t = 0, 0.0
+        self.epoch_s, self.grouping_s = {}, []  # whole epochs by kind (their grouping left out), groupings
 
     def elapsed(self):
-        return self.before + time.time() - self.t0
+        return self.before + self.now() - self.t0
 
-    def start_epoch(self):
-        self.epoch_t0 = time.time()
+    def start_epoch(self, epoch):
+        self.epoch, self.epoch_t0, self.grouping_t = epoch, self.now(), 0.0
+
+    def grouped(self, seconds):
+        """The grouping of the current epoch took `seconds`."""
+        self.grouping_s.append(seconds)
+        self.grouping_t += seconds
 
     def end_epoch(self):
-        self.epoch_s.append(time.time() - self.epoch_t0)
+        self.epoch_s.setdefault(self.kind(self.epoch), []).append(self.now() - self.epoch_t0 - self.grouping_t)
 
-    def eta(self, epoch, left_in_epoch, epoch_estimate):
-        """Seconds left: what is left of epoch `epoch`, then each later epoch at the mean of the
-        last whole epochs measured (grouping, evaluation and checkpoint included), or at
-        epoch_estimate before the first one ends."""
-        recent = self.epoch_s[-5:]
-        per_epoch = sum(recent) / len(recent) if recent else epoch_estimate
-        return left_in_epoch + (self.epochs - epoch - 1) * per_epoch
+    def eta(self, epoch, left_in_epoch, epoch_estimate=None):
+        """Seconds left: what is left of epoch `epoch`, then each later epoch at the mean of the last
+        five whole epochs of its kind (evaluation and checkpoint included), or for epoch's own kind
+        before one ends at epoch_estimate, plus each grouping to come at the mean of the last ones.
+        None while a kind or a grouping to come has not been timed."""
+        left = left_in_epoch
+        for e in range(epoch + 1, self.epochs):
+            recent = self.epoch_s.get(self.kind(e), [])[-5:]
+            if recent:
+                left += sum(recent) / len(recent)
+            elif epoch_estimate is not None and self.kind(e) == self.kind(epoch):
+                left += epoch_estimate
+            else:
+                return None
+            if e in self.groupings:
+                if not self.grouping_s:
+                    return None
+                left += sum(self.grouping_s[-5:]) / len(self.grouping_s[-5:])
+        return left
+
+    def eta_text(self, epoch, left_in_epoch, epoch_estimate=None):
+        """eta as printed: h:mm:ss, or when it cannot be known yet, after what it will be."""
+        left = self.eta(epoch, left_in_epoch, epoch_estimate)
+        if left is not None:
+            return hms(left)
+        kinds = [self.kind(e) for e in range(epoch + 1, self.epochs) if not self.epoch_s.get(self.kind(e))]
+        return f"after the first {kinds[0]} epoch" if kinds else "after the first grouping"
+
+
+def run_clock(args, before):
+    """The run's RunClock: its GBG epochs (from --group-epoch on, with --grouping other than none)
+    and the epochs at which it groups (--group-epoch, then every --regroup-every)."""
+    if args.grouping == "none":
+        return RunClock(args.epochs, before)
+    every = args.regroup_every or args.epochs
+    return RunClock(args.epochs, before, kind=lambda e: "GBG" if e >= args.group_epoch else "plain",
+                    groupings=range(args.group_epoch, args.epochs, every))
 
 
 def elapsed_before(ckpt, log_path, start_epoch):
@@ -1741,8 +1809,31 @@ def epoch_line(epoch, stats, clock, args):
     else:
         loss = f"train loss {stats['train_loss']:.4f}, " if "train_loss" in stats else ""
         done = f"{loss}not evaluated (--eval-every {args.eval_every})"
-    left = f", eta {hms(clock.eta(epoch, 0.0, 0.0))}" if epoch + 1 < args.epochs else ""
+    left = f", eta {clock.eta_text(epoch, 0.0)}" if epoch + 1 < args.epochs else ""
     return f"epoch {epoch}: {done}; {hms(clock.elapsed())} elapsed{left}"
+
+
+def warm_up_text(args):
+    """The run line's warm-up: its epochs, or the part of it that runs when the run is shorter."""
+    if args.warmup_epochs > args.epochs:
+        return f"{args.epochs:g} of its {args.warmup_epochs:g} epochs"
+    return f"{args.warmup_epochs}"
+
+
+def short_run_note(args):
+    """One line when the run ends inside its warm-up (e.g. --epochs 1 on CIFAR's 5-epoch warm-up):
+    the lr never reaches --lr, and the default grouping is at the initial model; None otherwise."""
+    if args.warmup_epochs <= 0 or math.ceil(args.warmup_epochs) < args.epochs:
+        return None
+    what = []
+    if args.warmup_epochs > args.epochs:
+        what.append(f"the lr rises to at most {lr_at(args.epochs, args):.3g}, never to --lr {args.lr:g},")
+    if args.grouping != "none" and args.group_epoch == 0:
+        what.append("the classes are grouped at the initial model (epoch 0), not at the end of the warm-up")
+    if not what:
+        return None
+    return (f"run: {plural(args.epochs, 'epoch')}, not longer than the {args.warmup_epochs:g}-epoch warm-up: "
+            f"{' and '.join(what)}; for a whole run give more --epochs, or --warmup-epochs 0 for a quick check")
 
 
 # A GBG update shorter than this fraction of the plain gradient's (log.txt's update_ratio) for this
@@ -1776,11 +1867,15 @@ def main(args):
         log(args, f"run: {args.dataset} IF {args.imb_factor:g}, {args.arch}, {plural(args.epochs, 'epoch')}, batch "
                   f"{args.batch_size} over {plural(args.world_size, 'process', 'processes')}, lr {args.lr} "
                   f"{args.schedule}{f' x{args.lr_gamma:g} a drop' if args.schedule == 'step' else ''} (warm-up "
-                  f"{args.warmup_epochs}), wd {args.wd}; loss {args.loss}"
-                  f"{' class-balanced' if args.class_balanced else ''}, augment {args.augment}, grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
+                  f"{warm_up_text(args)}), wd {args.wd}; loss {args.loss}"
+                  f"{' class-balanced' if args.class_balanced else ''}, augment {args.augment}, "
+                  f"grouping {args.grouping} (G={args.num_groups}), moo {args.moo} "
                   f"({args.moo_grad}, normalize {args.normalize}), sampler {args.sampler}, workers {args.workers}; "
                   f"device {device}, {'bf16 autocast' if args.amp else 'fp32'}"
                   f"{f'; preset {args.preset}' if args.preset else ''}")
+        short = short_run_note(args)
+        if short:
+            log(args, short)
 
     # --- data -------------------------------------------------------------------------------------
     data = data_lt.build_data(args.dataset, args.data_root, imb_factor=args.imb_factor, seed=args.data_seed)
@@ -1833,9 +1928,7 @@ def main(args):
         groups_info = ckpt.get("groups_info")  # groups.json as of this checkpoint, history included
         if args.num_groups == "auto" and groups_info and "num_groups_auto" in groups_info:
             args.num_groups = groups_info["num_groups"]  # chosen at the first grouping, kept for the run
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"])
         log(args, f"resumed from {resume_path} at epoch {start_epoch}")
         if uses_views(args) and args.views is None:  # the run's own views; runs from before --views: workers
             args.views = ckpt["args"].get("views") or "workers"
@@ -1869,15 +1962,30 @@ def main(args):
     # --- train ------------------------------------------------------------------------------------
     test_loader = eval_loader(data.test, args, device)
     val_loader = eval_loader(data.val, args, device) if data.val is not None else None
-    clock = RunClock(args.epochs, elapsed_before(ckpt, out / "log.txt", start_epoch) if is_main(args) else 0.0)
+    clock = run_clock(args, elapsed_before(ckpt, out / "log.txt", start_epoch) if is_main(args) else 0.0)
     negligible = 0  # epochs in a row with a negligible GBG update
     for epoch in range(start_epoch, args.epochs):
-        clock.start_epoch()
+        clock.start_epoch(epoch)
         due = epoch == args.group_epoch or (args.regroup_every and epoch > args.group_epoch
                                             and (epoch - args.group_epoch) % args.regroup_every == 0)
-        regroup_ari = None
-        if args.grouping != "none" and due:  # Stage 1, Algorithm 1
+        regroup_ari, groups_before, groups_info_before = None, groups, groups_info
+        pending = (ckpt or {}).get("pending_groups") if epoch == start_epoch else None
+        if args.grouping != "none" and due and pending is not None and pending["epoch"] == epoch:
+            # grouped before a stop in this epoch (see below): the same groups, not an hour's grouping again
+            groups, groups_info, regroup_ari = pending["groups"], pending["groups_info"], pending["regroup_ari"]
+            if args.num_groups == "auto":  # as chosen at that grouping
+                args.num_groups = pending["groups_info"]["num_groups"]
+            set_rng_state(pending["rng"])
+            log(args, f"groups (epoch {epoch}): as grouped before the stop, from {resume_path} (groups.json)")
+        elif args.grouping != "none" and due:  # Stage 1, Algorithm 1
+            t0, rng = clock.now(), rng_state()
             groups, groups_info, regroup_ari = group_classes(model, data, args, device, epoch, groups, groups_info)
+            clock.grouped(clock.now() - t0)
+            if is_main(args) and epoch > 0:  # the last checkpoint again, with these groups for a resume in this epoch
+                save_atomic(checkpoint_dict(model, optimizer, epoch - 1, groups_before, groups_info_before, best,
+                                            best_test, args, clock.elapsed(), rng,
+                                            pending_groups={"epoch": epoch, "groups": groups, "groups_info": groups_info,
+                                                            "regroup_ari": regroup_ari, "rng": rng_state()}), ckpt_path)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
@@ -1910,11 +2018,8 @@ def main(args):
         stats.update(epoch=epoch, time_s=clock.elapsed())
         if is_main(args):
             write_json(out / "log.txt", stats, mode="a")
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "groups": groups, "groups_info": groups_info, "best": best, "best_test": best_test,
-                         "args": vars(args), "elapsed_s": stats["time_s"],
-                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                 "python": random.getstate()}}, ckpt_path)
+            save_atomic(checkpoint_dict(model, optimizer, epoch, groups, groups_info, best, best_test, args,
+                                        stats["time_s"], rng_state()), ckpt_path)
         clock.end_epoch()
         log(args, epoch_line(epoch, stats, clock, args))
         if args.exit_after_epoch is not None and epoch >= args.exit_after_epoch:
@@ -1927,11 +2032,35 @@ def main(args):
                "epochs": args.epochs, "args": vars(args)}
     if is_main(args):
         write_json(out / "results.json", results)
+    log(args, f"done: {results_line(results)}; {hms(clock.elapsed())}")
+    return results
+
+
+def results_line(results):
+    """results.json's accuracies in one line (the last line of a run, and of submit.py's local jobs)."""
+    best, best_test = results.get("best_on_val"), results.get("best_test")
     on_val = f"; best on val: test top-1 {best['test_top1']:.2f} (epoch {best['epoch']})" if best else ""
     on_test = f"; best test epoch: test top-1 {best_test['top1']:.2f} (epoch {best_test['epoch']})" if best_test else ""
-    log(args, f"done: last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}; "
-              f"{hms(clock.elapsed())}")
-    return results
+    return f"last epoch: test top-1 {pct(results['last'].get('top1'))}{on_test}{on_val}"
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def checkpoint_dict(model, optimizer, epoch, groups, groups_info, best, best_test, args, elapsed_s, rng, **more):
+    """checkpoint.pth after `epoch`. more: pending_groups, the groups made at the start of epoch + 1
+    (saved right after a grouping, so that a run stopped in that epoch resumes without grouping again:
+    the same groups, the random state after them, as the grouping is a function of this checkpoint)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "groups": groups,
+            "groups_info": groups_info, "best": best, "best_test": best_test, "args": vars(args),
+            "elapsed_s": elapsed_s, "rng": rng, **more}
 
 
 def stop_on_sigterm(signum, frame):

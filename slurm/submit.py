@@ -25,6 +25,7 @@ import contextlib
 import copy
 import getpass
 import io
+import json
 import math
 import os
 import re
@@ -374,8 +375,11 @@ def train_flags(args):
     flags = []
     for k, v in vars(args).items():
         if k in defaults and v is not None and v != defaults[k]:
-            value = " ".join(map(str, v)) if isinstance(v, list) else v
-            flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {value}"))
+            name = k.replace("_", "-")
+            if isinstance(v, bool):  # --amp; --recalibrate-bn / --no-recalibrate-bn (BooleanOptionalAction)
+                flags.append(f"--{name}" if v else f"--no-{name}")
+            else:
+                flags.append(f"--{name} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v])))
     return " ".join(flags)
 
 
@@ -486,7 +490,11 @@ def main(args):
         job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
         raise SubmitError(f"job {job.job_id} failed: {failure_cause(e)}; full log: {job.paths.stderr}") from None
-    print(f"job {job.job_id} done: {out}/results.json")
+    try:  # the run's accuracies, as train.py's last line gives them (none when it stopped early)
+        summary = "; " + train.results_line(json.load(open(os.path.join(out, "results.json"))))
+    except (OSError, ValueError, KeyError):
+        summary = ""
+    print(f"job {job.job_id} done: {out}/results.json{summary}")
 
 
 if __name__ == "__main__":

@@ -184,9 +184,13 @@ def restore_determinism(monkeypatch):
 
 
 def test_deterministic_sets_what_cuda_needs(restore_determinism):
-    torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = True
+    # every setting it must turn off (or on), first turned the other way: else a setting left alone passes
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.deterministic = False
     T.make_deterministic(parse())  # without the flag: nothing changes
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.deterministic
     T.make_deterministic(parse("--deterministic"))
     assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic

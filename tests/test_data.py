@@ -284,6 +284,20 @@ def test_cifar_download_failure_is_one_line(monkeypatch):
     one_line_error(lambda: build_data("cifar100-lt", "/data/cifar"), "/data/cifar", "download")
 
 
+def test_a_failed_cifar_download_leaves_no_empty_data_root(monkeypatch, tmp_path):
+    """torchvision makes the data root before it downloads; when the download fails, a root this
+    call made is removed (if empty), one that was there is kept."""
+    def offline(root, train, download):
+        os.makedirs(root, exist_ok=True)  # as torchvision's download does
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    one_line_error(lambda: build_data("cifar10-lt", str(tmp_path / "new" / "cifar")), "download")
+    assert not (tmp_path / "new" / "cifar").exists()
+    (tmp_path / "mine").mkdir()
+    one_line_error(lambda: build_data("cifar10-lt", str(tmp_path / "mine")), "download")
+    assert (tmp_path / "mine").is_dir()
+
+
 # --- augmentation ---------------------------------------------------------------------------------
 
 def reference_normalize(u8):

@@ -165,6 +165,22 @@ def planted(folder, rows, tail=""):
     return folder
 
 
+def test_each_accuracy_panel_draws_its_own_key(tmp_path):
+    """(a)'s four panels, each titled with what it draws and drawing that key of the log: values
+    distinct per key, so that two panels swapped (Medium and Few) or fed the same key are seen."""
+    rows = [{"epoch": e, "test_top1": 10.0 + e, "test_many": 20.0 + e, "test_medium": 30.0 + e, "test_few": 40.0 + e}
+            for e in range(3)]
+    run = plot_runs.with_colors([plot_runs.load_run(planted(tmp_path / "r", rows))])
+    axes = plot_runs.draw_accuracy(run).axes
+    for ax, key, word in zip(axes, ("test_top1", "test_many", "test_medium", "test_few"),
+                             ("top-1", "Many", "Medium", "Few")):
+        assert word in ax.get_title(), (key, ax.get_title())
+        assert [list(l.get_ydata()) for l in ax.lines] == [[r[key] for r in rows]], (key, ax.get_title())
+    shots = {w: a.get_title() for a in axes for w in ("Many", "Medium", "Few") if w in a.get_title()}
+    assert shots == {"Many": f"Many (> {plot_runs.MANY} images)", "Medium": f"Medium ({plot_runs.FEW}-{plot_runs.MANY} "
+                     f"images)", "Few": f"Few (< {plot_runs.FEW} images)"}
+
+
 def test_diag_mean_is_over_the_epochs_both_runs_diagnosed(tmp_path):
     """--diag-epoch mean: the base run diagnosed epochs 0 and 1, the other only 1: both are drawn
     at epoch 1 alone, not the base at the mean of 0 and 1."""

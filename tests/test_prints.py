@@ -77,6 +77,7 @@ def test_print_helpers():
     assert T.print_every(SimpleNamespace(print_freq=3), 1000) == 3
     # the epoch line: not evaluated, or evaluated with an empty shot group
     clock = T.RunClock(epochs=3)
+    clock.start_epoch(0)
     clock.end_epoch()
     args = SimpleNamespace(eval_every=2, epochs=3)
     line = T.epoch_line(0, {"train_loss": 1.23456789}, clock, args)
@@ -85,6 +86,56 @@ def test_print_helpers():
     line = T.epoch_line(2, {"train_loss": 1.0, "test_top1": 50.0, "test_many": 66.66666666666667, "test_medium": None,
                             "test_few": 0.0}, clock, args)
     assert line.startswith("epoch 2: test top-1 50.00 (many 66.67, medium -, few 0.00); ") and "eta" not in line
+
+
+def test_eta_prices_gbg_epochs_and_the_grouping_apart_from_the_warm_up():
+    """issue #37's run, on a fake clock: 5 warm-up epochs of 60 s, a grouping of 120 s, GBG epochs
+    of 300 s (8 epochs). At the end of the warm-up the run's ETA is not given as three warm-up
+    epochs (it waits for the first GBG epoch); inside the first GBG epoch it counts the later ones
+    at this epoch's pace; after it, exactly the epochs left at 300 s; the progress line's run ETA
+    and the next epoch line's agree. Regroupings to come are counted at the grouping's time."""
+    now = [0.0]
+    args = SimpleNamespace(grouping="gbg", epochs=8, group_epoch=5, regroup_every=0, eval_every=1)
+    clock = T.run_clock(args, 0.0)
+    clock.now = lambda: now[0]
+    clock.t0 = 0.0
+
+    def epoch(e, seconds, grouping=0.0):
+        clock.start_epoch(e)
+        if grouping:
+            now[0] += grouping
+            clock.grouped(grouping)
+        now[0] += seconds
+        clock.end_epoch()
+    for e in range(5):
+        epoch(e, 60.0)
+        assert clock.eta(e, 0.0) is None  # GBG epochs to come, none timed
+    assert T.epoch_line(4, {"train_loss": 1.0}, clock, args).endswith("eta after the first GBG epoch")
+    clock.start_epoch(5)
+    now[0] += 120.0
+    clock.grouped(120.0)
+    now[0] += 150.0  # half of epoch 5's steps: the progress line's estimate of the epoch is 300 s
+    assert clock.eta(5, 150.0, 300.0) == 150.0 + 2 * 300.0
+    assert clock.eta_text(5, 150.0, 300.0) == T.hms(750.0)
+    now[0] += 150.0
+    clock.end_epoch()
+    assert clock.eta(5, 0.0) == 2 * 300.0 and T.epoch_line(5, {"train_loss": 1.0}, clock, args).endswith("eta 0:10:00")
+    clock.start_epoch(6)
+    now[0] += 150.0
+    assert clock.eta(6, 150.0, 300.0) == 150.0 + 300.0  # the same pace as the epoch line said
+    assert clock.elapsed() == 5 * 60.0 + 120.0 + 300.0 + 150.0
+    # regrouping every 2 epochs from epoch 2 of 7: epochs 4 and 6 will group again
+    args = SimpleNamespace(grouping="gbg", epochs=7, group_epoch=2, regroup_every=2)
+    clock = T.run_clock(args, 0.0)
+    clock.now, now[0] = (lambda: now[0]), 0.0
+    for e, (seconds, grouping) in enumerate([(10.0, 0), (10.0, 0), (50.0, 20.0)]):
+        epoch(e, seconds, grouping)
+    assert clock.eta(2, 0.0) == 4 * 50.0 + 2 * 20.0
+    # no grouping: every epoch one kind, timed from the first
+    clock = T.run_clock(SimpleNamespace(grouping="none", epochs=3), 0.0)
+    clock.now, now[0] = (lambda: now[0]), 0.0
+    epoch(0, 30.0)
+    assert clock.eta(0, 0.0) == 60.0 and clock.eta(0, 5.0, 30.0) == 65.0
 
 
 def test_elapsed_time_of_a_resumed_run(tmp_path):
@@ -138,6 +189,21 @@ def test_help_shows_what_runs_and_the_most_used_flags_first():
                     per_dataset.setdefault(name, value)
             value = getattr(args, key)
             assert per_dataset[ds] == (f"{value:g}" if isinstance(value, float) else str(value)), (ds, key, stated)
+
+
+def test_help_gives_every_flags_default():
+    """Every flag that takes a value says its default in --help (an on/off flag is off unless given):
+    --seed's 0 went unsaid, as 0 == False. folder-lt's layout is said there, not only in README."""
+    parser = T.get_args_parser(add_help=True)
+    formatter = parser._get_formatter()
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and a.nargs != 0
+              and "default" not in formatter._expand_help(a)]
+    assert silent == [], silent
+    text = " ".join(parser.format_help().split())
+    for flag, default in (("--seed", "0"), ("--data-seed", "0"), ("--momentum", "0.9")):
+        shown = re.search(re.escape(flag) + r" [A-Z_]+ .*?\(default: ([^)]*)\)", text).group(1)
+        assert shown == default == str(parser.get_default(flag[2:].replace("-", "_"))), (flag, shown)
+    assert "DATA_ROOT/train/<class>/*, DATA_ROOT/test/<class>/*" in text
 
 
 def test_submit_help_shows_the_cluster_flags_first():

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,27 @@ def test_dry_run_cluster_options(tmp_path, monkeypatch, capsys):
     assert "AttributeError" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
+def test_dry_run_rounds_the_time_up_and_prints_a_train_command_that_parses(tmp_path, monkeypatch, capsys):
+    """--timeout 30.5 asks sbatch for 31 minutes (SLURM takes whole minutes; fewer would end the job
+    before the limit asked for); the training flags the dry run prints are a train.py command line
+    that gives back the job's flags (--no-recalibrate-bn, not '--recalibrate-bn False')."""
+    submit_py = load_submit()
+    monkeypatch.setenv("PATH", fake_sinfo(tmp_path / "bin", [8]))
+    argv = ["--dry-run", "--job-dir", "/shared/x/%j", "--timeout", "30.5", "--dataset", "folder-lt", "--data-root",
+            "/data/my images", "--no-recalibrate-bn", "--lr-drops", "3", "5", "--amp", "--seed", "2"]
+    args = submit_py.get_args_parser().parse_args(argv)
+    submit_py.main(args)
+    out, err = capsys.readouterr()
+    assert sbatch_flags(out)["time"] == "31"
+    line = [l for l in err.splitlines() if "nothing submitted" in l][0]
+    flags = line.split("would run train.py ")[1].split(" from a copy of the code")[0]
+    import shlex
+    import train as T
+    parsed = vars(T.get_args_parser().parse_args(shlex.split(flags)))
+    expected = vars(T.get_args_parser().parse_args(argv[5:]))
+    assert parsed == expected and parsed["recalibrate_bn"] is False and parsed["data_root"] == "/data/my images"
+
+
 def test_slurm_submission_writes_the_dry_run_script_and_a_requeueable_trainer(tmp_path, monkeypatch, capsys):
     submit_py = load_submit()
     monkeypatch.setattr(submit_py, "NODE_LOCAL", ())  # tmp_path is under /tmp
@@ -206,6 +228,28 @@ def test_slurm_submission_writes_the_dry_run_script_and_a_requeueable_trainer(tm
     out, folder = capsys.readouterr().out, tmp_path / "jobs3" / "4343"
     assert f"job 4343: logs in {folder}, checkpoints and results in {outdir}" in out
     assert f"tail -f {folder}/4343_0_log.out; cat {outdir}/log.txt" in out and f"{folder}/log.txt" not in out
+
+
+def test_a_local_job_ends_with_its_accuracy(tmp_path, monkeypatch, capsys):
+    """--cluster local and debug wait for the job: their last line gives the run's accuracies (read
+    from results.json, as train.py's own last line), not only where the file is."""
+    submit_py = load_submit()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    try:
+        submit_py.main(submit_py.get_args_parser().parse_args(
+            ["--cluster", "debug", "--dataset", "synthetic-lt", "--arch", "resnet8", "--device", "cpu",
+             "--gpus-per-node", "0", "--cpus-per-task", "1", "--workers", "0", "--batch-size", "512", "--epochs", "1",
+             "--grouping", "none", "--moo", "none", "--sampler", "random", "--print-freq", "1000",
+             "--output-dir", str(out), "--job-dir", str(tmp_path / "jobs" / "%j")]))
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    results = json.load(open(out / "results.json"))
+    top1 = f"{results['last']['top1']:.2f}"
+    assert re.fullmatch(rf"job \S+ done: {re.escape(str(out))}/results.json; last epoch: test top-1 {top1}; best test "
+                        rf"epoch: test top-1 {top1} \(epoch 0\)", last), last
 
 
 def test_a_resubmission_with_other_cluster_flags_resumes(tmp_path, monkeypatch, capsys):

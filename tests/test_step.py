@@ -62,8 +62,15 @@ def reference(model, x, y, args, weights=None):
     if bcl and args.bcl_group_loss == "la":
         # logit adjustment, tau = 1: + log class prior (the model keeps it in float32)
         logits = logits + torch.log(torch.as_tensor(COUNTS / COUNTS.sum(), dtype=torch.float32)).double()
-    L, present = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss)
-    idx = present.nonzero().flatten().tolist()
+    # the group losses by hand: class, Eq. 10's mean of the class means; sample, the mean over the
+    # group's samples (the release's, --loss bcl's default)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    groups = C2G[y]
+    idx = sorted(set(groups.tolist()))
+    if args.group_loss == "class":
+        L = {i: torch.stack([ce[y == k].mean() for k in sorted(set(y[groups == i].tolist()))]).mean() for i in idx}
+    else:
+        L = {i: ce[groups == i].mean() for i in idx}
     g = [torch.cat([t.reshape(-1) for t in grads(L[i], params)]) for i in idx]
     flat = torch.stack(g)
     la = args.la_weight if bcl else 1.0
@@ -93,22 +100,23 @@ def reference(model, x, y, args, weights=None):
 
 def step(model, x, y, args, state=None, step_index=0):
     model.zero_grad(set_to_none=True)
-    counts = torch.bincount(y, minlength=K)
-    logits, mean_loss, contrast = T.batch_losses(model, x, y, counts, args, torch.device("cpu"))
-    losses, present = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss, class_counts=counts)
+    # the step's losses as train_one_epoch takes them (step_losses passes --group-loss on)
+    _, _, mean_loss, contrast, losses, present = T.step_losses(model, x, y, C2G, 3, args, torch.device("cpu"))
     out = T.take_step(losses, present, mean_loss, contrast, model, args, {} if state is None else state, step_index)
     got = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
     return got, out
 
 
+@pytest.mark.parametrize("group_loss", ["class", "sample"])
 @pytest.mark.parametrize("gram", ["all", "backbone"])
 @pytest.mark.parametrize("loss", ["ce", "bcl", "bcl-ce"])
-def test_mgda_step_matches_separate_passes(loss, gram):
+def test_mgda_step_matches_separate_passes(loss, gram, group_loss):
     """CE: d over every parameter. BCL: logit-adjusted group losses (plain CE ones with
     --bcl-group-loss ce, the release), p.grad = la_weight * d + the contrastive gradient (heads get
-    only the latter); the Gram over the backbone alone when asked."""
-    loss, group_loss = (loss, "la") if loss != "bcl-ce" else ("bcl", "ce")
-    args = make_args(loss=loss, moo_gram=gram, bcl_group_loss=group_loss)
+    only the latter); the Gram over the backbone alone when asked; group losses as class means
+    (Eq. 10) or sample means (--group-loss sample), each against its by-hand definition."""
+    loss, bcl_group_loss = (loss, "la") if loss != "bcl-ce" else ("bcl", "ce")
+    args = make_args(loss=loss, moo_gram=gram, bcl_group_loss=bcl_group_loss, group_loss=group_loss)
     model = make_model(bcl=loss == "bcl")
     x, y = batch(1, bcl=loss == "bcl")
     want = reference(model, x, y, args)

@@ -143,6 +143,11 @@ def test_errors_are_one_clear_line(tmp_path):
     missing = tmp_path / "nowhere"
     _one_clear_line(train("--dataset", "imagenet-lt", "--data-root", str(missing), "--device", "cpu",
                           "--output-dir", str(tmp_path / "o1")), str(missing))
+    assert not (tmp_path / "o1").exists()  # the run made it and wrote nothing: not left behind empty
+    (tmp_path / "o0").mkdir()  # a folder the user made stays
+    _one_clear_line(train("--dataset", "imagenet-lt", "--data-root", str(missing), "--device", "cpu",
+                          "--output-dir", str(tmp_path / "o0")), str(missing))
+    assert (tmp_path / "o0").is_dir()
     # labels out of range in a split file
     root = tmp_path / "inet"
     paths = _write_images(root, 6)
@@ -238,7 +243,7 @@ def parse(*argv, world_size=1):
     (["--gac-fill", "0"], "--gac-fill"), (["--gac-fill", "1.5"], "--gac-fill"),
     (["--sketch-dim", "-1"], "--sketch-dim"), (["--grad-max-per-class", "0"], "--grad-max-per-class"),
     (["--num-groups", "0"], "--num-groups"), (["--eval-every", "0"], "--eval-every"),
-    (["--batch-size", "0"], "--batch-size"), (["--lr-drops", "180", "160"], "--lr-drops"),
+    (["--batch-size", "0"], "--batch-size 0: give a positive batch size"), (["--lr-drops", "180", "160"], "--lr-drops"),
     (["--epochs", "0"], "--epochs"), (["--preset", "release", "--dataset", "imagenet-lt"], "--preset release"),
     (["--resume", "x.pth"], "--resume"), (["--eval"], "--eval")])
 def test_bad_flags_name_the_flag(argv, words):
@@ -249,6 +254,13 @@ def test_bad_flags_name_the_flag(argv, words):
     with pytest.raises(data_lt.UserError, match=words) as e:
         parse(*argv)
     assert "\n" not in str(e.value)
+
+
+def test_eval_without_resume_is_one_line(tmp_path):
+    """--eval alone used to end in a TypeError traceback (the checkpoint is read before the flags
+    are checked); the command line as a user types it, in a subprocess."""
+    _one_clear_line(train("--eval", "--device", "cpu", "--output-dir", str(tmp_path / "o")), "--eval and --resume PATH")
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_gbg_argument_is_one_line(tmp_path):
