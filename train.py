@@ -226,8 +226,8 @@ def add_train_arguments(p):
     o.add_argument("--wd", type=float, default=None, help=default_help("wd"))
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--schedule", default=None, choices=["step", "cosine"],
-                   help=default_help("schedule", "step: x --lr-gamma (0.1) at each of --lr-drops (by default at 80%% and 90%% of the "
-                                                 "epochs, 160/180 of 200)"))
+                   help=default_help("schedule", "step: x --lr-gamma (0.1) at each of --lr-drops (by default at "
+                                                  "80%% and 90%% of the epochs, 160/180 of 200)"))
     o.add_argument("--lr-drops", type=int, nargs="+", default=None,
                    help="step schedule: epochs at which lr drops x --lr-gamma (default: 80%% and 90%% of --epochs, "
                         "160 180 of 200; --preset release: 160 180)")
@@ -259,7 +259,8 @@ def add_train_arguments(p):
                         "groups.json's history and log.txt's regroup_ari")
     g.add_argument("--sketch-dim", type=int, default=0,
                    help="CountSketch size of the class gradients (0: exact when K*P floats fit in 2 GB, else 16384)")
-    g.add_argument("--grad-max-per-class", type=int, default=None, help="cap on samples per class for grouping (default: none, every training sample)")
+    g.add_argument("--grad-max-per-class", type=int, default=None,
+                   help="cap on samples per class for grouping (default: none, every training sample)")
     s = p.add_argument_group("GBG: the step (Algorithm 2) and its batches")
     s.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
@@ -309,9 +310,9 @@ def add_train_arguments(p):
                    help=default_help("bcl_group_loss", "under grouping, the group losses are logit-adjusted CE (la) or "
                                                        "plain CE (ce, the authors' CIFAR release)"))
     b.add_argument("--views", default=None, choices=["device", "workers"],
-                   help="BCL, and --augment release: where the views are made: device (default for CIFAR-sized data held as one "
-                        "tensor; batched on --device, this project's choice, same transforms) or workers (per "
-                        "sample in DataLoader workers; always for image files)")
+                   help="BCL, and --augment release: where the views are made: device (default for CIFAR-sized "
+                        "data held as one tensor; batched on --device, this project's choice, same transforms) or "
+                        "workers (per sample in DataLoader workers; always for image files)")
     x = p.add_argument_group("diagnostics")
     x.add_argument("--diag-every", type=int, default=0,
                    help="every N epochs, on --diag-batches fixed training batches (no augmentation), the cosine "
@@ -327,8 +328,9 @@ def add_train_arguments(p):
     r.add_argument("--print-freq", type=int, default=0,
                    help="steps between progress lines (0: about ten lines an epoch)")
     r.add_argument("--eval", action="store_true", help="with --resume PATH: evaluate that checkpoint and exit")
-    r.add_argument("--resume", default=None, metavar="PATH", help="the checkpoint --eval evaluates (default: none; a training run resumes from "
-                                                         "--output-dir by itself)")
+    r.add_argument("--resume", default=None, metavar="PATH",
+                   help="the checkpoint --eval evaluates (default: none; a training run resumes from --output-dir "
+                        "by itself)")
     r.add_argument("--exit-after-epoch", type=int, default=None,
                    help="stop (as if killed) once this epoch's checkpoint is written; for tests (default: none)")
     r.add_argument("--compile", action="store_true",
@@ -1984,8 +1986,9 @@ def main(args):
             if is_main(args) and epoch > 0:  # the last checkpoint again, with these groups for a resume in this epoch
                 save_atomic(checkpoint_dict(model, optimizer, epoch - 1, groups_before, groups_info_before, best,
                                             best_test, args, clock.elapsed(), rng,
-                                            pending_groups={"epoch": epoch, "groups": groups, "groups_info": groups_info,
-                                                            "regroup_ari": regroup_ari, "rng": rng_state()}), ckpt_path)
+                                            pending_groups={"epoch": epoch, "groups": groups,
+                                                            "groups_info": groups_info, "regroup_ari": regroup_ari,
+                                                            "rng": rng_state()}), ckpt_path)
         class_to_group = None if groups is None else torch.as_tensor(groups, device=device)
         sampler = make_sampler(data, groups, args)
         sampler.set_epoch(epoch)
