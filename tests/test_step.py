@@ -94,9 +94,10 @@ def reference(model, x, y, args, weights=None):
 def step(model, x, y, args, state=None, step_index=0):
     model.zero_grad(set_to_none=True)
     counts = torch.bincount(y, minlength=K)
-    logits, mean_loss, contrast = T.batch_losses(model, x, y, counts, args, torch.device("cpu"))
+    logits, mean_loss, contrast, z = T.batch_losses(model, x, y, counts, args, torch.device("cpu"))
     losses, present = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss, class_counts=counts)
-    out = T.take_step(losses, present, mean_loss, contrast, model, args, {} if state is None else state, step_index)
+    out = T.take_step(losses, present, mean_loss, contrast, model, args, {} if state is None else state, step_index,
+                      features=z)
     got = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
     return got, out
 
@@ -265,8 +266,8 @@ def test_amp_runs_the_network_in_bf16_on_the_cpu():
     model.backbone.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % K
     for amp in (False, True):
-        logits, mean_loss, _ = T.batch_losses(model, x, y, torch.bincount(y, minlength=K), make_args(amp=amp),
-                                              torch.device("cpu"))
+        logits, mean_loss, _, _ = T.batch_losses(model, x, y, torch.bincount(y, minlength=K), make_args(amp=amp),
+                                                 torch.device("cpu"))
         inp, out = seen[-1]
         assert out.dtype == (torch.bfloat16 if amp else torch.float32)
         assert inp.is_contiguous(memory_format=torch.channels_last) == amp
