@@ -500,16 +500,20 @@ def _dist_batch():
 def _dist_runs(x, y, c2g, class_counts, process_group):
     """Each (mode, normalize) step on a fresh copy of the same net; returns alpha and grads."""
     out = {}
-    for mode in ("exact", "partial", "weighted"):
+    for mode in ("exact", "partial", "features", "weighted"):
         for normalize in ("none", "loss+"):
             torch.manual_seed(12)
             net = nn.ModuleDict({"body": nn.Sequential(nn.Linear(5, 8), nn.Tanh()),
                                  "head": nn.Linear(8, 7)}).double()
-            losses, present = group_losses(net["head"](net["body"](x)), y, c2g, 4, class_counts=class_counts)
+            z = net["body"](x)
+            losses, present = group_losses(net["head"](z), y, c2g, 4, class_counts=class_counts)
             params, alpha = list(net.parameters()), torch.zeros(1)
             kw = dict(normalize=normalize, process_group=process_group)
             if mode == "exact":
                 alpha = mgda_backward(losses[present], params, **kw)["alpha"]
+            elif mode == "features":  # each rank holds its own rows of z: the z-Grams are summed
+                alpha = gbg.mgda_backward_features(losses[present], z, params, gram_params=net["head"].parameters(),
+                                                   **kw)["alpha"]
             elif mode == "partial":
                 alpha = gbg.mgda_backward_partial(losses[present], params, list(net["head"].parameters()), **kw)["alpha"]
             else:
