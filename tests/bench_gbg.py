@@ -12,7 +12,7 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
     (--moo-every k) and the MGDA-UB step (--moo-grad features) vs a plain CE step.
 (c) gbg.min_norm_weights for G = 2 ... 1000.
 (i) (b)'s steps, MGDA-UB (--moo-grad features) among them, at ResNet-50 on ImageNet-shaped batches
-    (3x224x224, K = 1000, batch 32: what one CPU thread takes in minutes).
+    (3x224x224, K = 1000, batch 16: what one shared CPU thread takes in minutes).
 (d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
     CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
 (e) BCL's three views of a CIFAR-sized epoch: torchvision per sample (DataLoader workers) vs
@@ -212,7 +212,7 @@ def bench_steps(args, device, imagenet=False):
     G = 4
     if imagenet:
         K, size = 1000, 224
-        arch, bs, warmup, reps = ("resnet50", 8, 1, 2) if args.quick else ("resnet50", 32, 1, 3)
+        arch, bs, warmup, reps = ("resnet50", 8, 1, 2) if args.quick else ("resnet50", 16, 1, 3)
     else:
         K, size = 100, 32
         arch, bs, warmup, reps = ("resnet8", 64, 1, 2) if args.quick else ("resnet32", 256, 2, 5)
