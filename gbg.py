@@ -1302,6 +1302,10 @@ def mgda_backward_features(losses, features, params, *, gram_params=(), normaliz
     z part of the Gram is the SUM of the processes' Grams; the classifier's gradients are summed
     first, then their Gram is taken. Both travel in one collective. Returns as mgda_backward."""
     losses, params = _check_step_args(losses, params, normalize, update)
+    if not torch.is_tensor(features) or not features.requires_grad:
+        raise ValueError("features must be the tensor the losses read the shared network through (z, the "
+                         "backbone's output, in the graph: requires grad); got "
+                         f"{type(features).__name__}")
     gram_params = [p for p in gram_params if p.requires_grad]
     values = _loss_values(losses, params[0].device, normalize, process_group)
     G, P = len(losses), sum(p.numel() for p in gram_params)

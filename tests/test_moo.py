@@ -646,6 +646,9 @@ def test_features_gram_of_z_alone_is_diagonal_for_disjoint_groups():
                                       normalize="none")["gram"]
     off = both - torch.diag(both.diagonal())
     assert off.abs().max() > 1e-3 * both.diagonal().max()
+    for bad in (None, z.detach()):  # train.py's take_step without z, or a z cut from the graph
+        with pytest.raises(ValueError, match="features must be"):
+            gbg.mgda_backward_features(group_losses(head(body(x)), y, c2g, 3)[0], bad, model.parameters())
 
 
 def test_features_step_with_z_the_parameter_is_the_exact_step():
