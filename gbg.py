@@ -64,6 +64,9 @@ Extras, after the "Extras" banner; none of them is needed to train:
                       adjusted_rand_index (how far two groupings agree)
     last-stage step   mgda_backward_partial: alpha from the last stage's gradients, then one
                       full backward
+    MGDA-UB step      mgda_backward_features: alpha from the gradients w.r.t. the shared
+                      representation z and the classifier's parameters (Sener & Koltun 2018,
+                      Sec. 3.3), then one full backward
     diagnostics       pareto_cosines, step_diagnostic, class_update_cosines (Fig. 2)
 
 This module needs only torch, numpy and scipy. It keeps no global state, and it communicates
@@ -1036,7 +1039,7 @@ def mgda_backward(losses, params, *, gram_params=None, normalize="l2", update="s
 # =================================================================================================
 # Extras: none of what follows is needed to train with GBG. Sketched class gradients (large K x P),
 # choosing G automatically, baseline groupings and comparing groupings (the NCut value, the
-# adjusted Rand index), the cheaper last-stage step, and diagnostics of a step.
+# adjusted Rand index), the cheaper last-stage and MGDA-UB steps, and diagnostics of a step.
 # =================================================================================================
 
 # --- Extras: sketched class gradients (class_gradients(sketch_dim=m)) -----------------------------
@@ -1264,6 +1267,66 @@ def mgda_backward_partial(losses, params, gram_params, *, normalize="l2", update
     flat = group_gradients(losses, gram_params, retain_graph=True, process_group=process_group)
     alpha, w, gram = mgda_weights(_gram(flat, [(0, flat.shape[1])]), values, normalize=normalize,
                                   update=update)
+    weighted_backward(losses, w, params, retain_graph=retain_graph, process_group=process_group)
+    return {"alpha": alpha, "weights": w, "gram": gram}
+
+
+# --- Extras: the shared-representation step (mgda_backward_features; MGDA-UB) ---------------------
+#
+# Sener & Koltun (2018), Sec. 3.3 "MGDA-UB": when every objective reaches the shared weights
+# through one representation z = f(x; theta_sh), g_i(theta_sh) = J^T g_i(z) with J = dz/dtheta_sh,
+# so |sum_i a_i g_i(theta_sh)| <= ||J|| |sum_i a_i g_i(z)| for every a (their Theorem 1), and the
+# min-norm problem is solved over the cheap z-gradients: G backwards that stop at z, then one full.
+# In GBG the objectives do NOT share samples: group i's loss reads only its own rows of z, so
+# g_i(z) is zero outside group i's rows, the z-Gram is DIAGONAL and its min-norm point ignores how
+# the groups' gradients interact (alpha_i ~ 1/|g_i(z)|^2; under "l2" all alpha_i = 1/G). What the
+# groups share besides the backbone is the classifier, which reaches the loss beside z, not
+# through it. So the Gram here is over the concatenation [g_i(z), g_i(classifier)]
+# (gram_params: the classifier's parameters), the Gram of the exact step whose backbone part
+# J^T g_i(z) is replaced by g_i(z). For every a on the simplex, with g_i(theta) the exact step's
+# gradient over backbone + classifier,
+#     |sum_i a_i g_i(theta)|^2 = |J^T sum_i a_i g_i(z)|^2 + |sum_i a_i g_i(fc)|^2
+#                              <= max(||J||^2, 1) |sum_i a_i [g_i(z), g_i(fc)]|^2,
+# so the exact min-norm value is at most max(||J||^2, 1) times this step's (the bound
+# tests/test_moo.py checks). With z = theta (the representation is the parameter) the two steps
+# are the same.
+
+def mgda_backward_features(losses, features, params, *, gram_params=(), normalize="l2",
+                           update="scaled", retain_graph=False, process_group=None):
+    """MGDA-UB over the shared representation: alpha from the Gram of dL_i/d(features) joined by
+    dL_i/d(gram_params), then ONE backward of sum_i w_i L_i adds d to p.grad over params.
+
+    losses: G scalar tensors, one per PRESENT group, that reach the shared network only through
+    `features` (z, e.g. the backbone's output [B, d]: what the classifier reads). gram_params:
+    parameters the losses reach beside z (the classifier's, shared by every group): their
+    gradients join the Gram (see above why GBG needs them: without, the Gram is diagonal). Each
+    group's gradients come from one autograd call over [z] + gram_params that stops at z.
+    Normalisers and update rules as mgda_backward's, over this Gram.
+
+    process_group: the batch split over processes. Every process holds its own rows of z, so the
+    z part of the Gram is the SUM of the processes' Grams; the classifier's gradients are summed
+    first, then their Gram is taken. Both travel in one collective. Returns as mgda_backward."""
+    losses, params = _check_step_args(losses, params, normalize, update)
+    if not torch.is_tensor(features) or not features.requires_grad:
+        raise ValueError("features must be the tensor the losses read the shared network through (z, the "
+                         "backbone's output, in the graph: requires grad); got "
+                         f"{type(features).__name__}")
+    gram_params = [p for p in gram_params if p.requires_grad]
+    values = _loss_values(losses, params[0].device, normalize, process_group)
+    G, P = len(losses), sum(p.numel() for p in gram_params)
+    gz = torch.empty(G, features.numel(), dtype=features.dtype, device=features.device)
+    shared = torch.zeros(G * G + G * P, dtype=torch.float64, device=features.device)
+    rows = shared[G * G:].view(G, P)
+    for i, L in enumerate(losses):  # one call per group, stopping at z: no backbone backward here
+        g_z, *g_p = torch.autograd.grad(L, [features] + gram_params, retain_graph=True, allow_unused=True)
+        gz[i].zero_() if g_z is None else gz[i].copy_(g_z.reshape(-1))
+        if P:
+            rows[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                 for g, p in zip(g_p, gram_params)])
+    shared[:G * G] = _gram(gz, [(0, gz.shape[1])]).reshape(-1)
+    _all_reduce(shared, process_group)  # sum of the z-Grams; sum of the classifier's gradients
+    gram = shared[:G * G].view(G, G) + rows @ rows.T
+    alpha, w, gram = mgda_weights(gram, values, normalize=normalize, update=update)
     weighted_backward(losses, w, params, retain_graph=retain_graph, process_group=process_group)
     return {"alpha": alpha, "weights": w, "gram": gram}
 

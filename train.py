@@ -262,9 +262,14 @@ def add_train_arguments(p):
     g.add_argument("--grad-max-per-class", type=int, default=None,
                    help="cap on samples per class for grouping (default: none, every training sample)")
     s = p.add_argument_group("GBG: the step (Algorithm 2) and its batches")
-    s.add_argument("--moo-grad", default="exact", choices=["exact", "last"],
+    s.add_argument("--moo-grad", default="exact", choices=["exact", "last", "features"],
                    help="exact: one backward per group over the whole network (Alg. 2); last: the group "
-                        "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i")
+                        "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i; "
+                        "features: MGDA-UB (Sener & Koltun 2018, Sec. 3.3), the group backwards stop at the "
+                        "backbone's output z, the Gram over [dL_i/dz, dL_i/d(classifier)] (--moo-gram backbone: z "
+                        "alone, which GBG's disjoint groups make diagonal: alpha_i ~ 1/|dL_i/dz|^2), then one "
+                        "full backward of sum w_i L_i; the exact min-norm value is <= max(||dz/dtheta||^2, 1) x "
+                        "this one's (gbg.mgda_backward_features)")
     s.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
                    help=default_help("moo_gram", "parameters of MGDA's Gram: all that the group losses reach, or the "
                                                  "backbone only (the release); the update reaches every parameter "
@@ -1221,7 +1226,8 @@ def make_sampler(data, groups, args, seed=None):
 def batch_losses(model, x, y, counts, args, device):
     """What a step optimises, whatever the step: the logits the group losses take (logit-adjusted
     under BCL, unless --bcl-group-loss ce), the global batch's sample-mean loss (logit-adjusted
-    under BCL), and the contrastive term (BCL) or None. Every loss is normalised by the GLOBAL
+    under BCL), the contrastive term (BCL) or None, and the backbone's output z (all views under
+    BCL: what --moo-grad features differentiates). Every loss is normalised by the GLOBAL
     batch's class counts, so that the sum over processes of the local losses is the loss of the
     global batch."""
     if isinstance(x, list):  # BCL's [classification view, contrastive view, contrastive view]: one batch
@@ -1238,19 +1244,19 @@ def batch_losses(model, x, y, counts, args, device):
         contrast = args.bcl_weight * bcl_contrast(model, z, y, args.bcl_temp) / args.world_size
     mean_loss = F.cross_entropy(adjusted, y, reduction="sum") / counts.sum()
     group_logits = logits if args.loss == "bcl" and args.bcl_group_loss == "ce" else adjusted  # see --bcl-group-loss
-    return group_logits, mean_loss, contrast
+    return group_logits, mean_loss, contrast, z
 
 
 def step_losses(model, x, y, class_to_group, G, args, device):
     """One batch as a step sees it: the global class counts, batch_losses' outputs and, with
-    groups, the G group losses and which groups are present (else None, None)."""
+    groups, the G group losses and which groups are present (else None, None), and z."""
     counts = all_reduce_(gbg.count_labels(y, model.fc.out_features))
-    logits, mean_loss, contrast = batch_losses(model, x, y, counts, args, device)
+    logits, mean_loss, contrast, z = batch_losses(model, x, y, counts, args, device)
     losses = present = None
     if class_to_group is not None:
         losses, present = gbg.group_losses(logits, y, class_to_group, G, mode=args.group_loss,
                                            class_counts=counts, validate=False)
-    return counts, logits, mean_loss, contrast, losses, present
+    return counts, logits, mean_loss, contrast, losses, present, z
 
 
 def last_stage_params(model):
@@ -1269,11 +1275,14 @@ def moo_parameters(model):
 
 def moo_gram_params(model, moo_params, args):
     """Where MGDA's Gram is taken: --moo-grad last, the last stage (plus the classifier unless
-    --moo-gram backbone); --moo-grad exact, every parameter the group losses reach (None) or the
+    --moo-gram backbone); --moo-grad features, the classifier's beside z (none with --moo-gram
+    backbone); --moo-grad exact, every parameter the group losses reach (None) or the
     backbone's alone (--moo-gram backbone, the release: fc, head and head_center left out)."""
     fc = list(model.fc.parameters())
     if args.moo_grad == "last":
         return last_stage_params(model) + (fc if args.moo_gram == "all" else [])
+    if args.moo_grad == "features":
+        return fc if args.moo_gram == "all" else []
     if args.moo_gram == "backbone":
         return [p for p in moo_params if all(p is not q for q in fc)]
     return None
@@ -1321,7 +1330,9 @@ def check_class_objectives_fit(model, args, num_present, device):
     gram = moo_gram_params(model, moo_params, args)
     rows = min(num_present, args.batch_size)
     itemsize = moo_params[0].element_size()
-    P = sum(p.numel() for p in (gram if args.moo_grad == "last" else moo_params))
+    P = sum(p.numel() for p in (gram if args.moo_grad in ("last", "features") else moo_params))
+    if args.moo_grad == "features":  # the rows of z beside the classifier's: batch x views x D
+        P += args.batch_size // args.world_size * (3 if args.loss == "bcl" else 1) * model.fc.in_features
     need = rows * P * itemsize
     avail = available_memory(device)
     if args.distributed:  # every process decides alike
@@ -1342,7 +1353,7 @@ def check_class_objectives_fit(model, args, num_present, device):
         f"--grouping gbg (--num-groups objectives){smaller}")
 
 
-def take_step(losses, present, mean_loss, contrast, model, args, state, step, measure=False):
+def take_step(losses, present, mean_loss, contrast, model, args, state, step, measure=False, features=None):
     """How the step is taken: p.grad <- the update for this batch's losses, summed over the
     processes (gbg does every sum, given the process group). Plain CE; the paper's "average"
     ablation (equal weights on the groups present); or MGDA (Alg. 2), solving for the weights
@@ -1350,7 +1361,7 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
     weights and the gradient workspace). Under BCL the group direction is scaled by la_weight and
     the contrastive gradient added (as the release: BCL is not one of MGDA's objectives). Returns
     MGDA's result dict when it solved ({} otherwise), with "d_norm" = |d| over moo_params when
-    `measure`.
+    `measure`. features: the backbone's output z, for --moo-grad features.
 
     Nothing here reads the device but the MGDA solve (the Gram and the losses, one copy) and, when
     batches are not GAC-completed, which groups are present (GAC puts every group in every batch)."""
@@ -1367,7 +1378,7 @@ def take_step(losses, present, mean_loss, contrast, model, args, state, step, me
         average_step(losses, present, la, extra, params, pg)
         return {}
     idx = list(range(len(losses))) if args.sampler == "gac" else present.nonzero().flatten().tolist()
-    out = mgda_step([losses[i] for i in idx], idx, model, moo_params, args, state, step, bcl, pg)
+    out = mgda_step([losses[i] for i in idx], idx, model, moo_params, args, state, step, bcl, pg, features)
     if measure:
         out["d_norm"] = torch.cat([p.grad.reshape(-1) for p in moo_params if p.grad is not None]).norm()
     if bcl:  # p.grad = la_weight * d + the BCL gradient (see BCL)
@@ -1387,7 +1398,7 @@ def average_step(losses, present, la, extra, params, pg):
     gbg.weighted_backward(list(losses) + extra, weights, params, process_group=pg)
 
 
-def mgda_step(group_terms, idx, model, moo_params, args, state, step, bcl, pg):
+def mgda_step(group_terms, idx, model, moo_params, args, state, step, bcl, pg, features=None):
     """Alg. 2: p.grad <- d = sum_i alpha_i g_i over the groups `idx` of the batch, alpha from MGDA
     every --moo-every steps and whenever those groups change, else the last solve's (`state`).
     bcl: keep the graph for the contrastive backward after it."""
@@ -1397,6 +1408,8 @@ def mgda_step(group_terms, idx, model, moo_params, args, state, step, bcl, pg):
         gram_params = moo_gram_params(model, moo_params, args)
         if args.moo_grad == "last":
             out = gbg.mgda_backward_partial(group_terms, moo_params, gram_params, **kw)
+        elif args.moo_grad == "features":
+            out = gbg.mgda_backward_features(group_terms, features, moo_params, gram_params=gram_params, **kw)
         else:
             out = gbg.mgda_backward(group_terms, moo_params, gram_params=gram_params,
                                     workspace=state.setdefault("workspace", {}), **kw)
@@ -1424,13 +1437,13 @@ def train_one_epoch(model, loader, optimizer, epoch, args, class_to_group, devic
     for step, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch + step / len(loader), args)
-        counts, logits, mean_loss, contrast, losses, present = step_losses(model, x, y, class_to_group, G, args,
-                                                                           device)
+        counts, logits, mean_loss, contrast, losses, present, z = step_losses(model, x, y, class_to_group, G, args,
+                                                                              device)
         optimizer.zero_grad(set_to_none=True)
         measure = meter.measures(losses, step)
         if measure:  # update_ratio's reference, before the step frees the graph
             meter.plain_gradient_norm(mean_loss)
-        solved = take_step(losses, present, mean_loss, contrast, model, args, state, step, measure)
+        solved = take_step(losses, present, mean_loss, contrast, model, args, state, step, measure, z)
         meter.add(solved, y, logits, mean_loss, contrast, losses, present)
         optimizer.step()
         if step % every == 0 or step == len(loader) - 1:
@@ -1555,10 +1568,10 @@ def gradient_diagnostic(model, loader, class_to_group, class_counts, args, devic
     pg = dist.group.WORLD if args.distributed else None
     cos_sum, ratio_sum, seen = (torch.zeros(K, dtype=torch.float64) for _ in range(3))
     for x, y in loader:
-        counts, logits, mean_loss, contrast, losses, present = step_losses(model, x, y, class_to_group, G, args,
-                                                                           device)
+        counts, logits, mean_loss, contrast, losses, present, z = step_losses(model, x, y, class_to_group, G, args,
+                                                                              device)
         model.zero_grad(set_to_none=True)
-        take_step(losses, present, mean_loss, contrast, model, args, {}, 0)  # p.grad <- d
+        take_step(losses, present, mean_loss, contrast, model, args, {}, 0, features=z)  # p.grad <- d
         d = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
         model.zero_grad(set_to_none=True)
         logits = batch_losses(model, x, y, counts, args, device)[0]  # the same forward again, a fresh graph

@@ -8,9 +8,11 @@ bench_*): it prints ratios measured within ONE run and asserts nothing about tim
 (a) gbg.class_gradients vs one CE training epoch over the same samples (ResNet-32, a
     CIFAR-100-LT-sized set of random images), and vs the authors' scheme (one backward per class
     present in each mixed batch, every class gradient copied to the CPU), written out below.
-(b) an exact G = 4 MGDA step, the last-stage step (--moo-grad last) and the weight-reusing step
-    (--moo-every k) vs a plain CE step.
+(b) an exact G = 4 MGDA step, the last-stage step (--moo-grad last), the weight-reusing step
+    (--moo-every k) and the MGDA-UB step (--moo-grad features) vs a plain CE step.
 (c) gbg.min_norm_weights for G = 2 ... 1000.
+(i) (b)'s steps, MGDA-UB (--moo-grad features) among them, at ResNet-50 on ImageNet-shaped batches
+    (3x224x224, K = 1000, batch 16: what one shared CPU thread takes in minutes).
 (d) peak memory of class_gradients at iNaturalist scale (8,142 classes, ResNet-50 backbone,
     CountSketch 16384), measured in a fresh subprocess, beside the dense K x P matrix.
 (e) BCL's three views of a CIFAR-sized epoch: torchvision per sample (DataLoader workers) vs
@@ -204,16 +206,28 @@ def bench_class_gradients(args, device):
 # user would and once, in a child process, as train.py does.
 
 
-def bench_steps(args, device):
-    K, G = 100, 4
-    arch, bs, warmup, reps = ("resnet8", 64, 1, 2) if args.quick else ("resnet32", 256, 2, 5)
+def bench_steps(args, device, imagenet=False):
+    """(b): ResNet-32 on CIFAR-shaped batches; (i) (imagenet): ResNet-50 on ImageNet-shaped ones
+    (3x224x224, K = 1000), at the batch one CPU thread takes in minutes."""
+    G = 4
+    if imagenet:
+        K, size = 1000, 224
+        arch, bs, warmup, reps = ("resnet50", 8, 1, 2) if args.quick else ("resnet50", 16, 1, 3)
+    else:
+        K, size = 100, 32
+        arch, bs, warmup, reps = ("resnet8", 64, 1, 2) if args.quick else ("resnet32", 256, 2, 5)
     torch.manual_seed(0)
     model = train.build_model(arch, K).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    ds, _ = lt_dataset(K, 500)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:bs]
-    x, y = ds.images[idx].to(device), ds.targets[idx].to(device)
+    if imagenet:  # labels spread over the classes, random images (the cost does not depend on them)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(bs, 3, size, size, generator=g).to(device)
+        y = torch.randperm(K, generator=g)[:bs].to(device)
+    else:
+        ds, _ = lt_dataset(K, 500)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:bs]
+        x, y = ds.images[idx].to(device), ds.targets[idx].to(device)
     # random groups of 25 classes each: every group is present in a batch of this size
     class_to_group = torch.as_tensor(gbg.random_groups(K, G, seed=0)).to(device)
     assert bool(gbg.group_losses(model(x), y, class_to_group, G)[1].all()), "a group is missing"
@@ -235,6 +249,15 @@ def bench_steps(args, device):
             gbg.mgda_backward(list(losses), params, workspace=workspace)
         optimizer.step()
 
+    fc = list(model.fc.parameters())
+
+    def features():  # --moo-grad features: G backwards that stop at z (and fc), one full backward
+        optimizer.zero_grad(set_to_none=True)
+        z = model.forward_features(x)
+        losses, _ = gbg.group_losses(model.fc(z), y, class_to_group, G, validate=False)
+        gbg.mgda_backward_features(list(losses), z, params, gram_params=fc)
+        optimizer.step()
+
     def reuse():  # --moo-every: a step between solves, one backward of sum_i w_i L_i
         optimizer.zero_grad(set_to_none=True)
         losses, _ = gbg.group_losses(model(x), y, class_to_group, G, validate=False)
@@ -245,7 +268,7 @@ def bench_steps(args, device):
         F.cross_entropy(model(x), y)
 
     steps = {"CE": ce, "exact": lambda: mgda(False), "last": lambda: mgda(True), "reuse": reuse,
-             "forward": forward}
+             "features": features, "forward": forward}
     times = {name: [] for name in steps}
     walls = {name: [] for name in steps}
     for r in range(warmup + reps):  # interleaved, so a burst of load hits every kind alike
@@ -257,11 +280,12 @@ def bench_steps(args, device):
     med = {name: statistics.median(t) for name, t in times.items()}
     wmed = {name: statistics.median(t) for name, t in walls.items()}
     kept = getattr(args, "keep_memory", False)
-    print(f"(b{', as train.py on the CPU: malloc keeping freed memory' if kept else ''}) {arch}, K={K}, G={G} "
-          f"random groups, batch {bs}, SGD; median of {reps} steps after "
+    print(f"({'i' if imagenet else 'b'}{', as train.py on the CPU: malloc keeping freed memory' if kept else ''}) "
+          f"{arch}, 3x{size}x{size}, K={K}, G={G} random groups, batch {bs}, SGD; median of {reps} steps after "
           f"{warmup} warm-up (interleaved)")
     for name, label in [("CE", "CE step        "), ("exact", "exact MGDA     "),
-                        ("last", "last-stage MGDA"), ("reuse", "reused weights ")]:
+                        ("last", "last-stage MGDA"), ("reuse", "reused weights "),
+                        ("features", "MGDA-UB (z+fc) ")]:
         ratio = "" if name == "CE" else f" = {med[name] / med['CE']:.2f}x CE (wall {wmed[name] / wmed['CE']:.2f}x)"
         print(f"    {label} : {med[name] * 1e3:8.1f} ms{ratio}; runs "
               f"{' '.join(f'{t:.2f}' for t in times[name])} s, wall {' '.join(f'{t:.2f}' for t in walls[name])} s")
@@ -275,14 +299,14 @@ def bench_steps(args, device):
           f"and 1 forward + {G} backwards = {floor:.2f}x CE: the floor of the exact step on this device; "
           f"the exact step is {med['exact'] / med['CE'] / floor:.3f}x its floor (target <= 1.08x)")
     return {"exact_vs_ce": med["exact"] / med["CE"], "exact_vs_floor": med["exact"] / med["CE"] / floor,
-            "last_vs_ce": med["last"] / med["CE"],
+            "last_vs_ce": med["last"] / med["CE"], "features_vs_ce": med["features"] / med["CE"],
             "reuse_vs_ce": med["reuse"] / med["CE"], "every": every, "floor": floor,
-            "setup": f"{arch}, batch {bs}"}
+            "setup": f"{arch}, 3x{size}x{size}, batch {bs}"}
 
 
-def bench_steps_kept_memory(args):
-    return run_child(["--steps-child", "--threads", str(args.threads)] + (["--quick"] if args.quick else []),
-                     "(b) as train.py runs on the CPU")
+def bench_steps_kept_memory(args, imagenet=False):
+    return run_child(["--steps-child", "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+                     + (["--imagenet"] if imagenet else []), f"({'i' if imagenet else 'b'}) as train.py runs on the CPU")
 
 
 # --- (f) --amp: bf16 autocast and channels_last, against fp32 ------------------------------------
@@ -601,7 +625,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--only", default="a,b,c,d,e,f,g,h", help="comma-separated parts to run, e.g. b,c")
+    p.add_argument("--only", default="a,b,c,d,e,f,g,h,i", help="comma-separated parts to run, e.g. b,c")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 (default) because the cores are shared, and a second "
                         "thread waiting on a busy core makes every op as slow as its straggler")
@@ -609,16 +633,17 @@ def main():
                    help="batches the authors' scheme is timed on (then extrapolated to the epoch)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--imagenet", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child is not None:
         return memory_child(json.loads(args.memory_child))
     if args.steps_child:
         torch.set_num_threads(args.threads)
         args.keep_memory = train.keep_freed_memory()
-        return print(json.dumps(bench_steps(args, torch.device("cpu"))))
+        return print(json.dumps(bench_steps(args, torch.device("cpu"), imagenet=args.imagenet)))
     parts = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not parts <= set("abcdefgh"):
-        p.error(f"--only takes a comma-separated subset of a,b,c,d,e,f,g,h; got {args.only!r}")
+    if not parts <= set("abcdefghi"):
+        p.error(f"--only takes a comma-separated subset of a,b,c,d,e,f,g,h,i; got {args.only!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; pass --device cpu")
@@ -637,6 +662,12 @@ def main():
         print()
         if device.type == "cpu":
             res["b_kept"] = bench_steps_kept_memory(args)
+            print()
+    if "i" in parts:
+        res["i"] = bench_steps(args, device, imagenet=True)
+        print()
+        if device.type == "cpu":
+            res["i_kept"] = bench_steps_kept_memory(args, imagenet=True)
             print()
     if "c" in parts:
         res["c"] = bench_min_norm(args)
@@ -681,6 +712,13 @@ def main():
                   f"{k['exact_vs_ce']:.2f}x (floor {k['floor']:.2f}x) / {k['last_vs_ce']:.2f}x / {k['every']['4']:.2f}x | - |")
             print(f"| exact G=4 MGDA step / its floor, as train.py runs on the CPU | {k['exact_vs_floor']:.3f}x | "
                   f"<= 1.08x |")
+    for part in ("b", "i"):  # --moo-grad's modes side by side (results/bench_moo_grad_cpu.txt)
+        for key, how in ((part, "gbg as a library"), (f"{part}_kept", "as train.py runs on the CPU")):
+            r = res.get(key)
+            if r:
+                print(f"| --moo-grad exact / last / --moo-every 4 / features, step / CE step ({r['setup']}, {how}) | "
+                      f"{r['exact_vs_ce']:.2f}x / {r['last_vs_ce']:.2f}x / {r['every'][4 if key == part else '4']:.2f}x / "
+                      f"{r['features_vs_ce']:.2f}x | features <= 1.1x |")
     if "c" in res:
         c = res["c"]
         shown = [G for G in (4, 100, 1000) if G in c]

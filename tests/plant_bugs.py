@@ -41,6 +41,7 @@ PL = "tests/test_plot_runs.py::"
 C = "tests/test_contract.py::"
 LOOP = [PT + "test_lr_batches_augmentations_and_sgd_steps_as_main_runs_them"]
 DIST = ["tests/test_distributed.py::test_two_processes_end_with_the_weights_of_one"]
+M = "tests/test_moo.py::"
 
 # (name, file, old snippet, new snippet, test ids). Snippets come from code that is unlikely to
 # be rewritten; the ones inside train_one_epoch are kept to a single expression.
@@ -153,6 +154,22 @@ BUGS = [
      "w = (alpha / n) / max((alpha / n).sum(), 1e-300)", "w = alpha / n",
      ["tests/test_moo.py::test_update_size_equal_gradients_give_that_gradient",
       "tests/test_moo.py::test_mgda_backward_exact_matches_separate_backwards"]),
+    # --moo-grad features (MGDA-UB): the classifier's part of the Gram, the z-Grams summed over
+    # processes, the raw gradients' weights w in the one backward, train.py's Gram parameters
+    ("features_gram_without_classifier", "gbg.py",
+     "    gram = shared[:G * G].view(G, G) + rows @ rows.T", "    gram = shared[:G * G].view(G, G)",
+     [M + "test_features_step_matches_separate_passes", M + "test_features_bound_on_random_networks"]),
+    ("features_z_gram_not_summed_over_ranks", "gbg.py",
+     "    _all_reduce(shared, process_group)  # sum of the z-Grams",
+     "    _all_reduce(shared[G * G:], process_group)  # sum of the z-Grams",
+     [M + "test_two_process_gloo_matches_one_process"]),
+    ("features_backward_with_alpha", "gbg.py",
+     "mgda_weights(gram, values, normalize=normalize, update=update)\n    weighted_backward(losses, w,",
+     "mgda_weights(gram, values, normalize=normalize, update=update)\n    weighted_backward(losses, alpha,",
+     [M + "test_features_step_matches_separate_passes"]),
+    ("features_gram_never_has_fc", "train.py",
+     'return fc if args.moo_gram == "all" else []', "return []",
+     ["tests/test_step.py::test_features_step_matches_separate_passes"]),
     ("recalibration_running_average", "gbg.py",  # an exponential average, not the plain one
      "                                seen[1], m.eps)", "                                0.1, m.eps)",
      ["tests/test_grouping.py::test_recalibrated_bn_equals_exact_statistics_and_is_restored"]),

@@ -130,7 +130,7 @@ def steps_study(study, data, device):
             for group in optimizer.param_groups:
                 group["lr"] = train.lr_at(epoch + step / len(loader), args)
             counts = torch.bincount(y, minlength=K)
-            logits, mean_loss, _ = train.batch_losses(model, x, y, counts, args, device)
+            logits, mean_loss, _, _ = train.batch_losses(model, x, y, counts, args, device)
             losses, present = gbg.group_losses(logits, y, c2g, G, mode=args.group_loss, class_counts=counts)
             idx = present.nonzero().flatten().tolist()
             flat = gbg.group_gradients([mean_loss] + [losses[i] for i in idx], params)

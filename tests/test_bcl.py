@@ -124,7 +124,7 @@ def test_head_batchnorm_sees_all_three_views():
     bn = model.head[1]
     hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
     args = argparse.Namespace(loss="bcl", amp=False, bcl_weight=1.6, bcl_temp=0.1, world_size=1, bcl_group_loss="la")
-    _, _, contrast = T.batch_losses(model, views, y, torch.bincount(y, minlength=5), args, torch.device("cpu"))
+    _, _, contrast, _ = T.batch_losses(model, views, y, torch.bincount(y, minlength=5), args, torch.device("cpu"))
     hook.remove()
     with torch.no_grad():
         z = ref.backbone(torch.cat(views))  # train mode: batch statistics, as in the step

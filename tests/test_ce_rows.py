@@ -120,7 +120,7 @@ def by_hand_mean_of_class_means(logits, y):
 def step_gradient(model, x, y, args, class_to_group):
     G = 0 if class_to_group is None else int(class_to_group.max()) + 1
     model.zero_grad(set_to_none=True)
-    counts, _, mean_loss, contrast, losses, present = T.step_losses(model, x, y, class_to_group, G, args,
+    counts, _, mean_loss, contrast, losses, present, _ = T.step_losses(model, x, y, class_to_group, G, args,
                                                                      torch.device("cpu"))
     T.take_step(losses, present, mean_loss, contrast, model, args, {}, 0)
     return [p.grad.clone() for p in model.parameters()]

@@ -72,6 +72,8 @@ COMMON = ["--dataset", "synthetic-lt", "--device", "cpu", "--batch-size", "64", 
           "--lr", "0.05", "--warmup-epochs", "0.5", "--group-epoch", "0", "--print-freq", "1000", "--workers", "0"]
 MODES = {  # the modes whose 2-process run must equal the 1-process run
     "exact": ["--sync-bn", "--sampler", "random", "--moo-grad", "exact"],    # exact class gradients too
+    # MGDA-UB: each process's rows of z, their Grams summed, the classifier's gradients summed first
+    "features": ["--sync-bn", "--sampler", "random", "--moo-grad", "features"],
     # weights reused between solves, the release's rule and Gram, sketched class gradients
     "every": ["--sync-bn", "--sampler", "random", "--moo-every", "3", "--normalize", "loss+", "--moo-update",
               "raw", "--moo-gram", "backbone", "--sketch-dim", "256"],

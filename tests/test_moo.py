@@ -500,16 +500,20 @@ def _dist_batch():
 def _dist_runs(x, y, c2g, class_counts, process_group):
     """Each (mode, normalize) step on a fresh copy of the same net; returns alpha and grads."""
     out = {}
-    for mode in ("exact", "partial", "weighted"):
+    for mode in ("exact", "partial", "features", "weighted"):
         for normalize in ("none", "loss+"):
             torch.manual_seed(12)
             net = nn.ModuleDict({"body": nn.Sequential(nn.Linear(5, 8), nn.Tanh()),
                                  "head": nn.Linear(8, 7)}).double()
-            losses, present = group_losses(net["head"](net["body"](x)), y, c2g, 4, class_counts=class_counts)
+            z = net["body"](x)
+            losses, present = group_losses(net["head"](z), y, c2g, 4, class_counts=class_counts)
             params, alpha = list(net.parameters()), torch.zeros(1)
             kw = dict(normalize=normalize, process_group=process_group)
             if mode == "exact":
                 alpha = mgda_backward(losses[present], params, **kw)["alpha"]
+            elif mode == "features":  # each rank holds its own rows of z: the z-Grams are summed
+                alpha = gbg.mgda_backward_features(losses[present], z, params, gram_params=net["head"].parameters(),
+                                                   **kw)["alpha"]
             elif mode == "partial":
                 alpha = gbg.mgda_backward_partial(losses[present], params, list(net["head"].parameters()), **kw)["alpha"]
             else:
@@ -579,3 +583,140 @@ def test_workspace_keeps_its_largest_buffer():
         if G == 3 and "first" not in workspace:
             workspace["first"] = workspace["flat"].data_ptr()
     assert workspace["flat"].shape[0] == 3 and workspace["flat"].data_ptr() == workspace["first"]
+
+
+# ---------------------------------------------------------------- mgda_backward_features (MGDA-UB)
+
+def _split_problem(seed=0):
+    """The toy net as backbone (Linear, Tanh) -> z [B, 16] -> classifier (Linear), and its batch."""
+    model = _mlp(seed)
+    x, y, c2g = _problem()
+    return model, model[:2], model[2], x, y, c2g
+
+
+def _features_reference(model, body, head, x, y, c2g, with_head=True):
+    """Gram of [dL_i/dz, dL_i/d(head)], each group's gradients by its own forward and autograd call."""
+    rows = []
+    for i in range(3):
+        z = body(x)
+        L = group_losses(head(z), y, c2g, 3)[0][i]
+        inputs = [z] + (list(head.parameters()) if with_head else [])
+        rows.append(_flat(torch.autograd.grad(L, inputs)))
+    rows = torch.stack(rows)
+    return rows @ rows.T
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_features_step_matches_separate_passes(normalize, update):
+    """The Gram over [dL_i/dz, dL_i/d(classifier)] equals the one from per-group autograd calls;
+    alpha is its min-norm point (normalised as documented) and p.grad = sum_i w_i g_i over every
+    parameter, g_i from separate full backwards."""
+    model, body, head, x, y, c2g = _split_problem()
+    M = _features_reference(model, body, head, x, y, c2g)
+    ref, ref_losses = _reference_grads(model, x, y, c2g)
+    n = _norms(normalize, M.diagonal().sqrt().reshape(3, 1), ref_losses)  # l2: the norms over [z, classifier]
+    alpha = min_norm_weights(M / torch.outer(n, n))
+    w = _weights_ref(alpha, n, update)
+    want = w @ torch.stack([_flat(g) for g in ref])
+    model.zero_grad(set_to_none=True)
+    z = body(x)
+    losses, present = group_losses(head(z), y, c2g, 3)
+    out = gbg.mgda_backward_features(losses[present], z, model.parameters(), gram_params=head.parameters(),
+                                     normalize=normalize, update=update)
+    assert torch.allclose(out["gram"], M / torch.outer(n, n), rtol=1e-10, atol=0)
+    assert torch.allclose(out["alpha"], alpha, atol=1e-10)
+    assert torch.allclose(_flat(p.grad for p in model.parameters()), want, rtol=0, atol=1e-12)
+    assert not torch.allclose(w, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-3)  # not a trivial solve
+
+
+def test_features_gram_of_z_alone_is_diagonal_for_disjoint_groups():
+    """GBG's groups own disjoint rows of z, so the z-Gram is diagonal (under l2 every alpha is
+    1/G, whatever the gradients): the classifier's gradients are what couple the groups."""
+    model, body, head, x, y, c2g = _split_problem(1)
+    z = body(x)
+    losses, present = group_losses(head(z), y, c2g, 3)
+    z_only = gbg.mgda_backward_features(losses, z, model.parameters(), normalize="none", retain_graph=True)["gram"]
+    M = _features_reference(model, body, head, x, y, c2g, with_head=False)
+    assert torch.allclose(z_only, M, rtol=1e-10, atol=0)
+    assert torch.count_nonzero(z_only - torch.diag(z_only.diagonal())) == 0
+    l2 = gbg.mgda_backward_features(losses, z, model.parameters(), normalize="l2", retain_graph=True)
+    assert torch.allclose(l2["alpha"], torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-12)
+    both = gbg.mgda_backward_features(losses, z, model.parameters(), gram_params=head.parameters(),
+                                      normalize="none")["gram"]
+    off = both - torch.diag(both.diagonal())
+    assert off.abs().max() > 1e-3 * both.diagonal().max()
+    for bad in (None, z.detach()):  # train.py's take_step without z, or a z cut from the graph
+        with pytest.raises(ValueError, match="features must be"):
+            gbg.mgda_backward_features(group_losses(head(body(x)), y, c2g, 3)[0], bad, model.parameters())
+
+
+def test_features_step_with_z_the_parameter_is_the_exact_step():
+    """z = theta [B, d], a parameter read by the classifier: the features step over [theta,
+    classifier] is mgda_backward over the same parameters (alpha, weights, p.grad)."""
+    x, y, c2g = _problem(seed=7)
+    for normalize in NORMALIZE:
+        torch.manual_seed(3)
+        theta = nn.Parameter(torch.randn(len(y), 8, dtype=torch.float64))
+        head = nn.Linear(8, 6).double()
+        params = [theta] + list(head.parameters())
+        losses, present = group_losses(head(theta), y, c2g, 3)
+        got = gbg.mgda_backward_features(losses[present], theta, params, gram_params=head.parameters(),
+                                         normalize=normalize)
+        got_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        losses, present = group_losses(head(theta), y, c2g, 3)
+        want = mgda_backward(losses[present], params, normalize=normalize)
+        for key in ("alpha", "weights", "gram"):
+            assert torch.allclose(got[key], want[key], rtol=1e-10, atol=1e-13), (normalize, key)
+        for a, p in zip(got_grads, params):
+            assert torch.allclose(a, p.grad, rtol=0, atol=1e-13), normalize
+
+
+def _jacobian_norm(body, x):
+    """||dz/dtheta_body||_2 (largest singular value), the Jacobian built row by row."""
+    z = body(x).reshape(-1)
+    params = list(body.parameters())
+    J = torch.stack([_flat(torch.autograd.grad(z[k], params, retain_graph=True)) for k in range(len(z))])
+    return torch.linalg.matrix_norm(J, ord=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_features_bound_on_random_networks(seed):
+    """The bound that holds for the Gram over [z, classifier] (gbg.py, MGDA-UB), on random small
+    networks, raw gradients (normalize "none"): with s = ||dz/dtheta||,
+        exact min-norm value <= |sum_i alpha_i^UB g_i(theta)|^2 (alpha^UB pushed through the network)
+                             <= max(s^2, 1) x the features step's min-norm value;
+    and Sener & Koltun's Theorem 1 over the backbone alone: exact over the backbone <= s^2 x z-only."""
+    torch.manual_seed(100 + seed)
+    width = [4, 8, 12][seed % 3]
+    model = nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 6), nn.Tanh(),
+                          nn.Linear(6, 6)).double()
+    for p in model.parameters():  # from small weights to large (s^2 is 50-120 here: bias columns sum over B rows)
+        p.data.mul_(0.3 + seed * 0.4)
+    body, head = model[:4], model[4]
+    x, y, c2g = _problem(seed=seed, B=48)
+    s2 = _jacobian_norm(body, x) ** 2
+
+    def solve(fn, **kw):
+        model.zero_grad(set_to_none=True)
+        z = body(x)
+        losses, present = group_losses(head(z), y, c2g, 3)
+        out = fn(losses[present], z, **kw)
+        return float(out["alpha"] @ out["gram"] @ out["alpha"]), out["alpha"]
+
+    exact = lambda L, z, gram_params=None: mgda_backward(L, model.parameters(), gram_params=gram_params,
+                                                         normalize="none")
+    v_exact, _ = solve(exact)
+    v_ub, a_ub = solve(lambda L, z: gbg.mgda_backward_features(L, z, model.parameters(),
+                                                               gram_params=head.parameters(), normalize="none"))
+    model.zero_grad(set_to_none=True)
+    ref, _ = _reference_grads(model, x, y, c2g)
+    g = torch.stack([_flat(r) for r in ref])
+    pushed = float((a_ub @ g).square().sum())
+    assert v_exact <= pushed * (1 + 1e-10)
+    assert pushed <= max(float(s2), 1.0) * v_ub * (1 + 1e-10)
+    v_body, _ = solve(exact, gram_params=list(body.parameters()))
+    v_z, _ = solve(lambda L, z: gbg.mgda_backward_features(L, z, model.parameters(), normalize="none"))
+    assert v_body <= float(s2) * v_z * (1 + 1e-10)

@@ -101,8 +101,9 @@ def reference(model, x, y, args, weights=None):
 def step(model, x, y, args, state=None, step_index=0):
     model.zero_grad(set_to_none=True)
     # the step's losses as train_one_epoch takes them (step_losses passes --group-loss on)
-    _, _, mean_loss, contrast, losses, present = T.step_losses(model, x, y, C2G, 3, args, torch.device("cpu"))
-    out = T.take_step(losses, present, mean_loss, contrast, model, args, {} if state is None else state, step_index)
+    _, _, mean_loss, contrast, losses, present, z = T.step_losses(model, x, y, C2G, 3, args, torch.device("cpu"))
+    out = T.take_step(losses, present, mean_loss, contrast, model, args, {} if state is None else state, step_index,
+                      features=z)
     got = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
     return got, out
 
@@ -151,6 +152,53 @@ def test_last_stage_gram_equals_exact_step_with_that_gram():
     want = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
     assert torch.allclose(out["alpha"], want_out["alpha"], atol=1e-10)
     assert torch.allclose(got, want, rtol=0, atol=1e-10)
+
+
+def features_weights(model, x, y, args):
+    """--moo-grad features' weights from separate passes: each group's gradient w.r.t. z (every
+    view's rows under BCL) and, with --moo-gram all, the classifier's weights, by its own forward."""
+    rows = []
+    for i in range(3):
+        m = copy.deepcopy(model)
+        z = m.forward_features(torch.cat(x) if args.loss == "bcl" else x)
+        logits = m.fc(z[:len(y)])
+        if args.loss == "bcl" and args.bcl_group_loss == "la":
+            logits = logits + torch.log(torch.as_tensor(COUNTS / COUNTS.sum(), dtype=torch.float32)).double()
+        L = gbg.group_losses(logits, y, C2G, 3, mode=args.group_loss)[0][i]
+        inputs = [z] + (list(m.fc.parameters()) if args.moo_gram == "all" else [])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, inputs)]))
+    rows = torch.stack(rows)
+    n = rows.norm(dim=1)
+    alpha = gbg.min_norm_weights((rows @ rows.T) / torch.outer(n, n))
+    return (alpha / n) / (alpha / n).sum()
+
+
+@pytest.mark.parametrize("gram", ["all", "backbone"])
+@pytest.mark.parametrize("loss", ["ce", "bcl"])
+def test_features_step_matches_separate_passes(loss, gram):
+    """--moo-grad features: alpha from the Gram of [dL_i/dz, dL_i/d(fc)] (z alone with --moo-gram
+    backbone), then one backward of sum w_i L_i; under BCL la_weight times that plus the
+    contrastive gradient, which stays out of the Gram (z holds the three views' rows)."""
+    args = make_args(loss=loss, moo_grad="features", moo_gram=gram)
+    model = make_model(bcl=loss == "bcl")
+    x, y = batch(8, bcl=loss == "bcl")
+    w = features_weights(model, x, y, args)
+    got, out = step(model, x, y, args)
+    assert torch.allclose(out["weights"], w, rtol=0, atol=1e-10)
+    assert torch.allclose(got, reference(model, x, y, args, weights=w), rtol=0, atol=1e-10)
+    assert not torch.allclose(got, reference(model, x, y, args), atol=1e-6)  # not the exact step's weights
+
+
+def test_features_step_under_amp():
+    """--amp: z comes out of the backbone in bf16, its gradients too; the Gram is still taken in
+    float64 and the weights stay those of fp32 to bf16's precision."""
+    args = make_args(moo_grad="features")
+    model = make_model().float()
+    x, y = batch(9)
+    _, fp32 = step(model, x.float(), y, args)
+    got, amp = step(model, x.float(), y, make_args(moo_grad="features", amp=True))
+    assert torch.isfinite(got).all() and got.abs().sum() > 0
+    assert torch.allclose(amp["weights"], fp32["weights"], atol=0.05), (amp["weights"], fp32["weights"])
 
 
 def test_moo_every_reuses_the_weights_until_the_groups_change():
@@ -273,8 +321,8 @@ def test_amp_runs_the_network_in_bf16_on_the_cpu():
     model.backbone.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % K
     for amp in (False, True):
-        logits, mean_loss, _ = T.batch_losses(model, x, y, torch.bincount(y, minlength=K), make_args(amp=amp),
-                                              torch.device("cpu"))
+        logits, mean_loss, _, _ = T.batch_losses(model, x, y, torch.bincount(y, minlength=K), make_args(amp=amp),
+                                                 torch.device("cpu"))
         inp, out = seen[-1]
         assert out.dtype == (torch.bfloat16 if amp else torch.float32)
         assert inp.is_contiguous(memory_format=torch.channels_last) == amp
