@@ -106,11 +106,13 @@ def make_args(loss, amp, compiled, batch_size=BATCH, **kw):
     args = dict(loss=loss, moo="mgda", moo_every=1, moo_grad="exact", moo_gram="all", normalize="l2",
                 moo_update="scaled", bcl_group_loss="la", sampler="gac", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1,
                 distributed=False, world_size=1, rank=0, amp=amp, group_loss="class", ratio_every=10, lr=0.1,
-                warmup_epochs=0, schedule="step", lr_drops=None, epochs=10, print_freq=10 ** 6, output_dir="unused",
+                warmup_epochs=0, schedule="step", lr_drops=None, lr_gamma=0.1, epochs=10, print_freq=10 ** 6, output_dir="unused",
                 batch_size=batch_size, gac_fill=0.1, seed=0, num_groups=4, grouping="gbg", sketch_dim=0,
                 grad_max_per_class=64, recalibrate_bn=True, workers=0, diag_batches=1, compile=compiled,
                 ncut_assign="kmeans")
     args.update(kw)
+    args.setdefault("augment", "release" if args["loss"] == "bcl" else "crop-flip")
+    args.setdefault("class_balanced", False)
     return argparse.Namespace(**args)
 
 

@@ -250,11 +250,13 @@ def make_args(**kw):
     args = dict(loss="ce", moo="mgda", moo_every=1, moo_grad="exact", moo_gram="all", normalize="l2",
                 moo_update="scaled", bcl_group_loss="la", sampler="gac", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1,
                 distributed=False, world_size=1, rank=0, amp=False, group_loss="class", ratio_every=1, lr=0.05,
-                warmup_epochs=0, schedule="step", lr_drops=None, epochs=10, print_freq=1000, output_dir="unused",
+                warmup_epochs=0, schedule="step", lr_drops=None, lr_gamma=0.1, epochs=10, print_freq=1000, output_dir="unused",
                 batch_size=12, gac_fill=0.1, seed=0, num_groups=3, grouping="gbg", sketch_dim=64,
                 grad_max_per_class=None, recalibrate_bn=True, workers=0, diag_batches=1, compile=False,
                 ncut_assign="kmeans")
     args.update(kw)
+    args.setdefault("augment", "release" if args["loss"] == "bcl" else "crop-flip")
+    args.setdefault("class_balanced", False)
     return argparse.Namespace(**args)
 
 

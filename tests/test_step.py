@@ -23,8 +23,10 @@ def make_args(**kw):
     args = dict(loss="ce", moo="mgda", moo_every=1, moo_grad="exact", moo_gram="all", normalize="l2",
                 moo_update="scaled", bcl_group_loss="la", sampler="random", la_weight=2.0, bcl_weight=1.6, bcl_temp=0.1, distributed=False,
                 world_size=1, amp=False, group_loss="class", ratio_every=0, lr=0.0, warmup_epochs=0,
-                schedule="step", lr_drops=None, epochs=10, print_freq=1000, rank=0, output_dir="unused")
+                schedule="step", lr_drops=None, lr_gamma=0.1, epochs=10, print_freq=1000, rank=0, output_dir="unused")
     args.update(kw)
+    args.setdefault("augment", "release" if args["loss"] == "bcl" else "crop-flip")
+    args.setdefault("class_balanced", False)
     return argparse.Namespace(**args)
 
 
