@@ -1319,7 +1319,10 @@ def mgda_backward_features(losses, features, params, *, gram_params=(), normaliz
     rows = shared[G * G:].view(G, P)
     for i, L in enumerate(losses):  # one call per group, stopping at z: no backbone backward here
         g_z, *g_p = torch.autograd.grad(L, [features] + gram_params, retain_graph=True, allow_unused=True)
-        gz[i].zero_() if g_z is None else gz[i].copy_(g_z.reshape(-1))
+        if g_z is None:  # else the Gram would be the classifier's alone, silently
+            raise ValueError(f"loss {i} does not read `features`: pass the tensor the classifier was applied to "
+                             f"(z = backbone(x) itself, not a copy or a slice taken after the forward)")
+        gz[i].copy_(g_z.reshape(-1))
         if P:
             rows[i] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                  for g, p in zip(g_p, gram_params)])

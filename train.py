@@ -45,7 +45,8 @@ import gbg
 
 # --- Defaults and arguments -----------------------------------------------------------------------
 # Defaults. A flag left at None is filled by fill_defaults, first match wins: the command line,
-# then --preset, then the data set's recipe (RECIPES), then BASE. Sources (line numbers approximate):
+# then --preset, then the data set's recipe (RECIPES), then BCL_BASE when the loss so settled is
+# BCL, then BASE. Sources (line numbers approximate):
 #   [paper]  Li et al., AAAI 2024, Sec. 4 (implementation details).
 #   [ldam]   kaidic/LDAM-DRW, cifar_train.py: batch 128 (l.47), 200 epochs, 5 warm-up epochs,
 #            lr x0.01 at 160 / x0.0001 at 180 (l.366-378): the CIFAR-LT subset protocol.
@@ -65,6 +66,7 @@ BASE = dict(
     ncut_assign="kmeans",     # ours, measured: a lower NCut value (Eq. 9) than cluster_qr (the release's), see --ncut-assign
     bcl_group_loss="la",      # [bcl] main.py l.231: BCL's classification loss is logit-adjusted
     schedule="step", lr_drops=None,  # None: x0.1 at 80 % and x0.01 at 90 % of --epochs
+    lr_gamma=0.1,             # [gbg_v1] cifar_Group_full.py l.422-434, adjust_lr: x0.1 at each drop
 )
 RECIPES = {
     # [paper] and [gbg_v1] cifar_Group_full.py l.48-60 (batch 256, lr 0.1, wd 5e-4), adjust_lr
@@ -219,7 +221,9 @@ def add_train_arguments(p):
                         "authors' CIFAR view, crop-flip + AutoAugment CIFAR10 policy + Cutout 16 px (GBG_v1 "
                         "cifar_Group_full.py l.168-176; BCL's classification view, the only one with --loss bcl). "
                         "release needs CIFAR-sized images held as one tensor (cifar10-lt, cifar100-lt, folder-lt "
-                        "of small images); made where --views says")
+                        "of small images); made where --views says. On imagenet-lt and inat2018 the value names "
+                        "the 224-px view: crop-flip, RandomResizedCrop + flip (--loss ce); release, BCL's views "
+                        "(data_lt.bcl_views, --loss bcl)")
     d.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: the cores this process may use, at most 8)")
     o = p.add_argument_group("optimisation")
@@ -231,8 +235,8 @@ def add_train_arguments(p):
     o.add_argument("--lr-drops", type=int, nargs="+", default=None,
                    help="step schedule: epochs at which lr drops x --lr-gamma (default: 80%% and 90%% of --epochs, "
                         "160 180 of 200; --preset release: 160 180)")
-    o.add_argument("--lr-gamma", type=float, default=0.1,
-                   help="step schedule: the factor of each drop. 0.1: the release's adjust_lr (GBG_v1 "
+    o.add_argument("--lr-gamma", type=float, default=None,
+                   help="step schedule: the factor of each drop (default: 0.1). 0.1: the release's adjust_lr (GBG_v1 "
                         "cifar_Group_full.py l.422-434: x0.1 after 160, x0.01 after 180); 0.01: LDAM-DRW's "
                         "adjust_learning_rate (cifar_train.py l.366-378: x0.01 after 160, x0.0001 after 180)")
     o.add_argument("--warmup-epochs", type=float, default=None, help=default_help("warmup_epochs"))
@@ -267,7 +271,8 @@ def add_train_arguments(p):
                         "backwards stop at the last stage (Gram there), then one full backward of sum w_i L_i; "
                         "features: MGDA-UB (Sener & Koltun 2018, Sec. 3.3), the group backwards stop at the "
                         "backbone's output z, the Gram over [dL_i/dz, dL_i/d(classifier)] (--moo-gram backbone: z "
-                        "alone, which GBG's disjoint groups make diagonal: alpha_i ~ 1/|dL_i/dz|^2), then one "
+                        "alone, which GBG's disjoint groups make diagonal: alpha_i ~ 1/|dL_i/dz|^2 under --normalize none, "
+                        "1/G under l2), then one "
                         "full backward of sum w_i L_i; the exact min-norm value is <= max(||dz/dtheta||^2, 1) x "
                         "this one's (gbg.mgda_backward_features)")
     s.add_argument("--moo-gram", default=None, choices=["all", "backbone"],
@@ -356,13 +361,16 @@ EVAL_NEEDS_RESUME = ("--eval and --resume PATH go together (evaluate that checkp
 
 
 def fill_defaults(args):
-    """Fill the flags left at None (command line > --preset > data set recipe > BASE) and check
-    the flags, each with one line naming the flag and the fix."""
+    """Fill the flags left at None (command line > --preset > data set recipe > BCL_BASE under BCL >
+    BASE) and check the flags, each with one line naming the flag and the fix."""
     if args.preset == "release" and args.dataset not in ("cifar10-lt", "cifar100-lt"):
         raise data_lt.UserError(f"--preset release is the authors' CIFAR configuration; use it with --dataset "
                                 f"cifar10-lt or cifar100-lt (not {args.dataset})")
-    layers = [PRESETS.get(args.preset, {}), RECIPES.get(args.dataset, RECIPES["cifar"]),
-              BCL_BASE if args.loss == "bcl" else {}, BASE]
+    step_flags = [k for k in ("lr_drops", "lr_gamma") if getattr(args, k) is not None]  # from the command line
+    schedule_given = args.schedule is not None
+    layers = [PRESETS.get(args.preset, {}), RECIPES.get(args.dataset, RECIPES["cifar"])]
+    loss = next((layer["loss"] for layer in [vars(args), *layers, BASE] if layer.get("loss")), None)
+    layers += [BCL_BASE if loss == "bcl" else {}, BASE]  # the loss as the layers above settle it
     for layer in layers:
         for k, v in layer.items():
             if getattr(args, k) is None:
@@ -402,10 +410,18 @@ def fill_defaults(args):
         (args.lr_drops is None or (min(args.lr_drops) > 0 and list(args.lr_drops) == sorted(args.lr_drops)),
          f"--lr-drops {args.lr_drops}: give positive epochs in increasing order, e.g. --lr-drops 160 180"),
         (args.lr_gamma > 0, f"--lr-gamma {args.lr_gamma} must be positive (0.1: x0.1 at each drop)"),
-        (args.loss == "ce" or args.augment == "release",
+        (args.schedule == "step" or not step_flags,
+         f"{' and '.join(as_flag(k, getattr(args, k)) for k in step_flags)} "
+         f"{'shape' if len(step_flags) > 1 else 'shapes'} the step schedule; this run's "
+         f"schedule is cosine{'' if schedule_given else f' (the {args.dataset} recipe)'}: drop "
+         f"{'them' if len(step_flags) > 1 else 'it'}, or pass --schedule step"),
+        (args.eval or args.loss == "bcl" or args.augment == "crop-flip" or args.dataset not in ("imagenet-lt", "inat2018"),
+         f"--augment release is the authors' CIFAR view (AutoAugment CIFAR10 policy, Cutout 16 px); {args.dataset} "
+         f"is read from image files at 224 px: drop --augment release"),
+        (args.eval or args.loss == "ce" or args.augment == "release",
          "--loss bcl's classification view is the release's (AutoAugment + Cutout, data_lt.bcl_views); drop "
          "--augment crop-flip"),
-        (not args.class_balanced or (args.grouping == "none" and args.moo == "none"),
+        (args.eval or not args.class_balanced or (args.grouping == "none" and args.moo == "none"),
          f"--class-balanced makes every class its own group with equal weights; it goes with --grouping none "
          f"--moo none (with --grouping {args.grouping} --group-loss class averages class means inside each group, "
          f"with --moo mgda every class is its own objective already): drop it, or pass --grouping none --moo none"),
@@ -419,6 +435,10 @@ def fill_defaults(args):
          f"--max-groups {args.max_groups} must be at least 2 (with 1 group there is nothing to choose)"),
         (args.group_epoch >= 0 and args.regroup_every >= 0,
          "--group-epoch and --regroup-every must be >= 0 (0: group at the start, never regroup)"),
+        (args.eval or args.grouping == "none" or args.group_epoch < args.epochs,
+         f"--group-epoch {args.group_epoch} is not before the run's last epoch (--epochs {args.epochs}): the run "
+         f"would never group and train plain CE throughout; give --group-epoch {args.epochs - 1} or less, more "
+         f"--epochs, or --grouping none"),
         (0 < args.gac_fill <= 1, f"--gac-fill {args.gac_fill} must be in (0, 1], a fraction of the batch"),
         (args.sketch_dim >= 0, f"--sketch-dim {args.sketch_dim} must be >= 0 (0: decided from the model size)"),
         (args.grad_max_per_class is None or args.grad_max_per_class >= 1,
@@ -758,7 +778,8 @@ def as_flag(key, value):
 def check_resume_flags(ckpt, args, path):
     """Compare the command's flags with those the checkpoint was trained with: stop with one line
     naming every flag that changes the experiment (and the fix), log those that may change."""
-    saved = ckpt["args"]
+    # flags newer than the checkpoint were not recorded: its run had what the code then did
+    saved = {**implied_flags(ckpt["args"]), **ckpt["args"]}
     # G chosen by auto: at a grouping of the checkpoint's run, or at the one saved with it (pending_groups)
     auto = any("num_groups_auto" in (info or {}) for info in
                (ckpt.get("groups_info"), (ckpt.get("pending_groups") or {}).get("groups_info")))
@@ -771,8 +792,7 @@ def check_resume_flags(ckpt, args, path):
             return True
         return mine == theirs
 
-    # flags newer than the checkpoint were not recorded: nothing to compare
-    keys = [k for k in vars(args) if k in saved]
+    keys = [k for k in vars(args) if k in saved]  # a flag with no implied value is not compared
     changed = [k for k in keys if k not in RESUME_MAY_CHANGE and not same(k)]
     if changed:
         raise data_lt.UserError(
@@ -787,6 +807,14 @@ def check_resume_flags(ckpt, args, path):
     if "amp" in keys and not same("amp"):
         log(args, f"resume: {as_flag('amp', args.amp)} (the checkpoint's run had {as_flag('amp', saved['amp'])}): "
                   f"from epoch {ckpt['epoch'] + 1} on the network computes in {'bf16' if args.amp else 'fp32'}")
+
+
+def implied_flags(saved):
+    """What a checkpoint written before a flag existed ran with: the behaviour the flag's default
+    keeps (--lr-gamma 0.1 and --class-balanced off; --augment: BCL's release view under --loss bcl,
+    else crop and flip)."""
+    return {"lr_gamma": 0.1, "class_balanced": False,
+            "augment": "release" if saved.get("loss") == "bcl" else "crop-flip"}
 
 
 def check_output_dir(out):
@@ -1331,9 +1359,11 @@ def check_class_objectives_fit(model, args, num_present, device):
     rows = min(num_present, args.batch_size)
     itemsize = moo_params[0].element_size()
     P = sum(p.numel() for p in (gram if args.moo_grad in ("last", "features") else moo_params))
-    if args.moo_grad == "features":  # the rows of z beside the classifier's: batch x views x D
-        P += args.batch_size // args.world_size * (3 if args.loss == "bcl" else 1) * model.fc.in_features
     need = rows * P * itemsize
+    if args.moo_grad == "features":  # the classifier's rows are float64 there (gbg.mgda_backward_features),
+        need += rows * P * (8 - itemsize)  # beside the rows of z: batch x views x D
+        z = args.batch_size // args.world_size * (3 if args.loss == "bcl" else 1) * model.fc.in_features
+        P, need = P + z, need + rows * z * itemsize
     avail = available_memory(device)
     if args.distributed:  # every process decides alike
         t = torch.tensor([float("inf") if avail is None else avail], dtype=torch.float64, device=device)
@@ -1349,7 +1379,8 @@ def check_class_objectives_fit(model, args, num_present, device):
         f"--grouping none --moo mgda: up to {rows} objectives a step (min of the {num_present} classes with training "
         f"images and --batch-size {args.batch_size}) need a [{rows}, {P:,}] {moo_params[0].dtype} gradient matrix of "
         f"{need / 2**30:.1f} GiB on every process, more than the {avail / 2**30:.1f} GiB available on {device}; "
-        f"use --moo-grad last (the matrix over the last stage: {rows * last * itemsize / 2**30:.1f} GiB), "
+        f"use {'--moo-grad last (the matrix over the last stage: ' + format(rows * last * itemsize / 2**30, '.1f') + ' GiB), ' if args.moo_grad != 'last' else ''}"
+        f"{'--moo-grad features (the rows of z and the classifier), ' if args.moo_grad != 'features' else ''}"
         f"--grouping gbg (--num-groups objectives){smaller}")
 
 

@@ -40,7 +40,7 @@ def test_augment_defaults_and_refusals():
     assert parse("--augment", "release").augment == "release"
     with pytest.raises(data_lt.UserError, match="drop --augment crop-flip"):
         parse("--loss", "bcl", "--augment", "crop-flip")
-    args = parse("--augment", "release", "--dataset", "imagenet-lt")
+    args = parse("--augment", "release", "--dataset", "folder-lt")  # folder-lt of large images: known at loading
     files = argparse.Namespace(kind="files", mean=data_lt.IMAGENET_MEAN, std=data_lt.IMAGENET_STD)
     with pytest.raises(data_lt.UserError, match="read from image files: drop --augment release"):
         T.train_views(files, args)
@@ -108,6 +108,25 @@ def test_augment_changes_the_experiment_at_resume():
         T.check_resume_flags(ckpt, parse("--grouping", "none", "--moo", "none", "--lr-gamma", "0.01"), "ckpt")
     with pytest.raises(data_lt.UserError, match="--class-balanced"):
         T.check_resume_flags(ckpt, parse("--grouping", "none", "--moo", "none", "--class-balanced"), "ckpt")
+
+
+def test_a_checkpoint_older_than_the_new_flags_is_compared_with_what_it_ran():
+    """A checkpoint written before --lr-gamma, --augment and --class-balanced existed does not
+    record them: it ran x0.1 drops, no re-balancing, and crop-flip under CE (BCL's release view
+    under BCL). Changing any of them at resume is refused as for a new checkpoint; the defaults resume."""
+    for loss, view, other in (("ce", "crop-flip", "release"), ("bcl", "release", None)):
+        saved = vars(parse("--loss", loss, "--grouping", "none", "--moo", "none"))
+        old = {"args": {k: v for k, v in saved.items() if k not in ("lr_gamma", "augment", "class_balanced")},
+               "epoch": 3}
+        T.check_resume_flags(old, parse("--loss", loss, "--grouping", "none", "--moo", "none"), "ckpt")
+        T.check_resume_flags(old, parse("--loss", loss, "--grouping", "none", "--moo", "none", "--augment", view),
+                             "ckpt")
+        for flags, name in ((("--lr-gamma", "0.01"), "--lr-gamma"), (("--class-balanced",), "--class-balanced"),
+                            (("--augment", other), "--augment")):
+            if other is None and name == "--augment":
+                continue  # BCL has one view (fill_defaults refuses crop-flip)
+            with pytest.raises(data_lt.UserError, match=f"another run.*{name}"):
+                T.check_resume_flags(old, parse("--loss", loss, "--grouping", "none", "--moo", "none", *flags), "ckpt")
 
 
 # --- --class-balanced --------------------------------------------------------------------------------
@@ -184,3 +203,23 @@ def test_lr_gamma_gives_ldam_drws_schedule():
     assert [T.lr_at(e, default) for e in (159.9, 160, 180)] == pytest.approx([0.1, 0.01, 0.001])
     with pytest.raises(data_lt.UserError, match="--lr-gamma 0.0 must be positive"):
         parse("--lr-gamma", "0")
+
+
+def test_step_schedule_flags_under_a_cosine_schedule_are_refused():
+    """--lr-gamma and --lr-drops shape the step schedule only: given on a cosine run (ImageNet-LT's
+    and iNat's recipe, or --schedule cosine) they would be recorded and do nothing."""
+    with pytest.raises(data_lt.UserError, match="--lr-gamma 0.01 shapes the step schedule.*imagenet-lt recipe"):
+        parse("--dataset", "imagenet-lt", "--lr-gamma", "0.01")
+    with pytest.raises(data_lt.UserError, match="--lr-drops 30 60 and --lr-gamma 0.5 shape.*drop them"):
+        parse("--schedule", "cosine", "--lr-drops", "30", "60", "--lr-gamma", "0.5")
+    assert parse("--dataset", "imagenet-lt", "--schedule", "step", "--lr-gamma", "0.01").lr_gamma == 0.01
+    assert parse("--dataset", "imagenet-lt").lr_gamma == 0.1  # the default, unused, as before
+
+
+def test_release_view_on_image_files_is_refused_before_the_data_loads():
+    """--augment release under CE is the release's CIFAR view: on ImageNet-LT / iNat it would fail
+    only after the data had loaded (and on a cluster, after the queue)."""
+    for dataset in ("imagenet-lt", "inat2018"):
+        with pytest.raises(data_lt.UserError, match=f"{dataset} is read from image files.*drop --augment release"):
+            parse("--dataset", dataset, "--augment", "release")
+        assert parse("--dataset", dataset, "--loss", "bcl").augment == "release"  # BCL's own views there

@@ -649,6 +649,10 @@ def test_features_gram_of_z_alone_is_diagonal_for_disjoint_groups():
     for bad in (None, z.detach()):  # train.py's take_step without z, or a z cut from the graph
         with pytest.raises(ValueError, match="features must be"):
             gbg.mgda_backward_features(group_losses(head(body(x)), y, c2g, 3)[0], bad, model.parameters())
+    other = body(x)  # the same values, another node of the graph: the losses do not read it
+    with pytest.raises(ValueError, match="does not read `features`"):
+        gbg.mgda_backward_features(group_losses(head(body(x)), y, c2g, 3)[0], other, model.parameters(),
+                                   gram_params=head.parameters())
 
 
 def test_features_step_with_z_the_parameter_is_the_exact_step():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import data_lt
 import gbg
 import train as T
 
@@ -232,6 +233,23 @@ def test_bcl_defaults_to_the_releases_group_loss_and_every_other_source_wins():
     assert _defaults("--loss", "ce", "--group-loss", "sample").group_loss == "sample"
     assert _defaults("--loss", "bcl", "--preset", "paper").group_loss == "class"
     assert _defaults("--preset", "release").group_loss == "sample"
+
+
+def test_bcl_group_loss_default_follows_a_loss_set_by_the_preset(monkeypatch):
+    """The BCL layer applies when the loss comes from a preset too (not only from --loss): a preset
+    that makes the run BCL without naming a group loss gets BCL's sample means, not CE's class means."""
+    monkeypatch.setitem(T.PRESETS, "release", {k: v for k, v in T.RELEASE.items() if k != "group_loss"})
+    assert _defaults("--preset", "release").group_loss == "sample"
+    monkeypatch.setitem(T.PRESETS, "paper", {**T.PAPER, "loss": "bcl"})
+    assert _defaults("--preset", "paper").group_loss == "class"  # the preset's own value still wins
+
+
+def test_a_grouping_at_or_after_the_last_epoch_is_refused():
+    """--group-epoch N with N >= --epochs would train plain CE while the run line says GBG."""
+    with pytest.raises(data_lt.UserError, match="--group-epoch 10 is not before the run's last epoch"):
+        _defaults("--epochs", "10", "--group-epoch", "10")
+    assert _defaults("--epochs", "10", "--group-epoch", "9").group_epoch == 9
+    assert _defaults("--epochs", "10", "--group-epoch", "10", "--grouping", "none").group_epoch == 10
 
 
 def test_defaults_quoted_in_readme():
