@@ -7,6 +7,7 @@ table of the results.
     python tests/repro.py --runs bcl,bcl_gbg --budget 540 --out "$OUT"   # the BCL rows of Table 6
     python tests/repro.py --device cpu --arch resnet8 --amp --runs ce gbg --seeds 0 1 --jobs 2 --out runs/mini
     python tests/repro.py --summarize --out runs/mini                    # the table again, from the run folders
+    python tests/repro.py --summarize --out runs/t6 --include ../mini/bcl_s0  # a run kept elsewhere joins it
 
 Data: the CIFAR-10 JPEG copy in ImageFolder layout (train/<class>/*.jpg, test/<class>/*.jpg) in
 --data (default .data/cifar10 of the checkout); when --data/train is missing, the tarball --tarball
@@ -146,6 +147,9 @@ ROWS = {
     # "gbg" regrouped every 20 epochs (at 25, 45, ..., 185 with the grouping at 5), into the same G.
     "regroup": "--grouping gbg --moo mgda --sampler gac --regroup-every 20",
 }
+# The paper's top-1 of the rows it has: Table 6 (CIFAR-10-LT IF 100, ResNet-32); the tables print it
+# beside ours, whatever --arch ran.
+PAPER_TOP1 = {"ce": 71.36, "gbg": 75.53, "bcl": 84.07, "bcl_avg": 84.20, "bcl_moo": 74.58, "bcl_gbg": 85.05}
 # --dataset: the default --data of each (see --data)
 DATA_DEFAULT = {"folder-lt": ROOT / ".data" / "cifar10", "cifar10-lt": ROOT / "data"}
 POLL_S = 1.0      # how often the runs are checked: reading a few small log files
@@ -199,6 +203,10 @@ def get_args_parser():
                         "runs its measured images/s say can end in time (default: on)")
     p.add_argument("--summarize", action="store_true",
                    help="only rebuild OUT/table.json and table.md from the run folders in --out")
+    p.add_argument("--include", nargs="+", default=None, metavar="DIR",
+                   help="with --summarize: run folders kept elsewhere (another --out's) that join this table, e.g. "
+                        "a seed or a row run before; table.json records them relative to --out, and later calls "
+                        "keep them")
     return p
 
 
@@ -735,15 +743,16 @@ def run_status(folder):
     return "done" if results else "failed (no results.json)"
 
 
-def summarize_run(folder):
-    """One table line from a run folder's files alone; results only for a finished run."""
+def summarize_run(folder, name=None):
+    """One table line from a run folder's files alone; results only for a finished run. name: the
+    run's name in the table (an included folder's path relative to the table's)."""
     m = re.fullmatch(r"(.+)_s(\d+)", folder.name)
     row, seed = (m.group(1), int(m.group(2))) if m else (folder.name, None)
     log, wall, results = (read_log(folder / "log.txt"), read_json(folder / "wall.json"),
                           read_json(folder / "results.json"))
     status = run_status(folder)
     speeds = [e["images_per_s"] for e in log if "images_per_s" in e]
-    line = dict(run=folder.name, row=row, seed=seed, status=status, epochs_done=epochs_done(folder, log),
+    line = dict(run=name or folder.name, row=row, seed=seed, status=status, epochs_done=epochs_done(folder, log),
                 wall_s=wall["wall_s"] if wall else None, resumes=(wall or {}).get("resumes"),
                 images_per_s=sum(speeds) / len(speeds) if speeds else None,
                 **{k: None for k in RESULT_KEYS}, best_epoch=None)
@@ -792,21 +801,46 @@ def earlier_calls(old):
     return [dict(one, date=None)] if any(v is not None for v in one.values()) else []
 
 
-def write_table(out, call=None):
+def is_run_folder(d):
+    return d.is_dir() and any((d / f).exists() for f in ("wall.json", "stop.json", "log.txt"))
+
+
+def included_folders(out, include, old):
+    """The run folders from elsewhere in the table, relative to out: --include's (checked), else
+    those the earlier table.json recorded."""
+    if include is None:
+        return list(old.get("included", []))
+    rel = []
+    for d in map(Path, include):
+        if not is_run_folder(d):
+            fail(f"--include {d}: not a run folder (<row>_s<seed> with wall.json, stop.json or log.txt)")
+        if d.resolve().parent == out.resolve():
+            fail(f"--include {d}: already in --out {out}; include run folders from other folders only")
+        rel.append(os.path.relpath(d.resolve(), out.resolve()))
+    return sorted(dict.fromkeys(rel))
+
+
+def write_table(out, call=None, include=None):
     """table.json and table.md from every run folder in out. calls: one record per call of
     repro.py on out (machine, command, wall seconds, date), the earlier ones kept from the earlier
     table.json, `call` (this one's; None for --summarize) appended. --summarize (no call) of a folder
 whose runs have not changed since its table was written leaves table.json and table.md as they
 are (a committed results folder stays clean)."""
     out = Path(out)
-    folders = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
-        (d / f).exists() for f in ("wall.json", "stop.json", "log.txt"))] if out.is_dir() else []
+    folders = [d for d in sorted(out.iterdir()) if is_run_folder(d)] if out.is_dir() else []
     if not folders:
         fail(f"{out} holds no run folders (<row>_s<seed> with wall.json, stop.json or log.txt); "
              f"give the --out of a run")
     old = read_json(out / "table.json") or {}
-    lines = sorted((summarize_run(d) for d in folders), key=order_key)
-    table = dict(calls=earlier_calls(old) + ([call] if call else []), runs=lines, means=mean_lines(lines),
+    included = included_folders(out, include, old)
+    gone = [rel for rel in included if not is_run_folder(out / rel)]
+    if gone:
+        fail(f"{out / 'table.json'} includes {', '.join(gone)}, which is no run folder now; give --include again "
+             f"with the folders the table should hold")
+    lines = sorted([summarize_run(d) for d in folders] + [summarize_run(out / rel, rel) for rel in included],
+                   key=order_key)
+    table = dict(calls=earlier_calls(old) + ([call] if call else []), **({"included": included} if included else {}),
+                 runs=lines, means=mean_lines(lines),
                  spread="half the range over the finished seeds, (max - min) / 2",
                  columns="top1, many, medium, few: test top-1 after the last epoch (results.json 'last'); best_top1 / "
                          "best_epoch: the best test epoch (results.json 'best_test'); images_per_s: the mean over "
@@ -834,17 +868,20 @@ def write_if_changed(path, text):
 
 
 def render_markdown(table):
-    head = ["run", "top-1 (last)", "Many", "Medium", "Few", "best top-1", "best epoch", "epochs", "wall (min)",
-            "resumed", "img/s", "status"]
+    paper = any(l["row"] in PAPER_TOP1 for l in table["runs"])  # the column only where a row has a number
+    head = ["run", "top-1 (last)", "Many", "Medium", "Few", "best top-1", "best epoch"] + \
+        ["paper (Table 6, ResNet-32)"] * paper + ["epochs", "wall (min)", "resumed", "img/s", "status"]
     rows = []
     for l in table["runs"]:
         rows.append([l["run"], *(fmt(l[k]) for k in RESULT_KEYS[:4]), fmt(l["best_top1"]),
-                     "-" if l["best_epoch"] is None else str(l["best_epoch"]), str(l["epochs_done"]),
+                     "-" if l["best_epoch"] is None else str(l["best_epoch"]),
+                     *[fmt(PAPER_TOP1.get(l["row"]))] * paper, str(l["epochs_done"]),
                      fmt(None if l["wall_s"] is None else l["wall_s"] / 60, digits=1), "-" if l.get("resumes") is None else str(l["resumes"]),
                      fmt(l["images_per_s"], digits=0), l["status"]])
     for l in table["means"]:
         rows.append([f"{l['run']}", *(fmt(l[k], l[k + "_halfrange"]) for k in RESULT_KEYS[:4]),
-                     fmt(l["best_top1"], l["best_top1_halfrange"]), "", "",
+                     fmt(l["best_top1"], l["best_top1_halfrange"]), "",
+                     *[fmt(PAPER_TOP1.get(l["row"]))] * paper, "",
                      fmt(l["wall_s"] / 60, digits=1), "", fmt(l["images_per_s"], digits=0),
                      "seeds " + ", ".join(map(str, l["seeds"]))])
     text = []
@@ -853,6 +890,8 @@ def render_markdown(table):
         when = f"Call {n} of {len(table['calls'])}, {call['date']}: " if call.get("date") else ""
         text += [f"{when}Machine: {call['machine'] or 'not recorded'}. Script wall time: {wall}.",
                  f"Command: `{call['command'] or 'not recorded'}`"]
+    if table.get("included"):
+        text.append(f"Included run folders (`--include`, relative to this folder): {', '.join(table['included'])}")
     text += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     text += ["| " + " | ".join(r) + " |" for r in rows]
     if table["means"]:
@@ -883,8 +922,10 @@ def machine(args):
 
 def main(args):
     t_start = time.time()
+    if args.include is not None and not args.summarize:
+        fail("--include joins run folders to a table: use it with --summarize")
     if args.summarize:
-        _, md = write_table(args.out)
+        _, md = write_table(args.out, include=args.include)
         print(md, end="")
         return 0
     if Path(args.out).exists() and not Path(args.out).is_dir():

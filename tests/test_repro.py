@@ -481,6 +481,33 @@ def test_the_same_command_resumes_a_run_killed_after_its_first_epoch(tmp_path, t
     assert json.loads((d / "wall.json").read_text()) == wall
 
 
+def test_summarize_include_joins_runs_kept_elsewhere(tmp_path):
+    """--include: seed 1 kept in another folder joins seed 0's table: the mean row is the one the
+    table of both in one folder has (results/cpu_miniature's), the included run is named by its
+    path, a later --summarize keeps it, and the paper's Table 6 number stands beside its row."""
+    src = ROOT / "results" / "cpu_miniature"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, run in ((a, "ce_s0"), (b, "ce_s1"), (a, "gbg_s0"), (b, "gbg_s1")):
+        shutil.copytree(src / run, folder / run)
+    r = run_repro(tmp_path, "--summarize", "--out", str(a), "--include", str(b / "ce_s1"), str(b / "gbg_s1"))
+    table = json.loads((a / "table.json").read_text())
+    whole = json.loads((src / "table.json").read_text())
+    assert table["included"] == ["../b/ce_s1", "../b/gbg_s1"]
+    assert [l["run"] for l in table["runs"]] == ["ce_s0", "../b/ce_s1", "gbg_s0", "../b/gbg_s1"]
+    assert table["means"] == whole["means"]
+    assert "| ../b/ce_s1 | 61.55 |" in r.stdout and "| 71.36 |" in r.stdout and "| 75.53 |" in r.stdout
+    again = run_repro(tmp_path, "--summarize", "--out", str(a))
+    assert again.stdout == r.stdout and json.loads((a / "table.json").read_text()) == table
+    for argv, words in ((["--summarize", "--include", str(tmp_path)], "not a run folder"),
+                        (["--summarize", "--include", str(a / "ce_s0")], "already in --out"),
+                        (["--include", str(b / "ce_s1")], "use it with --summarize")):
+        bad = run_repro(tmp_path, "--out", str(a), *argv, check=False)
+        assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and words in bad.stderr, bad.stderr
+    shutil.rmtree(b / "gbg_s1")
+    gone = run_repro(tmp_path, "--summarize", "--out", str(a), check=False)
+    assert gone.returncode != 0 and "../b/gbg_s1, which is no run folder now" in gone.stderr
+
+
 @pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "results").glob("*/table.json")))
 def test_summarize_of_a_committed_results_folder_leaves_it_as_it_is(tmp_path, name):
     """README's `--summarize --out results/...` on a clean checkout: the table is printed and not a
