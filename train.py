@@ -404,6 +404,8 @@ def fill_defaults(args):
          f"--batch-size {args.batch_size} does not split over the {args.world_size} processes; "
          f"pick a positive multiple of {args.world_size}"),
         (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1"),
+        (args.seed >= 0 and args.data_seed >= 0,
+         f"--seed {args.seed} and --data-seed {args.data_seed} must be >= 0 (numpy's and the views' seeds)"),
         (args.lr > 0, f"--lr {args.lr} must be positive"),
         (args.wd >= 0 and args.momentum >= 0, f"--wd {args.wd} and --momentum {args.momentum} must be >= 0"),
         (args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs} must be >= 0"),

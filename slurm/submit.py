@@ -245,12 +245,12 @@ def fill_cluster_defaults(args):
         where = f"sinfo: {cpus} CPUs per node" if cpus else "the default: sinfo gave no CPU count"
     else:
         cpus, where = os.cpu_count(), f"{os.cpu_count()} CPUs on this machine"
-    args.cpus_per_task = max(1, cpus // tasks) if cpus else CPUS_PER_TASK
+    args.cpus_per_task = max(1, cpus // max(tasks, 1)) if cpus else CPUS_PER_TASK  # tasks < 1: check_request says so
     return where
 
 
 def tasks_per_node(args):
-    return args.tasks_per_node or max(args.gpus_per_node, 1)
+    return args.tasks_per_node if args.tasks_per_node is not None else max(args.gpus_per_node, 1)
 
 
 def resolve_job_dir(args):

@@ -7,7 +7,7 @@ table of the results.
     python tests/repro.py --runs bcl,bcl_gbg --budget 540 --out "$OUT"   # the BCL rows of Table 6
     python tests/repro.py --device cpu --arch resnet8 --amp --runs ce gbg --seeds 0 1 --jobs 2 --out runs/mini
     python tests/repro.py --summarize --out runs/mini                    # the table again, from the run folders
-    python tests/repro.py --summarize --out runs/t6 --include ../mini/bcl_s0  # a run kept elsewhere joins it
+    python tests/repro.py --summarize --out runs/t6 --include runs/mini/bcl_s0  # a run kept elsewhere joins it
 
 Data: the CIFAR-10 JPEG copy in ImageFolder layout (train/<class>/*.jpg, test/<class>/*.jpg) in
 --data (default .data/cifar10 of the checkout); when --data/train is missing, the tarball --tarball
@@ -33,12 +33,14 @@ train.py with the same command, its stdout.txt appended to. A run that failed by
 exited non-zero, not by a signal: a one-line error such as a divergence or a refused resume, or a
 crash) is "failed (exit N, checkpoint kept)": it counts as a failure (exit 1, its stdout's last
 line printed) and is not run again by later calls, which would most likely fail the same way; to
-resume it once the cause is fixed, delete its wall.json, or delete its folder to start it over.
+resume it once the cause is fixed, delete its wall.json, or delete its folder to start it over. A
+run that failed before its first checkpoint has nothing to keep: the next call starts it again.
 Any other run folder is emptied and the run starts from zero. wall.json is rewritten while a run
 goes, so a call killed outright still leaves the wall time it had spent. A folder that a call
-would keep or resume but that an earlier call made with other settings (wall.json's command:
---epochs, --arch, --amp, --device, --extra, the row's flags; not the interpreter, --data or --out)
-is refused in one line: give that call another --out. Folders from before wall.json recorded the
+would keep or resume, or a folder of the same row with another seed, that an earlier call made with
+other settings (wall.json's command: --epochs, --arch, --device, --extra, the row's flags; not the
+interpreter, --data, --out or --amp, with which train.py resumes) is refused in one line: give
+that call another --out; so a row's mean is over runs of one setting. Folders from before wall.json recorded the
 command are taken as they are. Run every call of a set of runs from the same commit (wall.json
 records it). OUT/table.json and OUT/table.md have one record per call of repro.py on OUT
 (machine, command, wall time, date; a table.json from before the list gives its single one), one
@@ -72,6 +74,7 @@ keeps their epochs and wall time.
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -199,8 +202,8 @@ def get_args_parser():
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter that runs train.py (default: the one running this script)")
     p.add_argument("--gpu-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="on cuda: run tests/gpu_check.py into OUT/gpu_check first, and with --budget start only the "
-                        "runs its measured images/s say can end in time (default: on)")
+                   help="on cuda: run tests/gpu_check.py into OUT/gpu_check first, and with --budget and --arch "
+                        "resnet32 (what it measures) start only the runs its images/s say can end in time (default: on)")
     p.add_argument("--summarize", action="store_true",
                    help="only rebuild OUT/table.json and table.md from the run folders in --out")
     p.add_argument("--include", nargs="+", default=None, metavar="DIR",
@@ -234,6 +237,10 @@ def check_args(args):
     except ValueError as e:
         fail(f"--extra: {e}; quote it as one string, e.g. --extra \"--moo-grad last\"")
     n = len(args.runs) * len(args.seeds)
+    if args.jobs is not None and args.jobs < 1:
+        fail(f"--jobs {args.jobs} must be at least 1")
+    if args.budget is not None and not math.isfinite(args.budget):
+        fail(f"--budget {args.budget}: give a number of seconds")
     args.jobs = args.jobs if args.jobs is not None else (n if args.device == "cuda" else 1)
     args.threads = args.threads if args.threads is not None else (
         1 if args.device == "cpu" else max(1, (os.cpu_count() or 1) // min(args.jobs, n)))
@@ -493,18 +500,32 @@ def settings(command):
     return [i for i in items if i.split(" ", 1)[0] not in ("--data-root", "--output-dir", "--amp")]
 
 
+def row_settings(settings_items):
+    """settings() less the seed: what the seeds of one row share."""
+    return [i for i in settings_items if i.split(" ", 1)[0] != "--seed"]
+
+
+def recorded_settings(folder):
+    """row_settings of the command wall.json recorded, or None (a folder from before it did)."""
+    command = (read_json(folder / "wall.json") or {}).get("command")
+    return row_settings(settings(command)) if command else None
+
+
 def check_settings(args):
     """One line and no run when a folder this call would keep or resume (finished, or with a
-    checkpoint) was made by an earlier call with other settings (--epochs, --arch, --device,
-    --extra, the row's flags: wall.json's command), rather than mixing the two in one table.
-    Folders from before wall.json recorded the command are accepted as they are."""
-    for seed in args.seeds:
-        for row in args.runs:
-            folder = Path(args.out) / run_name(row, seed)
-            earlier = (read_json(folder / "wall.json") or {}).get("command")
-            if not earlier or not (finished(folder) or has_checkpoint(folder)):
+    checkpoint), or a kept folder of one of this call's rows with another seed, was made by an
+    earlier call with other settings (--epochs, --arch, --device, --extra, the row's flags:
+    wall.json's command), rather than mixing the two in one table or one row's mean. Folders from
+    before wall.json recorded the command are accepted as they are."""
+    out = Path(args.out)
+    for row in args.runs:
+        new = row_settings(settings(run_command(args, row, args.seeds[0], out / run_name(row, args.seeds[0]))))
+        others = [d for d in sorted(out.glob(f"{row}_s*")) if re.fullmatch(rf"{re.escape(row)}_s\d+", d.name)] \
+            if out.is_dir() else []
+        for folder in others:
+            old = recorded_settings(folder)
+            if old is None or not (finished(folder) or has_checkpoint(folder)):
                 continue
-            old, new = settings(earlier), settings(run_command(args, row, seed, folder))
             if old != new:
                 was = " ".join(i for i in old if i not in new) or "no other flag"
                 now = " ".join(i for i in new if i not in old) or "no other flag"
@@ -512,6 +533,27 @@ def check_settings(args):
                     "the same flags in another order"
                 fail(f"{folder} was made with other train.py settings ({difference}); give this call another "
                      f"--out, or the settings of that folder's call")
+
+
+def check_included(lines, local):
+    """--include: no run of a row and seed this table holds already, and the settings of the
+    row's other runs (wall.json's commands), so that a row's mean is over seeds of one setting."""
+    seen = {(l["row"], l["seed"]): l["run"] for l in local}
+    held = list(local)  # the runs so far, with their settings
+    for l, folder in lines:
+        if (l["row"], l["seed"]) in seen:
+            fail(f"--include {folder}: {seen[l['row'], l['seed']]} is {l['row']} with seed {l['seed']} already; "
+                 f"include another seed or row")
+        seen[l["row"], l["seed"]] = l["run"]
+        mine = recorded_settings(folder)
+        held.append(dict(l, settings=mine))
+        for other in [o for o in held[:-1] if o["row"] == l["row"]]:
+            theirs = other.get("settings")
+            if mine is not None and theirs is not None and mine != theirs:
+                was = " ".join(i for i in theirs if i not in mine) or "no other flag"
+                now = " ".join(i for i in mine if i not in theirs) or "no other flag"
+                fail(f"--include {folder}: made with other train.py settings than {other['run']} ({now}; "
+                     f"{other['run']}: {was}); a row's mean is over seeds of one setting")
 
 
 def write_wall(run):
@@ -663,8 +705,12 @@ def run_seconds(row, args, report):
     if mgda and flag_value(flags, "--grouping", "gbg") == "none":
         rate *= 4 / 10
     f = report.get("bench_f")
-    if not args.amp and f:
-        rate *= f["fp32"]["exact" if mgda else "ce"] / f["bf16"]["exact" if mgda else "ce"]
+    if not args.amp:  # bench_f's fp32 / bf16 ratio; a skipped or failed part: unknown
+        key = "exact" if mgda else "ce"
+        fp32, bf16 = ((f or {}).get(k, {}).get(key) for k in ("fp32", "bf16"))
+        if not fp32 or not bf16:
+            return None
+        rate *= fp32 / bf16
     return args.epochs * (TRAIN_IMAGES / rate + TEST_IMAGES / (3 * ce_rate))
 
 
@@ -717,10 +763,10 @@ def gpu_check_first(args, t_start):
             if has_checkpoint(run_dir):
                 print(f"{name}: not resumed ({reason}); its checkpoint is kept for the next call", flush=True)
                 continue
-            if not run_dir.exists() or not any(run_dir.iterdir()):  # an earlier run's files stay as they are
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "stop.json").write_text(json.dumps(
-                    {"status": "not started", "reason": reason, "epochs": args.epochs}))
+            shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's files are not this run's (as run_all)
+            run_dir.mkdir(parents=True)
+            (run_dir / "stop.json").write_text(json.dumps(
+                {"status": "not started", "reason": reason, "epochs": args.epochs}))
             print(f"{name}: not started ({reason})", flush=True)
 
 
@@ -806,8 +852,8 @@ def is_run_folder(d):
 
 
 def included_folders(out, include, old):
-    """The run folders from elsewhere in the table, relative to out: --include's (checked), else
-    those the earlier table.json recorded."""
+    """The run folders from elsewhere in the table, relative to out: --include's (checked here and
+    by check_included), else those the earlier table.json recorded."""
     if include is None:
         return list(old.get("included", []))
     rel = []
@@ -833,12 +879,23 @@ are (a committed results folder stays clean)."""
              f"give the --out of a run")
     old = read_json(out / "table.json") or {}
     included = included_folders(out, include, old)
+    local = [dict(summarize_run(d), settings=recorded_settings(d)) for d in folders]
     gone = [rel for rel in included if not is_run_folder(out / rel)]
-    if gone:
+    if gone and call is None:
         fail(f"{out / 'table.json'} includes {', '.join(gone)}, which is no run folder now; give --include again "
              f"with the folders the table should hold")
-    lines = sorted([summarize_run(d) for d in folders] + [summarize_run(out / rel, rel) for rel in included],
-                   key=order_key)
+    # a run call: a vanished included folder, or one whose row and seed this call has run here, leaves the table
+    taken = {(l["row"], l["seed"]) for l in local}
+    extra = [(summarize_run(out / rel, rel), out / rel) for rel in included if rel not in gone]
+    if call is not None:
+        for rel in gone + [l["run"] for l, _ in extra if (l["row"], l["seed"]) in taken]:
+            print(f"table: the included {rel} leaves the table ({'gone' if rel in gone else 'this folder has its row and seed now'})")
+        extra = [(l, d) for l, d in extra if (l["row"], l["seed"]) not in taken]
+        included = [l["run"] for l, _ in extra]
+    check_included(extra, local)
+    for l in local:
+        del l["settings"]
+    lines = sorted(local + [l for l, _ in extra], key=order_key)
     table = dict(calls=earlier_calls(old) + ([call] if call else []), **({"included": included} if included else {}),
                  runs=lines, means=mean_lines(lines),
                  spread="half the range over the finished seeds, (max - min) / 2",
@@ -951,5 +1008,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop from outside still ends the runs (finally)
+    # a stop from outside (kill, or the terminal or session closing) still ends the runs (finally):
+    # they run in sessions of their own, so nothing else would reach them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     sys.exit(main(check_args(get_args_parser().parse_args())))

@@ -252,6 +252,14 @@ def test_a_grouping_at_or_after_the_last_epoch_is_refused():
     assert _defaults("--epochs", "10", "--group-epoch", "10", "--grouping", "none").group_epoch == 10
 
 
+def test_negative_seeds_are_one_line():
+    """numpy's SeedSequence and the view seeds take non-negative seeds only (a traceback inside
+    the DataLoader workers otherwise)."""
+    for flag in ("--seed", "--data-seed"):
+        with pytest.raises(data_lt.UserError, match="must be >= 0"):
+            _defaults(flag, "-1")
+
+
 def test_defaults_quoted_in_readme():
     a = _defaults()
     assert (a.normalize, a.group_loss, a.moo_grad, a.moo_update, a.moo_gram, a.moo_every, a.recalibrate_bn) == \

@@ -31,6 +31,8 @@ out = Path(argv[argv.index("--output-dir") + 1])
 plan = json.loads(Path(os.environ["FAKE_PLAN"]).read_text()).get(out.name, {})
 with open(out.parent / "starts.txt", "a") as f:
     f.write(out.name + "\\n")
+if plan.get("pidfile"):
+    (out / "pid").write_text(str(os.getpid()))
 first = plan.get("from", 0)
 with open(out / "log.txt", "a") as f:
     for e in range(first, first + plan.get("epochs", 1)):
@@ -286,3 +288,113 @@ def test_the_gpu_plan_counts_what_earlier_calls_did(tmp_path, monkeypatch, capsy
     args = plan(tmp_path, monkeypatch, time.time() - 100, "--runs", "bcl_gbg", "--budget", "50")
     assert args.planned_out == ["bcl_gbg_s0"]
     assert "bcl_gbg_s0: not started (planned out: needs an unknown time of the GPU" in capsys.readouterr().out
+
+
+# --- A review of repro.py: a row's mean is over seeds of one setting; a planned-out run's old files go
+def test_a_seed_made_with_other_settings_than_the_rows_other_seeds_is_refused(tmp_path, fake):
+    """ce_s0 at --epochs 4: a call for seed 1 alone at --epochs 5 into the same --out is refused
+    (the row's mean would mix the two); at --epochs 4 it runs."""
+    out = tmp_path / "out"
+    assert call(fake, out, {"ce_s0": {"results": True}}, "--runs", "ce").returncode == 0
+    r = call(fake, out, {"ce_s1": {"results": True}}, "--runs", "ce", "--seeds", "1", "--epochs", "5")
+    assert r.returncode != 0 and r.stderr.startswith(f"repro.py: error: {out / 'ce_s0'} was made with other")
+    assert "(--epochs 4; this call: --epochs 5)" in r.stderr and starts(out) == ["ce_s0"]
+    r = call(fake, out, {"ce_s1": {"results": True}}, "--runs", "ce", "--seeds", "1")
+    assert r.returncode == 0 and starts(out) == ["ce_s0", "ce_s1"], r.stdout + r.stderr
+
+
+def test_include_refuses_a_second_run_of_a_seed_and_other_settings(tmp_path, fake):
+    """--include: the same row and seed twice would make a 'mean of 2' of one seed (± 0.00); a run
+    of another setting would be averaged with this folder's. A run call that makes the included
+    row and seed here drops the included one, saying so."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert call(fake, a, {"ce_s0": {"results": True}}, "--runs", "ce").returncode == 0
+    assert call(fake, b, {"ce_s0": {"results": True}, "ce_s1": {"results": True}}, "--runs", "ce",
+                "--seeds", "0,1").returncode == 0
+    assert call(fake, c, {"ce_s1": {"results": True}}, "--runs", "ce", "--seeds", "1", "--epochs", "5").returncode == 0
+    summarize = lambda *inc: subprocess.run([sys.executable, str(SCRIPT), "--summarize", "--out", str(a), "--include",
+                                             *map(str, inc)], capture_output=True, text=True)
+    r = summarize(b / "ce_s0")
+    assert r.returncode != 0 and "ce_s0 is ce with seed 0 already" in r.stderr and r.stderr.count("\n") == 1
+    r = summarize(c / "ce_s1")
+    assert r.returncode != 0 and "made with other train.py settings than ce_s0 (--epochs 5; ce_s0: --epochs 4)" in r.stderr
+    r = summarize(b / "ce_s1")
+    assert r.returncode == 0 and "| ce (mean of 2) |" in r.stdout, r.stderr
+    r = call(fake, a, {"ce_s1": {"results": True}}, "--runs", "ce", "--seeds", "1")
+    assert r.returncode == 0 and "table: the included ../b/ce_s1 leaves the table (this folder has" in r.stdout
+    table = json.loads((a / "table.json").read_text())
+    assert "included" not in table and [l["run"] for l in table["runs"]] == ["ce_s0", "ce_s1"]
+
+
+def test_a_vanished_included_folder_does_not_cost_a_run_call_its_record(tmp_path, fake):
+    a, b = tmp_path / "a", tmp_path / "b"
+    call(fake, a, {"ce_s0": {"results": True}}, "--runs", "ce")
+    call(fake, b, {"ce_s1": {"results": True}}, "--runs", "ce", "--seeds", "1")
+    subprocess.run([sys.executable, str(SCRIPT), "--summarize", "--out", str(a), "--include", str(b / "ce_s1")],
+                   check=True, capture_output=True)
+    import shutil
+    shutil.rmtree(b)
+    r = call(fake, a, {"gbg_s0": {"results": True}}, "--runs", "gbg")
+    assert r.returncode == 0 and "table: the included ../b/ce_s1 leaves the table (gone)" in r.stdout
+    table = json.loads((a / "table.json").read_text())
+    assert len(table["calls"]) == 2 and "included" not in table
+
+
+def test_a_planned_out_run_leaves_no_earlier_status(tmp_path, monkeypatch, capsys):
+    """A folder without a checkpoint that an earlier call left failed (exit 1): planned out now, it
+    says 'not started', not the old failure (which would make this call exit 1)."""
+    plant(tmp_path / "bcl_gbg_s0", epochs=[], wall={"exit_code": 1})
+    args = plan(tmp_path, monkeypatch, time.time() - 100, "--runs", "bcl_gbg", "--budget", "50")
+    assert args.planned_out == ["bcl_gbg_s0"]
+    assert repro.run_status(tmp_path / "bcl_gbg_s0") == "not started"
+    assert sorted(p.name for p in (tmp_path / "bcl_gbg_s0").iterdir()) == ["stop.json"]
+
+
+def test_an_unknown_fp32_ratio_is_an_unknown_need_not_a_traceback(tmp_path):
+    args = repro.check_args(repro.get_args_parser().parse_args(["--device", "cuda", "--out", str(tmp_path),
+                                                                "--no-amp"]))
+    for f in ({"skipped": "budget"}, {"ok": False, "error": "x"}, None):
+        assert repro.run_seconds("ce", args, dict(REPORT, bench_f=f)) is None
+    good = {"fp32": {"ce": 1.0, "exact": 1.0}, "bf16": {"ce": 2.0, "exact": 2.0}}
+    assert repro.run_seconds("ce", args, dict(REPORT, bench_f=good)) > 0
+
+
+def test_jobs_0_and_a_nan_budget_are_one_line(tmp_path):
+    for argv, words in ((["--jobs", "0"], "--jobs 0 must be at least 1"), (["--budget", "nan"], "give a number")):
+        r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--out", str(tmp_path / "o"), *argv],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_a_hangup_ends_the_runs_too(tmp_path, fake):
+    """The runs are in sessions of their own: a SIGHUP to repro.py (a closed terminal or session)
+    must end them as SIGTERM does, or the next call would start a second train.py in a folder the
+    first still writes."""
+    import signal
+    script, plan_file, data = fake
+    out = tmp_path / "out"
+    plan_file.write_text(json.dumps({"ce_s0": {"sleep": 120, "pidfile": True}}))
+    env = dict(os.environ, FAKE_PLAN=str(plan_file), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(SCRIPT), "--device", "cpu", "--python", str(script), "--data", str(data),
+                          "--out", str(out), "--epochs", "4", "--runs", "ce"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pidfile, deadline = out / "ce_s0" / "pid", time.time() + 60
+    while not pidfile.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    child = int(pidfile.read_text())
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(timeout=60) == 129
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}/stat").exists() else "X"
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the run outlived repro.py's hangup")

@@ -619,6 +619,7 @@ def test_bad_cluster_input_fails_before_training_with_one_line(tmp_path, monkeyp
         "no data root": (local + ["--dataset", "imagenet-lt", "--data-root", missing], [missing, "--data-root"]),
         "batch not divisible": (local + ["--tasks-per-node", "3", "--batch-size", "64"], ["--batch-size"]),
         "two nodes locally": (local + ["--nodes", "2"], ["--nodes 1"]),
+        "no tasks": (local + ["--tasks-per-node", "0"], ["--tasks-per-node must be >= 1"]),
         "gres without a count": (["--dry-run", "--job-dir", "/shared/x/%j", "--gres", "gpu:a100"],
                                  ["--gres gpu:a100", "gpu:TYPE:N"]),
         "gres against gpus": (["--dry-run", "--job-dir", "/shared/x/%j", "--gres", "gpu:2", "--gpus-per-node", "4"],
