@@ -527,19 +527,24 @@ def check_settings(args):
             if old is None or not (finished(folder) or has_checkpoint(folder)):
                 continue
             if old != new:
-                was = " ".join(i for i in old if i not in new) or "no other flag"
-                now = " ".join(i for i in new if i not in old) or "no other flag"
+                was, now = settings_difference(old, new)
                 difference = f"{was}; this call: {now}" if (was, now) != ("no other flag",) * 2 else \
                     "the same flags in another order"
                 fail(f"{folder} was made with other train.py settings ({difference}); give this call another "
                      f"--out, or the settings of that folder's call")
 
 
-def check_included(lines, local):
+def settings_difference(old, new):
+    """The items only `old` has and those only `new` has, each as one string."""
+    return (" ".join(i for i in old if i not in new) or "no other flag",
+            " ".join(i for i in new if i not in old) or "no other flag")
+
+
+def check_included(lines, local, out):
     """--include: no run of a row and seed this table holds already, and the settings of the
     row's other runs (wall.json's commands), so that a row's mean is over seeds of one setting."""
     seen = {(l["row"], l["seed"]): l["run"] for l in local}
-    held = list(local)  # the runs so far, with their settings
+    held = [dict(l, settings=recorded_settings(out / l["run"])) for l in local]  # the runs so far
     for l, folder in lines:
         if (l["row"], l["seed"]) in seen:
             fail(f"--include {folder}: {seen[l['row'], l['seed']]} is {l['row']} with seed {l['seed']} already; "
@@ -550,8 +555,7 @@ def check_included(lines, local):
         for other in [o for o in held[:-1] if o["row"] == l["row"]]:
             theirs = other.get("settings")
             if mine is not None and theirs is not None and mine != theirs:
-                was = " ".join(i for i in theirs if i not in mine) or "no other flag"
-                now = " ".join(i for i in mine if i not in theirs) or "no other flag"
+                was, now = settings_difference(theirs, mine)
                 fail(f"--include {folder}: made with other train.py settings than {other['run']} ({now}; "
                      f"{other['run']}: {was}); a row's mean is over seeds of one setting")
 
@@ -879,7 +883,7 @@ are (a committed results folder stays clean)."""
              f"give the --out of a run")
     old = read_json(out / "table.json") or {}
     included = included_folders(out, include, old)
-    local = [dict(summarize_run(d), settings=recorded_settings(d)) for d in folders]
+    local = [summarize_run(d) for d in folders]
     gone = [rel for rel in included if not is_run_folder(out / rel)]
     if gone and call is None:
         fail(f"{out / 'table.json'} includes {', '.join(gone)}, which is no run folder now; give --include again "
@@ -892,9 +896,7 @@ are (a committed results folder stays clean)."""
             print(f"table: the included {rel} leaves the table ({'gone' if rel in gone else 'this folder has its row and seed now'})")
         extra = [(l, d) for l, d in extra if (l["row"], l["seed"]) not in taken]
         included = [l["run"] for l, _ in extra]
-    check_included(extra, local)
-    for l in local:
-        del l["settings"]
+    check_included(extra, local, out)
     lines = sorted(local + [l for l, _ in extra], key=order_key)
     table = dict(calls=earlier_calls(old) + ([call] if call else []), **({"included": included} if included else {}),
                  runs=lines, means=mean_lines(lines),
